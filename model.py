@@ -1,0 +1,178 @@
+"""The paper's transformer LM in plain JAX: f (params, tokens) -> logits and the loss l.
+
+Architecture (seed-repo.md §1; the authors' EasyLM "llama" with two changes):
+    h   = wte[tokens]                                   no position embedding
+    h  += Attn(RMSNorm(h)),  h += MLP(RMSNorm(h))       pre-norm, per block
+    Attn: q = LN(h Wq), k = LN(h Wk), v = h Wv          LayerNorm over the full width,
+          interleaved RoPE (theta=1e4) on q, k             before the head split and RoPE
+          softmax(q k^T / sqrt(hd) + causal) v Wo
+    MLP : gelu_tanh(h W1) W2                            non-gated
+    logits = RMSNorm(h) W_lm_head                       untied head, no biases anywhere
+Init with r = initializer_range = 1.0: wte ~ N(0, r^2), every other matrix ~ N(0, r^2/fan_in),
+norm scales 1, LayerNorm biases 0. Weights are stored (in, out), as flax kernels are.
+
+The loss l is the mean token cross-entropy. The authors average per-sequence means; with no
+padding mask every sequence has T tokens, so the two are identical.
+
+Parameter paths are stable: params["wte"], params["h"][i] (one dict per block, with its own
+norms), params["ln_f"], params["lm_head"]. Layerwise GN selects blocks by these exact keys.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    d: int          # width
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    seq_len: int    # T
+    vocab: int      # V
+    init_range: float = 1.0     # the paper's initializer_range
+    remat: bool = False         # recompute each block in the backward/transpose pass (memory)
+    dtype: str = "float32"      # matmul compute dtype; "bfloat16" for accelerators
+
+    @property
+    def head_dim(self):
+        return self.d // self.n_heads
+
+
+CONFIGS = {
+    "45m": Config(d=512, n_layers=4, n_heads=8, d_ff=2048, seq_len=1024, vocab=32000),
+    "150m": Config(d=768, n_layers=12, n_heads=16, d_ff=3072, seq_len=1024, vocab=32000),
+    # CPU experiments: the derisk probe's model (2.9M params, ~2M of them embedding + head).
+    "small": Config(d=128, n_layers=4, n_heads=4, d_ff=512, seq_len=128, vocab=8192),
+    # Tests: compiles in about a second.
+    "tiny": Config(d=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, vocab=512),
+}
+
+
+def init_params(cfg: Config, key):
+    """Parameters as a dict of fp32 arrays, initialised as the paper does (r = cfg.init_range)."""
+    r, d = cfg.init_range, cfg.d
+    keys = iter(jax.random.split(key, 2 + 6 * cfg.n_layers))
+
+    def dense(fan_in, fan_out):
+        return jax.random.normal(next(keys), (fan_in, fan_out), jnp.float32) * (r / math.sqrt(fan_in))
+
+    def block():
+        ln = lambda: {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
+        return {"ln_1": jnp.ones((d,)), "wq": dense(d, d), "wk": dense(d, d), "wv": dense(d, d),
+                "wo": dense(d, d), "q_norm": ln(), "k_norm": ln(),
+                "ln_2": jnp.ones((d,)), "w1": dense(d, cfg.d_ff), "w2": dense(cfg.d_ff, d)}
+
+    return {"wte": jax.random.normal(next(keys), (cfg.vocab, d), jnp.float32) * r,
+            "h": [block() for _ in range(cfg.n_layers)],
+            "ln_f": jnp.ones((d,)),
+            "lm_head": dense(d, cfg.vocab)}
+
+
+def param_count(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- layers
+
+def rms_norm(x, w, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, -1, keepdims=True) + eps) * w).astype(x.dtype)
+
+
+def layer_norm(x, p, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    mu = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean((x32 - mu) ** 2, -1, keepdims=True)
+    return ((x32 - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def rope(x_BTHD, theta=1e4):
+    """Interleaved RoPE: the pair (2i, 2i+1) rotates by angle pos * theta^(-2i/hd)."""
+    T, hd = x_BTHD.shape[1], x_BTHD.shape[3]
+    freq = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)        # (hd/2,)
+    ang_TF = jnp.arange(T, dtype=jnp.float32)[:, None] * freq[None, :]
+    cos, sin = jnp.cos(ang_TF)[None, :, None, :], jnp.sin(ang_TF)[None, :, None, :]
+    x = x_BTHD.astype(jnp.float32).reshape(*x_BTHD.shape[:3], hd // 2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
+    return out.reshape(x_BTHD.shape).astype(x_BTHD.dtype)
+
+
+def attention(p, x_BTD, cfg: Config):
+    B, T, D = x_BTD.shape
+    H, hd = cfg.n_heads, cfg.head_dim
+    dt = x_BTD.dtype
+    q = layer_norm(x_BTD @ p["wq"].astype(dt), p["q_norm"]).reshape(B, T, H, hd)
+    k = layer_norm(x_BTD @ p["wk"].astype(dt), p["k_norm"]).reshape(B, T, H, hd)
+    v = (x_BTD @ p["wv"].astype(dt)).reshape(B, T, H, hd)
+    q, k = rope(q), rope(k)
+    s_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    s_BHTT = jnp.where(causal, s_BHTT, jnp.finfo(jnp.float32).min)
+    a_BHTT = jax.nn.softmax(s_BHTT, axis=-1).astype(dt)
+    o_BTD = jnp.einsum("bhqk,bkhd->bqhd", a_BHTT, v).reshape(B, T, D)
+    return o_BTD @ p["wo"].astype(dt)
+
+
+def block(p, x_BTD, cfg: Config):
+    dt = x_BTD.dtype
+    x_BTD = x_BTD + attention(p, rms_norm(x_BTD, p["ln_1"]), cfg)
+    h_BTF = jax.nn.gelu(rms_norm(x_BTD, p["ln_2"]) @ p["w1"].astype(dt), approximate=True)
+    return x_BTD + h_BTF @ p["w2"].astype(dt)
+
+
+# ----------------------------------------------------------------------------- f and l
+
+def hidden(params, tokens_BT, cfg: Config):
+    """The final normalised hidden states (B, T, d): everything in f before the head."""
+    x_BTD = params["wte"][tokens_BT].astype(cfg.dtype)
+    blk = jax.checkpoint(block, static_argnums=2) if cfg.remat else block
+    for p in params["h"]:
+        x_BTD = blk(p, x_BTD, cfg)
+    return rms_norm(x_BTD, params["ln_f"])
+
+
+def forward(params, tokens_BT, cfg: Config):
+    """f: int tokens (B, T) -> fp32 logits (B, T, V)."""
+    h_BTD = hidden(params, tokens_BT, cfg)
+    return (h_BTD @ params["lm_head"].astype(h_BTD.dtype)).astype(jnp.float32)
+
+
+def cross_entropy(logits_BTV, targets_BT):
+    """l: the mean over tokens of the softmax cross-entropy (fp32)."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1))
+
+
+def loss_fn(params, batch, cfg: Config):
+    """l(f(params; inputs), targets) for a batch {"inputs", "targets"} of int32 (B, T)."""
+    return cross_entropy(forward(params, batch["inputs"], cfg), batch["targets"])
+
+
+def make_evaluate(cfg: Config):
+    """A jitted evaluate(params, val_KBT) -> mean CE over the K fixed validation batches."""
+    @jax.jit
+    def evaluate(params, val):
+        losses = jax.lax.map(lambda b: loss_fn(params, b, cfg), val)
+        return jnp.mean(losses)
+    return evaluate
+
+
+def mean_loss_and_grad(params, batches, cfg: Config, on_micro=None):
+    """Mean loss and gradient over K stacked micro-batches (K, B, T), accumulated by lax.scan so
+    that memory stays that of one micro-batch. on_micro(i) is a host progress hook."""
+    K = batches["inputs"].shape[0]
+
+    def micro(acc, xs):
+        i, b = xs
+        loss, g = jax.value_and_grad(loss_fn)(params, b, cfg)
+        if on_micro is not None:
+            jax.debug.callback(on_micro, i, K)
+        return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+    zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K), batches))
+    return loss / K, jax.tree.map(lambda x: x / K, g)
