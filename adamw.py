@@ -61,7 +61,7 @@ def make_step(cfg, opt, lr):
         loss, g = model.mean_loss_and_grad(params, batches, cfg, on_micro=data.tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
-        metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.global_norm(g)}
+        metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
         return {"params": params, "opt": opt_state}, metrics
     return step
 

@@ -487,7 +487,9 @@ def common_flags(parser, d):
     f("--order", "stream", "batch order: the paper's unshuffled stream, or random windows",
       {"small": "random", "tiny": "random"}, choices=["stream", "random"])
     f("--batch-size", 32, "sequences per micro-batch", {"small": 32, "tiny": 8}, type=pos_int)
-    f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer (outer) step", d["grad_accum"][1], type=pos_int)
+    if d["grad_accum"]:
+        f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", d["grad_accum"][1],
+          type=pos_int)
     f("--steps", d["steps"][0], "optimizer (outer) steps", d["steps"][1], type=pos_int)
     f("--lr", d["lr"][0], "peak learning rate", d["lr"][1], type=pos_float)
     f("--schedule", d["schedule"][0], "learning-rate schedule", d["schedule"][1], choices=d["schedules"])
@@ -720,6 +722,8 @@ class Run:
                 evaluated = step % args.eval_every == 0 or step == args.steps
                 if evaluated:
                     val_loss = row["val_loss"] = float(self.evaluate(state["params"], self.val))
+                    if "ema" in state:
+                        row["val_loss_ema"] = float(self.evaluate(state["ema"], self.val))
                 self._write(row)
                 eta = (args.steps - step) * elapsed / max(step - (meta["step"] if args.resume else 0), 1)
                 self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"

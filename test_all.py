@@ -15,12 +15,17 @@ import threading
 from pathlib import Path
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import data
 import model
+import gn_full
+import muon
+import soap
 from data import UserError, c4_shards, download_c4, iter_c4_texts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -552,3 +557,485 @@ def check_run_and_resume(script, tmp_path, *extra):
 
 def test_adamw_run_and_exact_resume(tmp_path):
     check_run_and_resume("adamw.py", tmp_path)
+
+
+# ============================================================================ muon.py
+
+NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315
+HIDDEN = ("wq", "wk", "wv", "wo", "w1", "w2")
+
+
+def ns5(G):
+    """Plain numpy Newton-Schulz, 5 quintic steps on the wide orientation, in float64."""
+    X = G / (np.linalg.norm(G) + 1e-8)
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    for _ in range(5):
+        A_ = X @ X.T
+        X = NS_A * X + (NS_B * A_ + NS_C * A_ @ A_) @ X
+    return X.T if tall else X
+
+
+def conditioned(rng, m, n, lo=0.2):
+    """A random m x n matrix with singular values uniform in [lo, 1] (well inside NS's basin)."""
+    U, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    V, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    return (U * rng.uniform(lo, 1, min(m, n))) @ V.T
+
+
+def paths_of(tree):
+    return {muon.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def find(state, cls):
+    return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(TINY, jax.random.key(0))
+
+
+def test_routing(params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    want_muon = {f"h.{i}.{k}" for i in range(TINY.n_layers) for k in HIDDEN}
+    want_adam = paths_of(params) - want_muon
+    assert {"wte", "lm_head", "ln_f"} <= want_adam
+    assert all(x.ndim == 1 for p, x in flat if muon.path_str(p) not in want_muon | {"wte", "lm_head"})
+    # label(): one label per leaf, exactly the intended split
+    labs = dict(zip((muon.path_str(p) for p, _ in flat), jax.tree.leaves(muon.labels(params))))
+    assert len(labs) == len(flat) and set(labs.values()) == {"muon", "adam"}
+    assert {p for p, lab in labs.items() if lab == "muon"} == want_muon
+    # what the optimizer actually holds: Muon momentum for exactly the hidden matrices, Adam moments
+    # for the rest, and nothing in the aux Adam inside optax's muon
+    state = muon.make_optimizer(muon.parse(["--size", "tiny"]))[0].init(params)
+    (ms,) = find(state.inner_states["muon"], optax.contrib.MuonState)
+    assert paths_of(ms.mu) == want_muon
+    (adam,) = find(state.inner_states["adam"], optax.ScaleByAdamState)
+    assert paths_of(adam.mu) == paths_of(adam.nu) == want_adam
+    assert all(not jax.tree.leaves(s.mu) for s in find(state.inner_states["muon"], optax.ScaleByAdamState))
+    # the printed table: one line per leaf
+    table = muon.routing_table(params).splitlines()
+    assert len([ln for ln in table if ln.split()[0] in labs]) == len(flat)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 64), (64, 32), (16, 128)])
+def test_newton_schulz_band(shape):
+    rng = np.random.default_rng(1)
+    G = conditioned(rng, *shape)
+    s_in = np.linalg.svd(G, compute_uv=False) / np.linalg.norm(G)
+    s_out = np.linalg.svd(ns5(G), compute_uv=False)
+    # NS5 acts on each singular value by the scalar quintic map: check that, then the band
+    p = s_in.copy()
+    for _ in range(5):
+        p = NS_A * p + NS_B * p ** 3 + NS_C * p ** 5
+    np.testing.assert_allclose(np.sort(s_out), np.sort(p), rtol=1e-6)
+    assert 0.6 <= s_out.min() and s_out.max() <= 1.25, (s_out.min(), s_out.max())
+    # optax's NS (float32) agrees with the numpy one
+    got = optax.contrib._muon.orthogonalize_via_newton_schulz(jnp.asarray(G, jnp.float32),
+                                                              jnp.asarray([NS_A, NS_B, NS_C]), 5)
+    np.testing.assert_allclose(np.asarray(got), ns5(G), atol=2e-5)
+
+
+def test_muon_step1_singular_values(params):
+    args = muon.parse(["--size", "tiny"])
+    opt = muon.make_optimizer(args)[0]
+    rng = np.random.default_rng(2)
+    g = jax.tree.map(lambda x: jnp.asarray(conditioned(rng, *x.shape) if x.ndim == 2
+                                           else rng.standard_normal(x.shape), jnp.float32), params)
+    u, _ = jax.jit(opt.update)(g, opt.init(params), params)
+    for k in HIDDEN:
+        fan_in, fan_out = params["h"][0][k].shape
+        s = np.linalg.svd(np.asarray(u["h"][0][k]), compute_uv=False) / (args.lr * np.sqrt(max(1, fan_out / fan_in)))
+        assert 0.6 <= s.min() and s.max() <= 1.25, (k, s.min(), s.max())
+
+
+def reference_steps(args, p0, grads):
+    """numpy: per-group clip, Muon (optax's bias-corrected Nesterov) and AdamW, step after step."""
+    is_muon = {p: p.split(".")[0] == "h" and x.ndim == 2 for p, x in p0.items()}
+    p, m, v, out = dict(p0), {k: 0 * x for k, x in p0.items()}, {k: 0 * x for k, x in p0.items()}, []
+    beta, b1, b2 = args.beta, args.b1, args.b2
+    for t, g in enumerate(grads, 1):
+        g = dict(g)
+        for group in (True, False):
+            keys = [k for k in g if is_muon[k] == group]
+            norm = np.sqrt(sum(np.sum(g[k] ** 2) for k in keys))
+            for k in keys:
+                g[k] = g[k] if norm < args.clip else g[k] / norm * args.clip
+        u = {}
+        for k, x in p.items():
+            if is_muon[k]:
+                m[k] = beta * m[k] + (1 - beta) * g[k]
+                nest = beta * m[k] / (1 - beta ** (t + 1)) + (1 - beta) * g[k] / (1 - beta ** t)
+                u[k] = -args.lr * np.sqrt(max(1, x.shape[1] / x.shape[0])) * ns5(nest)   # no decay
+            else:
+                m[k] = b1 * m[k] + (1 - b1) * g[k]
+                v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+                m_hat, v_hat = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+                u[k] = -args.adam_lr * (m_hat / (np.sqrt(v_hat) + args.eps) + args.wd * x)
+        p = {k: p[k] + u[k] for k in p}
+        out.append(u)
+    return out
+
+
+def test_two_steps_match_numpy(params):
+    args = muon.parse(["--size", "tiny", "--wd", "0.1", "--beta", "0.9"])
+    assert args.adam_lr != args.lr and args.clip == 1.0
+    opt = muon.make_optimizer(args)[0]
+    rng = np.random.default_rng(3)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    grads = [[rng.standard_normal(x.shape) * s for _, x in flat] for s in (0.3, 0.001)]  # clip on, off
+    treedef = jax.tree.structure(params)
+    state, p, got, update = opt.init(params), params, [], jax.jit(opt.update)
+    for g in grads:
+        u, state = update(jax.tree.unflatten(treedef, [jnp.asarray(x, jnp.float32) for x in g]), state, p)
+        p = optax.apply_updates(p, u)
+        got.append({muon.path_str(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(u)[0]})
+    p0 = {muon.path_str(k): np.asarray(x, np.float64) for k, x in flat}
+    names = list(p0)
+    want = reference_steps(args, p0, [dict(zip(names, g)) for g in grads])
+    for t in range(2):
+        for k in names:
+            err = np.linalg.norm(got[t][k] - want[t][k]) / np.linalg.norm(want[t][k])
+            assert err < 1e-5, (t + 1, k, err)
+
+
+def test_muon_run_and_exact_resume(tmp_path):
+    check_run_and_resume("muon.py", tmp_path)
+
+
+# ============================================================================ soap.py
+
+def _np_soap_directions(grads, b1, b2, eps, bs, freq, max_dim):
+    """Directions (before lr) for one parameter fed the gradient sequence `grads`."""
+    shape = grads[0].shape
+    rot = [d <= max_dim for d in shape] if len(shape) == 2 else [False, False]
+    F = [np.zeros((d, d)) if r else None for d, r in zip(shape, rot)] + [None] * (2 - len(shape))
+    Q = [None, None]
+    M, V = np.zeros(shape), np.zeros(shape)
+
+    def proj(X, Q):
+        X = X if Q[0] is None else Q[0].T @ X
+        return X if Q[1] is None else X @ Q[1]
+
+    def back(X, Q):
+        X = X if Q[0] is None else Q[0] @ X
+        return X if Q[1] is None else X @ Q[1].T
+
+    def lerp_factors(G):
+        for i in range(2):
+            if F[i] is not None:
+                GG = G @ G.T if i == 0 else G.T @ G
+                F[i] = F[i] + (1 - bs) * (GG - F[i])
+
+    out = []
+    for t, G in enumerate(grads):
+        G = np.asarray(G, np.float64)
+        if t == 0:  # preconditioner initialisation only, zero step
+            lerp_factors(G)
+            Q = [None if f is None else np.linalg.eigh(f + 1e-30 * np.eye(len(f)))[1][:, ::-1] for f in F]
+            out.append(np.zeros(shape))
+            continue
+        Gp = proj(G, Q)
+        M = b1 * M + (1 - b1) * Gp
+        V = b2 * V + (1 - b2) * Gp**2
+        out.append(back(M / (np.sqrt(V) + eps), Q) * np.sqrt(1 - b2**t) / (1 - b1**t))
+        lerp_factors(G)
+        if t % freq == 0:
+            M_orig = back(M, Q)
+            for i in range(2):
+                if F[i] is not None:
+                    order = np.argsort(-np.diag(Q[i].T @ F[i] @ Q[i]), kind="stable")
+                    V = V[order] if i == 0 else V[:, order]
+                    Q[i] = np.linalg.qr(F[i] @ Q[i][:, order])[0]
+            M = proj(M_orig, Q)
+    return out
+
+
+def _grad_seq(shapes, steps, seed):
+    rng = np.random.default_rng(seed)
+    return [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(steps)]
+
+
+def _run(opt, params, grads):
+    """Returns list of per-step updates and params (numpy) and the final state."""
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    ups, ps = [], []
+    for g in grads:
+        u, state = step(g, state, params)
+        params = optax.apply_updates(params, u)
+        ups.append(jax.tree.map(np.asarray, u))
+        ps.append(jax.tree.map(np.asarray, params))
+    return ups, ps, state
+
+
+# (a) first step: exact eigenbasis of L = (1-b2) G G^T (shampoo_beta defaults to b2), zero update.
+def test_first_step_eigenbasis_and_zero_update():
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(6, 4)).astype(np.float32)
+    g = {"w": G, "b": rng.normal(size=(5,)).astype(np.float32)}
+    b2 = 0.9
+    opt = soap.scale_by_soap(b1=0.95, b2=b2)
+    u, st = jax.jit(opt.update)(g, opt.init(g))
+    assert isinstance(st, soap.SoapState) and int(st.count) == 1
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+    G64 = G.astype(np.float64)
+    for Fm, Qm, GG in [(st.L["w"], st.Q_L["w"], G64 @ G64.T), (st.R["w"], st.Q_R["w"], G64.T @ G64)]:
+        np.testing.assert_allclose(np.asarray(Fm), (1 - b2) * GG, rtol=1e-5, atol=1e-6)
+        evals, evecs = np.linalg.eigh((1 - b2) * GG)
+        evecs = evecs[:, ::-1]
+        k = np.sum(evals > 1e-8 * evals.max())  # compare only the non-null eigen-directions (unique)
+        overlap = np.abs(np.asarray(Qm, np.float64).T @ evecs)[:k, :k]  # must be identity up to sign
+        np.testing.assert_allclose(overlap, np.eye(k), atol=1e-4)
+    assert st.L["b"].size == 0 and st.Q_R["b"].size == 0
+
+
+# (b) 25 steps vs the float64 numpy reference: both sides rotated, left-only, right-only, 1-D.
+def test_updates_match_numpy_reference():
+    shapes = {"both": (4, 4), "right_only": (6, 4), "left_only": (3, 7), "vec": (7,)}
+    hp = dict(b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=0.8, precondition_frequency=5, max_precond_dim=5)
+    grads = _grad_seq(shapes, 25, seed=1)
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    ups, _, st = _run(soap.scale_by_soap(**hp), params, grads)
+    assert st.L["right_only"].size == 0 and st.R["left_only"].size == 0 and st.Q_R["right_only"].shape == (4, 4)
+    for k in shapes:
+        ref = _np_soap_directions([g[k] for g in grads], hp["b1"], hp["b2"], hp["eps"], hp["shampoo_beta"],
+                                                            hp["precondition_frequency"], hp["max_precond_dim"])
+        got = np.stack([u[k] for u in ups])
+        assert np.all(got[0] == 0)
+        np.testing.assert_allclose(got, np.stack(ref), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# (c) Q_L, Q_R stay orthogonal across many QR refreshes.
+def test_eigenbases_stay_orthogonal():
+    shapes = {"w": (8, 6)}
+    grads = _grad_seq(shapes, 60, seed=2)
+    _, _, st = _run(soap.scale_by_soap(precondition_frequency=3), {"w": jnp.zeros((8, 6))}, grads)
+    for Q in (st.Q_L["w"], st.Q_R["w"]):
+        Q = np.asarray(Q, np.float64)
+        np.testing.assert_allclose(Q.T @ Q, np.eye(len(Q)), atol=1e-5)
+
+
+# (d) ill-conditioned Kronecker quadratic: SOAP needs clearly fewer steps than Adam (best lr of a grid
+# for each; Adam also gets to pick betas (0.9, 0.999) or SOAP's (0.95, 0.95)).
+def test_soap_beats_adam_on_ill_conditioned_quadratic():
+    rng = np.random.default_rng(0)
+
+    def ill(d, cond):
+        U = np.linalg.qr(rng.normal(size=(d, d)))[0]  # random rotation: not axis-aligned
+        return jnp.asarray((U * np.geomspace(1, 1 / cond, d)) @ U.T, jnp.float32)
+
+    A, B = ill(10, 30.0), ill(8, 30.0)  # Hessian (B B^T) kron (A^T A), condition ~8e5
+    W0 = jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)
+    loss = lambda W: 0.5 * jnp.sum((A @ W @ B) ** 2)
+    T, thresh = 600, 1e-5 * float(loss(W0))
+    lrs = jnp.asarray(np.geomspace(1e-3, 1.0, 10), jnp.float32)
+
+    def steps_to_thresh(make):
+        def run(lr):
+            opt = make(lr)
+
+            def step(carry, _):
+                W, s = carry
+                l, g = jax.value_and_grad(loss)(W)
+                u, s = opt.update(g, s, W)
+                return (optax.apply_updates(W, u), s), l
+
+            return jax.lax.scan(step, (W0, opt.init(W0)), None, length=T)[1]
+
+        ls = np.asarray(jax.jit(jax.vmap(run))(lrs))
+        return min(int(np.argmax(l < thresh)) if (l < thresh).any() else T for l in ls)
+
+    n_soap = steps_to_thresh(lambda lr: soap.soap(lr))
+    n_adam = min(steps_to_thresh(lambda lr: optax.adam(lr)),
+                              steps_to_thresh(lambda lr: optax.adam(lr, b1=0.95, b2=0.95)))
+    assert n_soap < T and n_soap < 0.8 * n_adam, (n_soap, n_adam)
+
+
+# (e) soap.soap(): p_new = p - lr_t*direction - lr_t*wd*p (schedule indexed from the first REAL update),
+# and the first step leaves params untouched.
+def test_soap_alias_weight_decay_and_schedule():
+    shapes = {"w": (4, 3), "vec": (5,)}
+    grads = _grad_seq(shapes, 12, seed=3)
+    rng = np.random.default_rng(4)
+    p0 = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    sched = lambda c: 0.1 * 0.9**c
+    wd = 0.05
+    _, ps, _ = _run(soap.soap(sched, b1=0.9, b2=0.95, weight_decay=wd, precondition_frequency=4), p0, grads)
+    for k in shapes:
+        np.testing.assert_array_equal(ps[0][k], np.asarray(p0[k]))  # step 1: exactly unchanged
+        dirs = _np_soap_directions([g[k] for g in grads], 0.9, 0.95, 1e-8, 0.95, 4, 10000)
+        p = np.asarray(p0[k], np.float64)
+        for t in range(1, len(grads)):
+            lr = 0.1 * 0.9 ** (t - 1)  # first real update (t=1) uses schedule(0)
+            p = p - lr * dirs[t] - lr * wd * p
+            np.testing.assert_allclose(ps[t][k], p, rtol=1e-4, atol=1e-5, err_msg=f"{k} step {t}")
+    # a constant float lr with wd also works and the decay is really applied
+    _, ps2, _ = _run(soap.soap(0.1, weight_decay=0.5), {"vec": jnp.ones(5)}, [{"vec": np.zeros(5, np.float32)}] * 3)
+    np.testing.assert_allclose(ps2[-1]["vec"], (1 - 0.05) ** 2 * np.ones(5), rtol=1e-6)
+
+
+def test_soap_run_and_exact_resume(tmp_path):
+        check_run_and_resume("soap.py", tmp_path)
+
+
+# ============================================================================ gn_full.py
+
+
+MICRO = model.Config(d=8, n_layers=1, n_heads=2, d_ff=16, seq_len=4, vocab=11)   # J fits in memory
+
+
+def micro_problem(seed=0, B=2):
+    p = model.init_params(MICRO, jax.random.key(seed))
+    flat, unravel = jax.flatten_util.ravel_pytree(p)
+    b = tiny_batch(B, seed + 1, MICRO)
+    f = lambda w: model.forward(unravel(w), b["inputs"], MICRO).reshape(-1)      # (B*T*V,)
+    J = np.asarray(jax.jacfwd(f)(flat), np.float64)                                # dense Jacobian
+    z = np.asarray(f(flat), np.float64).reshape(-1, MICRO.vocab)
+    pr = np.exp(z - z.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    N = z.shape[0]
+    H = np.zeros((z.size, z.size))
+    for t in range(N):                                     # block-diagonal softmax-CE Hessian / N
+        s = slice(t * MICRO.vocab, (t + 1) * MICRO.vocab)
+        H[s, s] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / N
+    return p, flat, unravel, b, J, H
+
+
+def test_ce_hessian_vector_product_matches_jax_hessian():
+    z = jax.random.normal(jax.random.key(0), (2, 3, 7))
+    y = jax.random.randint(jax.random.key(1), (2, 3), 0, 7)
+    u = jax.random.normal(jax.random.key(2), (2, 3, 7))
+    Hfull = jax.hessian(lambda zz: model.cross_entropy(zz, y))(z).reshape(42, 42)
+    got = gn_full.ce_hvp_logits(jax.nn.softmax(z, -1), u, N=6)
+    np.testing.assert_allclose(got.reshape(-1), Hfull @ u.reshape(-1), rtol=1e-5, atol=1e-7)
+    g = jax.grad(lambda zz: model.cross_entropy(zz, y))(z)
+    np.testing.assert_allclose(gn_full.ce_grad_logits(z, y, 6), g, rtol=1e-5, atol=1e-7)
+
+
+def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
+    p, flat, unravel, b, J, H = micro_problem()
+    G = J.T @ H @ J
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = rng.normal(size=flat.size)
+        got = jax.flatten_util.ravel_pytree(gn_full.ggn_vp(p, b, unravel(jnp.array(v, jnp.float32)), MICRO))[0]
+        want = G @ v
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    _, _, Gv = gn_full.gn_model(p, b, MICRO)
+    u, v = [unravel(jnp.array(rng.normal(size=flat.size), jnp.float32)) for _ in range(2)]
+    uGv, vGu = float(gn_full.tdot(u, Gv(v))), float(gn_full.tdot(v, Gu := Gv(u)))
+    scale = math.sqrt(float(gn_full.tdot(u, u)) * float(gn_full.tdot(Gu, Gu)))
+    assert abs(uGv - vGu) < 1e-5 * scale                                    # fp32 round-off
+    assert float(gn_full.tdot(u, Gu)) >= 0 and float(gn_full.tdot(v, Gv(v))) >= 0
+    assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
+    # the gradient from the same linearisation is the true gradient
+    g = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO)[1])[0]
+    want_g = jax.flatten_util.ravel_pytree(jax.grad(model.loss_fn)(p, b, MICRO))[0]
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+
+
+def test_cg_solves_random_spd_system():
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(40, 40))
+    A = M @ M.T + 0.5 * np.eye(40)
+    b = rng.normal(size=40)
+    A32 = jnp.array(A, jnp.float32)
+    x, info = gn_full.cg(lambda v: {"w": A32 @ v["w"]}, {"w": jnp.array(b, jnp.float32)},
+                         {"w": jnp.zeros(40)}, max_iters=200, tol=1e-6, eps=0.0)
+    want = np.linalg.solve(A, b)
+    assert np.linalg.norm(x["w"] - want) / np.linalg.norm(want) < 1e-4
+    assert float(info["residual"]) <= 1e-5 and 0 < int(info["iters"]) <= 200
+    phi = np.asarray(info["phi"][: int(info["iters"]) + 1])
+    assert np.all(np.diff(phi) <= 1e-5)                                       # phi decreases
+    np.testing.assert_allclose(phi[-1], -0.5 * b @ want, rtol=1e-4)
+    # guard: an indefinite matrix stops at the first direction of negative curvature
+    x, info = gn_full.cg(lambda v: {"w": -v["w"]}, {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 10)
+    assert int(info["iters"]) == 1 and np.all(np.isfinite(x["w"])) and np.all(x["w"] == 0)
+
+
+def test_cg_gn_step_equals_explicit_damped_solve():
+    p, flat, unravel, b, J, H = micro_problem(seed=3)
+    lam = 0.05
+    _, g, Gv = gn_full.gn_model(p, b, MICRO)
+    x, _ = gn_full.cg(lambda v: gn_full.axpy(lam, v, Gv(v)), jax.tree.map(jnp.negative, g),
+                      jax.tree.map(jnp.zeros_like, g), max_iters=400, tol=1e-7, eps=0.0)
+    gflat = jax.flatten_util.ravel_pytree(g)[0]
+    want = -np.linalg.solve(J.T @ H @ J + lam * np.eye(flat.size), np.asarray(gflat, np.float64))
+    got = jax.flatten_util.ravel_pytree(x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
+
+
+def test_inner_gradient_is_autodiff_of_quadratic_model():
+    p, flat, unravel, b, J, H = micro_problem(seed=5, B=4)
+    D = unravel(0.1 * jax.random.normal(jax.random.key(9), flat.shape))
+    f = lambda w: model.forward(w, b["inputs"], MICRO)
+    z0 = f(p)
+    l = lambda z: model.cross_entropy(z, b["targets"])
+    Hz = jax.hessian(l)(z0).reshape(z0.size, z0.size)
+
+    def q(D):       # l(z0) + g0^T J D + 1/2 (J D)^T H0 (J D), by autodiff of l
+        u = jax.jvp(f, (p,), (D,))[1]
+        return l(z0) + jnp.vdot(jax.grad(l)(z0), u) + 0.5 * u.reshape(-1) @ Hz @ u.reshape(-1)
+
+    want = jax.flatten_util.ravel_pytree(jax.grad(q)(D))[0]
+    for split in (1, 2):
+        loss0, dq, grad = gn_full.quad_model_grad(p, D, b, MICRO, split)
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(loss0 + dq, q(D), rtol=1e-5)
+        np.testing.assert_allclose(loss0, l(z0), rtol=1e-6)
+
+
+def test_line_search_picks_the_minimiser(monkeypatch):
+    theta_t = {"w": jnp.array([1.0, -2.0])}
+    d = {"w": jnp.array([4.0, 2.0])}
+    target = {"w": theta_t["w"] + 0.5 * d["w"]}          # the loss along the line is lowest at 0.5
+    monkeypatch.setattr(gn_full.model, "loss_fn", lambda th, b, cfg: jnp.sum((th["w"] - target["w"]) ** 2))
+    etas = jnp.array([2 ** (-i / 2) for i in range(5)])
+    batches = {"inputs": jnp.zeros((3, 1, 1), jnp.int32), "targets": jnp.zeros((3, 1, 1), jnp.int32)}
+    losses = gn_full.line_search(theta_t, d, batches, etas, None)
+    assert float(etas[int(jnp.argmin(losses))]) == pytest.approx(0.5)
+    np.testing.assert_allclose(losses, [(e - 0.5) ** 2 * 20 for e in etas], rtol=1e-5)
+
+
+DEVICE_SCRIPT = r"""
+import sys, numpy as np, jax, data, model, gn_full
+solver, out = sys.argv[1], sys.argv[2]
+args = gn_full.parse(["--size", "tiny", "--solver", solver, "--inner-steps", "2", "--ls-batches", "1",
+                      "--batch-size", "8", "--inner-opt", "muon"])
+cfg = model.CONFIGS["tiny"]
+mesh = data.make_mesh()
+params = data.replicate(model.init_params(cfg, jax.random.key(0)), mesh)
+opt = gn_full.make_inner_opt(args, params)[0] if solver == "inner" else None
+state = ({"params": params, "inner": params, "opt": opt.init(params)} if solver == "inner" else
+         {"params": params, "lam": np.float32(args.lam), "delta": jax.tree.map(np.zeros_like, params)})
+state = data.replicate(state, mesh)
+toks = np.arange(20000, dtype=np.uint16) * 7 % cfg.vocab
+batches = data.shard_batch(data.Batches(toks, 8, cfg.seq_len, "random", 0).take(0, 3), mesh, 1)
+step = gn_full.make_step(args, cfg, opt)
+for s in range(2):
+    state, m = step(state, batches, s)
+np.save(out, np.asarray(jax.flatten_util.ravel_pytree(state["params"])[0]))
+print(jax.device_count(), float(m["train_loss"]))
+"""
+
+
+@pytest.mark.parametrize("solver", ["inner", "cg"])
+def test_gn_step_same_on_1_and_4_devices(solver, tmp_path):
+    res = []
+    for n in (1, 4):
+        out = str(tmp_path / f"p{n}.npy")
+        rc, o, err = run_script("-c", DEVICE_SCRIPT, solver, out,
+                                env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert rc == 0 and o.split()[0] == str(n), err
+        res.append(np.load(out))
+    assert np.abs(res[0] - res[1]).max() <= 1e-4 * np.abs(res[0]).max()
+    assert np.abs(res[0]).max() > 0
+
+
+@pytest.mark.parametrize("solver", ["inner", "cg"])
+def test_gn_full_run_and_exact_resume(solver, tmp_path):
+    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver)
+    assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
+    assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1

@@ -1,0 +1,377 @@
+"""Full Gauss-Newton: the paper's Algorithm 1 (inner solver + line search), and Hessian-free CG.
+
+GN split (paper §1.1, Martens 2010): logits z = f(theta; x) = model.forward, loss l = mean token
+CE. With J = dz/dtheta, p_t = softmax(z_t) and H_t = diag(p_t) - p_t p_t^T (the CE Hessian in
+logit space), the Gauss-Newton matrix over the N tokens of a batch is
+    G = (1/N) sum_t J_t^T H_t J_t,        G v = J^T [ (p * u - p (p^T u)) / N ],  u = J v,
+computed from one jax.linearize (J v) and its linear_transpose (J^T w), never materialised.
+
+--solver inner (Algorithm 1, the paper's method; seed-repo.md §4). At the outer iterate theta_t:
+    q_k(D) = l(z0) + g0^T J D + 1/2 (J D)^T H0 (J D),   z0 = f(theta_t; x_k), D = theta - theta_t
+    grad q_k(D) = J^T (g0 + H0 J D)                      one fwd + JVP + VJP per inner step
+    N inner steps of Muon (AdamW on embedding, head, 1-D params) or AdamW on fresh batches x_k;
+    d = theta - theta_t;  eta* = argmin_{eta in (1/sqrt2)^i, i < ls_range} L(theta_t + eta d)
+    theta_{t+1} = theta_t + eta* d;  the inner iterate theta and the optimizer state carry over.
+--solver cg (Hessian-free; Martens 2010 §4, Martens & Sutskever 2012; this project's addition):
+    solve (G + lam I) delta = -g by CG from 0.95 delta_prev (Martens' stopping rule), backtrack
+    over the stored CG iterates, then the same line search; lam follows Levenberg-Marquardt on
+    rho = (L(theta + delta) - L(theta)) / (q(delta) - q(0)).
+
+Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py):
+  - the inner lr is applied outside the optimizer, from the global inner step s*N + k, so that
+    --reset-start does not restart the schedule (theirs restarted it, §8.4);
+  - `cosine_with_global_schedule` is left out (off by one in theirs); warmup counts outer steps;
+  - Muon's 1-D params go to the AdamW group rather than the Adam inside optax's muon;
+  - the EMA is off by default (--ema): their 0.999 per outer step kept ~80% weight on the start;
+    with --ema, evaluation reports the raw params (val_loss) and the EMA (val_loss_ema) both;
+  - the logged train_loss is the true loss at theta_t, not the quadratic-model value;
+  - resume restores the inner iterate, the optimizer state and the data position (theirs did not);
+  - CG is not in their code; GPT-2 BPE and data.py's sources instead of C4 + T5 tokenizer.
+"""
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import data
+import model
+
+# ============================================================================ config
+
+DEFAULTS = {  # (paper default used for 45m/150m, {size: CPU preset})
+    "grad_accum": None,                                  # the outer batch is --inner-steps
+    "steps": (227, {"small": 10, "tiny": 4}),
+    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3}),
+    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant"}),
+    "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
+    "wd": (0.001, {"small": 0.0, "tiny": 0.0}),
+    "eval_every": (10, {"small": 1, "tiny": 2}),
+}
+
+
+def parse(argv=None):
+    p = data.Parser(__doc__)
+    data.common_flags(p, DEFAULTS)
+    f = p.flag
+    f("--solver", "inner", "inner: Algorithm 1 (inner optimizer on the GN model); cg: Hessian-free",
+      choices=["inner", "cg"])
+    f("--inner-steps", 122, "N: inner steps (micro-batches) per outer step; cg's outer batch",
+      {"small": 8, "tiny": 2}, type=data.pos_int)
+    f("--split", 1, "process each micro-batch in this many chunks to bound memory (same maths)",
+      {"45m": 4, "150m": 8}, type=data.pos_int)
+    f("--inner-opt", "muon", "inner optimizer", {"small": "adamw", "tiny": "adamw"},
+      choices=["muon", "adamw"])
+    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", type=data.unit_float)
+    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", type=data.unit_float)
+    f("--beta", 0.95, "Muon momentum", type=data.unit_float)
+    f("--ls-batches", 122, "fresh micro-batches for the line search (0: no line search)",
+      {"small": 2, "tiny": 1}, type=data.nonneg_int)
+    f("--ls-range", 5, "line-search grid eta in (1/sqrt2)^i, i < ls-range", {"small": 7},
+      type=data.pos_int)
+    p.add_argument("--reset-start", action="store_true",
+                   help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
+    f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)",
+      type=data.unit_float)
+    f("--cg-iters", 50, "cg: maximum CG iterations", {"small": 10, "tiny": 5}, type=data.pos_int)
+    f("--lam", 0.1, "cg: initial damping lambda", type=data.pos_float)
+    f("--lam-rule", "lm", "cg: lambda adaptation: lm (Levenberg-Marquardt on rho), lm-eta (rho at "
+      "the chosen eta), lm-loose (thresholds 0.1/0.5), lm-rayleigh (LM, lambda kept within "
+      "[1e-2, 1] x g'Gg/g'g), fixed", choices=["lm", "lm-eta", "lm-loose", "lm-rayleigh", "fixed"])
+    f("--curvature-batches", 0, "cg: micro-batches of the outer batch used for G (0: all)",
+      type=data.nonneg_int)
+    p.add_argument("--measure-exactness", action="store_true",
+                   help="log the GN-model decrease of the step over that of a 100-iteration CG "
+                        "solve, on the first inner batch")
+    args = data.parse_common(p, argv, "gn_full")
+    if args.batch_size % args.split:
+        raise data.UserError(f"--batch-size {args.batch_size} is not divisible by --split {args.split}")
+    if args.curvature_batches > args.inner_steps:
+        raise data.UserError("--curvature-batches cannot exceed --inner-steps")
+    return args
+
+
+# ============================================================================ maths
+
+tdot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
+
+
+def ce_grad_logits(z_BTV, y_BT, N):
+    """dl/dz for l = (1/N) sum CE: (softmax(z) - onehot(y)) / N."""
+    return (jax.nn.softmax(z_BTV, -1) - jax.nn.one_hot(y_BT, z_BTV.shape[-1])) / N
+
+
+def ce_hvp_logits(p_BTV, u_BTV, N):
+    """H u per token, written out: (diag(p) - p p^T) u / N = (p * u - p (p^T u)) / N."""
+    return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / N
+
+
+def gn_model(params, batch, cfg):
+    """Linearise f once at params on a batch of (B, T) or stacked (K, B, T) micro-batches.
+    Returns loss l(z0), the gradient g = J^T dl/dz, and v -> G v reusing the linearisation."""
+    x, y = batch["inputs"], batch["targets"]
+    if x.ndim == 2:
+        x, y = x[None], y[None]
+    f = lambda p: jax.lax.map(lambda xk: model.forward(p, xk, cfg), x)
+    z0, jvp = jax.linearize(f, params)                     # z0: (K, B, T, V)
+    vjp = jax.linear_transpose(jvp, params)
+    N = y.size
+    p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
+    g = vjp(ce_grad_logits(z0, y, N))[0]
+    Gv = lambda v: vjp(ce_hvp_logits(p0, jvp(v), N))[0]
+    return model.cross_entropy(z0, y), g, Gv
+
+
+def ggn_vp(params, batch, v, cfg):
+    """G v on one batch (the one-shot form; gn_model serves many products per linearisation)."""
+    return gn_model(params, batch, cfg)[2](v)
+
+
+def quad_model_grad(theta_t, D, batch, cfg, split=1):
+    """Algorithm 1's inner gradient on one micro-batch: grad q(D) = J^T (g0 + H0 J D), with
+    l(z0) and q(D) - l(z0). The micro-batch is processed in `split` equal chunks (sums of means)."""
+    def chunk(xy):
+        x, y = xy
+        z0, jvp = jax.linearize(lambda p: model.forward(p, x, cfg), theta_t)
+        vjp = jax.linear_transpose(jvp, theta_t)
+        u = jvp(D)
+        g0 = ce_grad_logits(z0, y, y.size)
+        Hu = ce_hvp_logits(jax.nn.softmax(z0, -1), u, y.size)
+        dq = jnp.sum(g0 * u) + 0.5 * jnp.sum(u * Hu)
+        return model.cross_entropy(z0, y), dq, vjp(g0 + Hu)[0]
+    B, T = batch["inputs"].shape
+    xs = tuple(a.reshape(B // split, split, T).swapaxes(0, 1) for a in (batch["inputs"], batch["targets"]))
+    out = jax.lax.map(chunk, xs)          # rows j, j+split, ...: each chunk stays batch-sharded
+    return jax.tree.map(lambda a: jnp.mean(a, 0), out)
+
+
+def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
+    """Solve A x = b (A SPD) by conjugate gradient, as a lax.while_loop.
+
+    Tracks phi(x) = 1/2 x^T A x - b^T x = -1/2 (b + r)^T x with r = b - A x (no extra product).
+    Stops on Martens' relative progress (i > k, phi_i < 0, (phi_i - phi_{i-k}) / phi_i < k eps,
+    k = max(10, 0.1 i)), on |r| <= tol |b|, at max_iters, on p^T A p <= 0, or on a non-finite
+    value (keeping the last finite iterate). Iterates at the iterations in store_at are kept.
+    Returns x and info: iters, residual |r|/|b|, phi (history), stash (the stored iterates)."""
+    store_at = tuple(store_at)
+    slot = jnp.array([store_at.index(i) if i in store_at else -1 for i in range(max_iters + 1)])
+    r0 = axpy(-1.0, matvec(x0), b)
+    phi = lambda x, r: -0.5 * tdot(axpy(1.0, b, r), x)
+    bb = tdot(b, b)
+    stash = jax.tree.map(lambda x: jnp.zeros((max(len(store_at), 1),) + x.shape, x.dtype), x0)
+    hist = jnp.zeros(max_iters + 1).at[0].set(phi(x0, r0))
+    init = dict(i=0, x=x0, r=r0, p=r0, rr=tdot(r0, r0), hist=hist, stash=stash, stop=False)
+
+    def body(s):
+        Ap = matvec(s["p"])
+        pAp = tdot(s["p"], Ap)
+        alpha = s["rr"] / pAp
+        x, r = axpy(alpha, s["p"], s["x"]), axpy(-alpha, Ap, s["r"])
+        rr = tdot(r, r)
+        i = s["i"] + 1
+        ph = phi(x, r)
+        bad = (pAp <= 0) | ~jnp.isfinite(ph) | ~jnp.isfinite(rr)
+        x, r, rr = [jax.tree.map(lambda new, old: jnp.where(bad, old, new), n, o)
+                    for n, o in ((x, s["x"]), (r, s["r"]), (rr, s["rr"]))]
+        hist = s["hist"].at[i].set(jnp.where(bad, s["hist"][i - 1], ph))
+        k = jnp.maximum(10, (0.1 * i).astype(jnp.int32))
+        slow = (i > k) & (hist[i] < 0) & ((hist[i] - hist[jnp.maximum(i - k, 0)]) / hist[i] < k * eps)
+        j = jnp.maximum(slot[i], 0)   # writes one slot; a no-op write when i is not stored
+        stash = jax.tree.map(lambda st, xi: st.at[j].set(jnp.where(slot[i] >= 0, xi, st[j])),
+                             s["stash"], x)
+        p = axpy(rr / s["rr"], s["p"], r)
+        stop = bad | slow | (rr <= tol ** 2 * bb)
+        return dict(i=i, x=x, r=r, p=p, rr=rr, hist=hist, stash=stash, stop=stop)
+
+    s = jax.lax.while_loop(lambda s: (s["i"] < max_iters) & ~s["stop"], body, init)
+    return s["x"], dict(iters=s["i"], residual=jnp.sqrt(s["rr"] / bb), phi=s["hist"], stash=s["stash"])
+
+
+def label(path, leaf):
+    """Inner-optimizer routing: Muon for the 2-D matrices inside blocks, AdamW for the rest."""
+    return "muon" if path[0].key == "h" and leaf.ndim == 2 else "adam"
+
+
+def make_inner_opt(args, params):
+    """The inner optimizer at unit lr: updates are scaled by the schedule outside it."""
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    assert sorted(set(jax.tree.leaves(labels))) <= ["adam", "muon"]
+    assert len(jax.tree.leaves(labels)) == len(jax.tree.leaves(params))   # every leaf, once
+    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
+    adamw = optax.chain(clip(), optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd))
+    if args.inner_opt == "adamw":
+        return adamw, labels
+    muon = optax.chain(clip(), optax.contrib.muon(1.0, beta=args.beta))    # no decay on matrices
+    return optax.multi_transform({"adam": adamw, "muon": muon}, labels), labels
+
+
+def inner_lr(args, s, k):
+    """lr at inner step k of outer step s (0-based), from the global inner index."""
+    N, lr = args.inner_steps, args.lr
+    if args.schedule == "constant":
+        return jnp.asarray(lr, jnp.float32)
+    if args.schedule == "constant_with_inner_cosine":
+        peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
+        return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
+    i, w, total = s * N + k, args.warmup * N, args.steps * N           # global_cosine
+    warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
+    cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
+    return jnp.where(i < w, warm, cos)
+
+
+def line_search(theta_t, d, ls_batches, etas, cfg):
+    """Mean true loss at theta_t + eta d over the fresh line-search batches, for each eta."""
+    def loss_at(eta):
+        theta = axpy(eta, d, theta_t)
+        return jnp.mean(jax.lax.map(lambda b: model.loss_fn(theta, b, cfg), ls_batches))
+    return jax.lax.map(loss_at, etas)
+
+
+# ============================================================================ step
+
+def make_step(args, cfg, opt):
+    N, n_ls = args.inner_steps, args.ls_batches
+    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
+    tok = args.batch_size * cfg.seq_len
+    store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
+
+    def select_eta(theta_t, d, ls):
+        if n_ls == 0:                      # no line search: take the full step
+            return jnp.float32(1.0), jnp.zeros(1)
+        losses = line_search(theta_t, d, ls, etas, cfg)
+        return etas[jnp.argmin(losses)], losses
+
+    def inner_step(state, batches, s):
+        theta_t = state["params"]
+        inner = jax.tree.map(lambda a: a[:N], batches)
+        ls = jax.tree.map(lambda a: a[N:], batches)
+
+        def one(carry, xs):
+            theta, opt_state = carry
+            k, b = xs
+            D = axpy(-1.0, theta_t, theta)
+            loss0, dq, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
+            updates, opt_state = opt.update(grad, opt_state, theta)
+            lr = inner_lr(args, s, k)
+            theta = axpy(lr, updates, theta)
+            jax.debug.callback(data.tick, k, N)
+            return (theta, opt_state), (loss0, dq, optax.tree.norm(grad), lr)
+
+        (theta, opt_state), (loss0, dq, gnorm, lr) = jax.lax.scan(
+            one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
+        d = axpy(-1.0, theta_t, theta)
+        eta, losses = select_eta(theta_t, d, ls)
+        theta_next = axpy(eta, d, theta_t)
+        if args.reset_start:
+            theta, opt_state = theta_next, opt.init(theta_next)
+        new = {"params": theta_next, "inner": theta, "opt": opt_state}
+        m = {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": gnorm[0], "eta": eta,
+             "ls_loss": jnp.min(losses), "model_decrease": dq[-1], "step_norm": eta * optax.tree.norm(d),
+             "inner_norm": optax.tree.norm(d)}
+        if args.measure_exactness:
+            m["exactness"] = exactness(theta_t, d, jax.tree.map(lambda a: a[0], inner))
+        return new, m, (N + args.ls_range * n_ls, N, N)     # fwd, JVP, VJP micro-batch passes
+
+    def exactness(theta_t, d, b):
+        """GN-model decrease of d over that of a near-exact CG minimiser, on the same batch."""
+        _, g, Gv = gn_model(theta_t, b, cfg)
+        q = lambda x: tdot(g, x) + 0.5 * tdot(x, Gv(x))
+        x, _ = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
+                  jax.tree.map(jnp.zeros_like, g), max_iters=100, tol=1e-8, eps=0.0)
+        return q(d) / q(x)
+
+    def cg_step(state, batches, s):
+        theta, lam = state["params"], state["lam"]
+        outer = jax.tree.map(lambda a: a[:N], batches)
+        ls = jax.tree.map(lambda a: a[N:], batches)
+        Kc = args.curvature_batches or N
+        loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg)
+        if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
+            loss, g = model.mean_loss_and_grad(theta, outer, cfg)
+        A = lambda v: axpy(lam, v, Gv(v))
+        x0 = jax.tree.map(lambda a: 0.95 * a, state["delta"])             # Martens' warm start
+        delta, info = cg(A, jax.tree.map(jnp.negative, g), x0, args.cg_iters, store_at=store_at)
+        gd, dd = tdot(g, delta), tdot(delta, delta)
+        dGd = 2 * (info["phi"][info["iters"]] - gd) - lam * dd               # from phi, no product
+        # backtracking (Martens 2010 §4.6): walk back over stored iterates while the loss falls
+        f = lambda x: jnp.mean(jax.lax.map(lambda b: model.loss_fn(axpy(1.0, x, theta), b, cfg), ls))
+        n_st = jnp.sum(jnp.array(store_at) < info["iters"])
+        cand = lambda j: jax.tree.map(lambda st: st[j], info["stash"])
+        def back(c):
+            j, best, f_best, _ = c
+            f_j = f(cand(j))
+            better = f_j < f_best
+            return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), cand(j), best),
+                    jnp.minimum(f_j, f_best), better)
+        f_full = f(delta)
+        j_end, step, _, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
+                                               (n_st - 1, delta, f_full, True))
+        n_back = n_st - 1 - j_end                                            # iterates evaluated
+        eta, losses = select_eta(theta, step, ls)
+        f0 = f(jax.tree.map(jnp.zeros_like, delta))
+        # reduction ratio rho against the undamped GN model
+        if args.lam_rule == "lm-eta":
+            e = eta * tdot(step, delta) / jnp.maximum(dd, 1e-30)             # step = e delta
+            rho = (jnp.min(losses) - f0) / (e * gd + 0.5 * e * e * dGd)
+        else:
+            rho = (f_full - f0) / (gd + 0.5 * dGd)
+        lo, hi = (0.1, 0.5) if args.lam_rule == "lm-loose" else (0.25, 0.75)
+        new_lam = jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
+        if args.lam_rule == "lm-rayleigh":
+            rq = tdot(g, Gv(g)) / tdot(g, g)
+            new_lam = jnp.clip(new_lam, 1e-2 * rq, rq)
+        if args.lam_rule == "fixed":
+            new_lam = lam
+        new = {"params": axpy(eta, step, theta), "lam": new_lam, "delta": delta}
+        m = {"train_loss": loss, "lr": eta, "grad_norm": optax.tree.norm(g), "eta": eta,
+             "ls_loss": jnp.min(losses), "lam": lam, "rho": rho, "cg_iters": info["iters"],
+             "cg_residual": info["residual"], "phi": info["phi"][info["iters"]],
+             "step_norm": eta * optax.tree.norm(step)}
+        n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid, f(0), f(delta), back
+        grad_passes = N if Kc < N else 0
+        return new, m, (Kc + grad_passes + n_ls_fwd, info["iters"] * Kc,
+                        (grad_passes or Kc) + info["iters"] * Kc)
+
+    solve = inner_step if args.solver == "inner" else cg_step
+
+    @jax.jit
+    def step(state, batches, s):
+        new, m, (fwd, jvp, vjp) = solve(state, batches, s)
+        if args.ema:
+            new["ema"] = axpy(args.ema, axpy(-1.0, new["params"], state["ema"]), new["params"])
+        m.update(fwd_passes=fwd, jvp_passes=jvp, vjp_passes=vjp, tokens_trained=N * tok)
+        return new, m
+    return step
+
+
+# ============================================================================ loop
+
+def main(argv=None):
+    args = parse(argv)
+    cfg = model.CONFIGS[args.size]
+    run = data.Run(args, cfg)
+    if args.split > 1:
+        run.log(f"splitting each {args.batch_size}-sequence micro-batch into {args.split} chunks "
+                f"of {args.batch_size // args.split} to fit memory (the maths is unchanged)")
+    params = run.init_params()
+    if args.solver == "inner":
+        opt, labels = make_inner_opt(args, params)
+        if args.inner_opt == "muon":
+            for path, lab in jax.tree_util.tree_leaves_with_path(labels):
+                run.log(f"  {lab:5s} {jax.tree_util.keystr(path)}")
+        state = {"params": params, "inner": params, "opt": opt.init(params)}
+    else:
+        opt = None
+        state = {"params": params, "lam": jnp.float32(args.lam),
+                 "delta": jax.tree.map(jnp.zeros_like, params)}
+    if args.ema:
+        state["ema"] = params
+    run.train(state, make_step(args, cfg, opt), micro_per_step=args.inner_steps + args.ls_batches,
+              extra_config={"tokens_per_outer_step": (args.inner_steps + args.ls_batches)
+                            * args.batch_size * cfg.seq_len})
+
+
+if __name__ == "__main__":
+    data.main_guard(lambda: main(sys.argv[1:]))

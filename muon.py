@@ -1,0 +1,141 @@
+"""Muon (Jordan et al. 2024) on the hidden matrices + AdamW on the rest, as the paper ran it.
+
+One optimizer step on K = --grad-accum micro-batches (seed-repo.md §3); g = mean micro-batch gradient.
+Every leaf is labelled "muon" (each 2-D matrix of a block: wq wk wv wo w1 w2) or "adam" (wte,
+lm_head and every 1-D norm scale/bias); each group is clipped by its own global norm c = --clip.
+  muon, per matrix W (in, out), beta = --beta, t = 1, 2, ...:
+    m     = beta m + (1 - beta) g                                   EMA momentum
+    u     = beta m / (1 - beta^(t+1)) + (1 - beta) g / (1 - beta^t)  optax's bias-corrected Nesterov
+    X     = u / (||u||_F + 1e-8);  5 x  X <- a X + (b A + c A^2) X,  A = X X^T  (wide orientation)
+    W     = W - lr_t sqrt(max(1, out/in)) X       (a, b, c) = (3.4445, -4.7750, 2.0315), no decay
+  adam, per leaf p, with its own lr_adam_t = --adam-lr times the same schedule shape:
+    p     = p - lr_adam_t ( m_hat / (sqrt(v_hat) + eps) + wd p )     AdamW(b1, b2, eps 1e-8)
+At t = 1, u = g (1 + 2 beta)/(1 + beta), so the first Muon step is -lr scale NS5(g).
+Paper defaults (45m): lr 0.01 constant for both groups, b1 0.9, b2 0.95, beta 0.95, wd 0, clip 1,
+32 x 122 micro-batches (~4M tokens) per step, 227 steps.
+References: KellerJordan/Muon (muon.py); optax.contrib.muon (optax 0.2.8), which computes the above.
+
+Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.py MuonOptimizerFactory):
+  - 1-D parameters go to our explicit AdamW group (b1, b2, no Nesterov) instead of the aux Adam
+    inside optax's muon (their b1, b2, but Nesterov in current optax); wd and lr are the same.
+    So they are clipped with wte and lm_head; theirs were clipped with the Muon matrices;
+  - the Adam lr is a separate flag --adam-lr (default = --lr, which is what they ran);
+  - gradients are accumulated by lax.scan inside one jitted step rather than optax.MultiSteps;
+  - no EMA of the weights (theirs averaged nothing in effect, seed-repo.md §8.6);
+  - --clip 0 turns clipping off (theirs zeroed the updates, §8.5);
+  - GPT-2 BPE and the data sources of data.py instead of C4 with the T5 tokenizer.
+"""
+import math
+import sys
+
+import jax
+import optax
+
+import data
+import model
+
+# ============================================================================ config
+
+# Each flag: (paper default used for 45m/150m, {size: CPU preset}).
+DEFAULTS = {
+    "grad_accum": (122, {"small": 8, "tiny": 2}),
+    "steps": (227, {"small": 30, "tiny": 4}),
+    "lr": (0.01, {"small": 0.02, "tiny": 0.02}),
+    "schedule": ("constant", {}),
+    "schedules": ["constant", "warmup_constant", "warmup_cosine"],
+    "wd": (0.0, {}),
+    "eval_every": (1, {"small": 5, "tiny": 2}),
+}
+
+
+def parse(argv=None):
+    p = data.Parser(__doc__)
+    data.common_flags(p, DEFAULTS)
+    p.flag("--adam-lr", 0.0, "peak lr of the AdamW group (0: same as --lr)", {"small": 1e-3, "tiny": 3e-3},
+           type=data.nonneg_float)
+    p.flag("--beta", 0.95, "Muon Nesterov momentum", type=data.unit_float)
+    p.flag("--b1", 0.9, "AdamW beta1", type=data.unit_float)
+    p.flag("--b2", 0.95, "AdamW beta2", type=data.unit_float)
+    p.flag("--eps", 1e-8, "AdamW epsilon (Muon's NS normalisation eps stays 1e-8)", type=data.pos_float)
+    args = data.parse_common(p, argv, "muon")
+    args.adam_lr = args.adam_lr or args.lr
+    return args
+
+
+# ============================================================================ maths
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)   # Newton-Schulz quintic (a, b, c)
+NS_STEPS = 5
+DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)  # W stored (in, out)
+
+
+def path_str(path):
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def label(path, leaf):
+    """'muon' for a 2-D matrix inside a block params["h"][i]; 'adam' for wte, lm_head, 1-D leaves."""
+    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
+
+
+def labels(params):
+    out = jax.tree_util.tree_map_with_path(label, params)
+    got = jax.tree.leaves(out)
+    assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got
+    return out
+
+
+def routing_table(params):
+    """One line per leaf (path, label, shape), then the size of each group."""
+    rows = [(path_str(p), label(p, x), x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert all(len(shape) == 2 for _, lab, shape in rows if lab == "muon")  # optax's muon: matrices only
+    w = max(len(path) for path, _, _ in rows)
+    lines = [f"  {path:<{w}}  {lab:<4}  {shape}" for path, lab, shape in rows]
+    for g in ("muon", "adam"):
+        sizes = [math.prod(shape) for _, lab, shape in rows if lab == g]
+        lines.append(f"  {g}: {len(sizes)} leaves, {sum(sizes):,} params")
+    return "routing:\n" + "\n".join(lines)
+
+
+def make_optimizer(args):
+    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
+    adam_lr = data.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
+    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
+    # Only "muon" leaves reach optax's muon, all of them 2-D, so its own aux Adam receives nothing.
+    muon = optax.contrib.muon(lr, NS_COEFFS, NS_STEPS, beta=args.beta, weight_decay=0.0, nesterov=True,
+                              muon_weight_dimension_numbers=DIMS)
+    adam = optax.adamw(adam_lr, args.b1, args.b2, args.eps, weight_decay=args.wd)
+    opt = optax.multi_transform({"muon": optax.chain(clip(), muon), "adam": optax.chain(clip(), adam)},
+                                labels)
+    return opt, lr
+
+
+# ============================================================================ step
+
+def make_step(cfg, opt, lr):
+    @jax.jit
+    def step(state, batches, t):
+        params = state["params"]
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, on_micro=data.tick)
+        updates, opt_state = opt.update(g, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
+        return {"params": params, "opt": opt_state}, metrics
+    return step
+
+
+# ============================================================================ loop
+
+def main(argv=None):
+    args = parse(argv)
+    cfg = model.CONFIGS[args.size]
+    run = data.Run(args, cfg)
+    params = run.init_params()
+    run.log(routing_table(params))
+    opt, lr = make_optimizer(args)
+    state = {"params": params, "opt": opt.init(params)}
+    run.train(state, make_step(cfg, opt, lr), micro_per_step=args.grad_accum)
+
+
+if __name__ == "__main__":
+    data.main_guard(lambda: main(sys.argv[1:]))
