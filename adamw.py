@@ -54,11 +54,11 @@ def make_optimizer(args):
 
 # ============================================================================ step
 
-def make_step(cfg, opt, lr):
+def make_step(cfg, opt, lr, split):
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, on_micro=data.tick)
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, split, on_micro=data.tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
@@ -75,7 +75,7 @@ def main(argv=None):
     params = run.init_params()
     opt, lr = make_optimizer(args)
     state = {"params": params, "opt": opt.init(params)}
-    run.train(state, make_step(cfg, opt, lr), micro_per_step=args.grad_accum)
+    run.train(state, make_step(cfg, opt, lr, args.split), micro_per_step=args.grad_accum)
 
 
 if __name__ == "__main__":

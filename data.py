@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -42,7 +43,13 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
+import tiktoken
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+import model
 
 EOT = "<|endoftext|>"
 
@@ -84,8 +91,6 @@ def get_tokenizer(vocab_size=None):
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(V, directory):
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     if not 257 <= V <= 50257:
         raise UserError(f"vocab size {V} is outside [257, 50257]: GPT-2 BPE needs its 256 bytes + EOT")
     paths = {}
@@ -394,14 +399,11 @@ def val_batches(tokens, n, batch_size, seq_len, rows=None):
 
 def make_mesh():
     """A 1-D mesh over every device, axis "data". Auto axes: Explicit ones break emb[tokens]."""
-    import jax
-    from jax.sharding import AxisType
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
 def process_rows(batch_size):
     """This process's rows of a global batch (all of them unless running under jax.distributed)."""
-    import jax
     n, i = jax.process_count(), jax.process_index()
     return slice(i * batch_size // n, (i + 1) * batch_size // n)
 
@@ -409,8 +411,6 @@ def process_rows(batch_size):
 def shard_batch(batch, mesh, batch_axis=0):
     """Place host arrays on the mesh, split along batch_axis over "data". Under jax.distributed
     each process passes its own rows and the global array is assembled without copying."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
     sharding = NamedSharding(mesh, P(*[None] * batch_axis, "data"))
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
@@ -418,8 +418,6 @@ def shard_batch(batch, mesh, batch_axis=0):
 
 
 def replicate(tree, mesh):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
@@ -479,14 +477,16 @@ class Parser(argparse.ArgumentParser):
 
 def common_flags(parser, d):
     """The flags every method script shares. d maps flag -> (paper default, {size: preset})."""
-    from model import CONFIGS
     f = parser.flag
-    parser.add_argument("--size", default="small", choices=sorted(CONFIGS),
+    parser.add_argument("--size", default="small", choices=sorted(model.CONFIGS),
                         help="model config (default small; 45m and 150m are the paper's)")
     f("--data", "bbc", "`bbc` (embedded BBC news), or a directory of C4 shards or .txt files", type=str)
     f("--order", "stream", "batch order: the paper's unshuffled stream, or random windows",
       {"small": "random", "tiny": "random"}, choices=["stream", "random"])
     f("--batch-size", 32, "sequences per micro-batch", {"small": 32, "tiny": 8}, type=pos_int)
+    f("--split", 1, "compute each micro-batch (and eval batch) in this many chunks of rows to bound "
+      "memory; the maths is unchanged (45m/150m presets fit 24 GiB; use 1 on an 80 GB GPU)",
+      {"45m": 4, "150m": 8}, type=pos_int)
     if d["grad_accum"]:
         f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", d["grad_accum"][1],
           type=pos_int)
@@ -509,6 +509,17 @@ def common_flags(parser, d):
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
 
 
+def routing_table(labels, params):
+    """One line per (label, parameter path with the block index as *): leaves and parameters."""
+    rows = {}
+    for (path, lab), p in zip(jax.tree_util.tree_leaves_with_path(labels), jax.tree.leaves(params)):
+        name = re.sub(r"\['h'\]\[\d+\]", "h[*]", jax.tree_util.keystr(path))
+        n, size = rows.get((lab, name), (0, 0))
+        rows[(lab, name)] = (n + 1, size + p.size)
+    return "\n".join(f"  {lab:5s} {name:28s} {n:3d} leaves {size:>12,} params"
+                     for (lab, name), (n, size) in sorted(rows.items()))
+
+
 def make_schedule(kind, lr, warmup, steps):
     """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
     import optax
@@ -523,10 +534,10 @@ def parse_common(parser, argv, method):
     args = parser.parse(argv)
     args.method = method
     args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
-    import jax
-    if args.batch_size % jax.device_count() or args.eval_batch_size % jax.device_count():
-        raise UserError(f"--batch-size {args.batch_size} and --eval-batch-size "
-                        f"{args.eval_batch_size} must be divisible by the {jax.device_count()} devices")
+    n = jax.device_count()
+    if args.batch_size % (n * args.split) or args.eval_batch_size % n:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by --split {args.split} "
+                        f"times the {n} devices, and --eval-batch-size {args.eval_batch_size} by {n}")
     return args
 
 
@@ -538,7 +549,6 @@ CKPT_MAGIC = b"FULLGN-CKPT-1\n"
 def save_checkpoint(path, state, meta):
     """Atomically write state (a dict of pytrees of arrays) and meta (JSON), with a sha256 checksum
     of the payload. The previous checkpoint is kept as path + '.prev'."""
-    import jax
     arrays, treedefs = {}, {}
     for key, tree in state.items():
         leaves, treedefs[key] = jax.tree.flatten(tree)
@@ -581,7 +591,6 @@ def _read_checkpoint(path):
 def load_checkpoint(path, template, keys=None):
     """(state, meta) from path. Each entry of `template` (a dict of pytrees; only `keys` if given)
     gives the structure, shapes and dtypes that the stored arrays must match."""
-    import jax
     head, arrays = _read_checkpoint(path)
     state = {}
     for key in keys or template:
@@ -602,21 +611,24 @@ def load_checkpoint(path, template, keys=None):
 _progress = {"t": 0.0, "line": ""}
 
 
-def tick(i, n):
-    """Host callback from inside a jitted step (jax.debug.callback): shows micro-batch progress
-    when steps are slow, so that a 45m step on a CPU is not hours of silence."""
+def tick(i, n, what="micro-batch"):
+    """Host callback from inside a jitted step (jax.debug.callback): shows progress within a slow
+    step, so that a 45m step on a CPU is not hours of silence."""
     now = time.time()
-    if now - _progress["t"] > 10 and _progress["line"]:
+    if now - _progress["t"] > 30 and _progress["line"] and jax.process_index() == 0:
         _progress["t"] = now
-        print(f"{_progress['line']} | micro-batch {int(i) + 1}/{n}", flush=True)
+        done, spent = int(i) + 1, now - _progress["t0"]
+        print(f"{_progress['line']} | {what} {done}/{n} | {spent:.0f}s in, this phase ETA "
+              f"{spent / done * (n - done) / 60:.1f} min", flush=True)
+
+
+
 
 
 class Run:
     """One training run: its data, mesh, output directory, logs, checkpoints and outer loop."""
 
     def __init__(self, args, cfg):
-        import jax
-        import model
         self.args, self.cfg = args, cfg
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh()
@@ -634,12 +646,12 @@ class Run:
         val = load_tokens(args.data, "validation", cfg.vocab, cache)
         self.val = shard_batch(val_batches(val, args.eval_batches, args.eval_batch_size, cfg.seq_len,
                                            process_rows(args.eval_batch_size)), self.mesh, 1)
-        self.evaluate = model.make_evaluate(cfg)
+        # eval batches are chunked to ~8k tokens of logits at a time (128 x 1024 at V=32000 is 17 GB)
+        split = math.gcd(args.eval_batch_size, max(1, args.eval_batch_size * cfg.seq_len // 8192))
+        self.evaluate = model.make_evaluate(cfg, split, lambda i, n: tick(i, n, "eval batch"))
         self.tokens_per_micro = args.batch_size * cfg.seq_len
 
     def init_params(self):
-        import jax
-        import model
         shape = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.key(self.args.seed)))
         if self.args.init_from:
             params = load_checkpoint(self.args.init_from, {"params": shape}, keys=["params"])[0]["params"]
@@ -647,6 +659,9 @@ class Run:
             params = model.init_params(self.cfg, jax.random.key(self.args.seed))
         self.log(f"{self.args.method} --size {self.args.size}: {model.param_count(shape):,} params, "
                  f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+        if self.args.split > 1:
+            self.log(f"splitting each {self.args.batch_size}-sequence micro-batch into {self.args.split} "
+                     f"chunks of {self.args.batch_size // self.args.split} to bound memory (same maths)")
         return replicate(params, self.mesh)
 
     def log(self, line):
@@ -654,8 +669,6 @@ class Run:
             print(line, flush=True)
 
     def write_config(self, extra):
-        import jax
-        import model
         vs = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "optax", "numpy", "tiktoken")}
         conf = {"args": vars(self.args), "model": vars(self.cfg) if not hasattr(self.cfg, "__dataclass_fields__")
                 else {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
@@ -670,7 +683,6 @@ class Run:
         """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
         -> (state, metrics): batches hold micro_per_step stacked micro-batches (K, B, T), metrics
         are device scalars including train_loss, lr and grad_norm."""
-        import jax
         args = self.args
         step, pos, tokens, elapsed = 0, 0, 0, 0.0
         if self.is_main:
@@ -696,18 +708,24 @@ class Run:
             saved = step
 
         interrupted = []
-        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+
+        def on_sigint(*_):   # finish the step, checkpoint, exit; a second Ctrl-C stops at once
+            interrupted.append(1)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.log("interrupt: checkpointing after this step (Ctrl-C again to stop now)")
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
         t_save = time.time()
         val_loss = None
         try:
             if step == 0:
+                _progress.update(line="step 0 eval", t=time.time(), t0=time.time())
                 val_loss = float(self.evaluate(state["params"], self.val))
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
             while step < args.steps and not interrupted:
                 batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
-                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0)
+                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0)
                 state, m = step_fn(state, batches, step)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 dt = time.time() - t0
@@ -721,6 +739,7 @@ class Run:
                        "tokens_per_s": micro_per_step * self.tokens_per_micro / dt, "elapsed": elapsed}
                 evaluated = step % args.eval_every == 0 or step == args.steps
                 if evaluated:
+                    _progress.update(line=f"step {step} eval", t=time.time(), t0=time.time())
                     val_loss = row["val_loss"] = float(self.evaluate(state["params"], self.val))
                     if "ema" in state:
                         row["val_loss_ema"] = float(self.evaluate(state["ema"], self.val))

@@ -59,8 +59,6 @@ def parse(argv=None):
       choices=["inner", "cg"])
     f("--inner-steps", 122, "N: inner steps (micro-batches) per outer step; cg's outer batch",
       {"small": 8, "tiny": 2}, type=data.pos_int)
-    f("--split", 1, "process each micro-batch in this many chunks to bound memory (same maths)",
-      {"45m": 4, "150m": 8}, type=data.pos_int)
     f("--inner-opt", "muon", "inner optimizer", {"small": "adamw", "tiny": "adamw"},
       choices=["muon", "adamw"])
     f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", type=data.unit_float)
@@ -85,8 +83,6 @@ def parse(argv=None):
                    help="log the GN-model decrease of the step over that of a 100-iteration CG "
                         "solve, on the first inner batch")
     args = data.parse_common(p, argv, "gn_full")
-    if args.batch_size % args.split:
-        raise data.UserError(f"--batch-size {args.batch_size} is not divisible by --split {args.split}")
     if args.curvature_batches > args.inner_steps:
         raise data.UserError("--curvature-batches cannot exceed --inner-steps")
     return args
@@ -98,9 +94,9 @@ tdot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.t
 axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
 
 
-def ce_grad_logits(z_BTV, y_BT, N):
-    """dl/dz for l = (1/N) sum CE: (softmax(z) - onehot(y)) / N."""
-    return (jax.nn.softmax(z_BTV, -1) - jax.nn.one_hot(y_BT, z_BTV.shape[-1])) / N
+def ce_grad_logits(p_BTV, y_BT, N):
+    """dl/dz for l = (1/N) sum CE, from p = softmax(z): (p - onehot(y)) / N."""
+    return (p_BTV - jax.nn.one_hot(y_BT, p_BTV.shape[-1])) / N
 
 
 def ce_hvp_logits(p_BTV, u_BTV, N):
@@ -119,7 +115,7 @@ def gn_model(params, batch, cfg):
     vjp = jax.linear_transpose(jvp, params)
     N = y.size
     p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
-    g = vjp(ce_grad_logits(z0, y, N))[0]
+    g = vjp(ce_grad_logits(p0, y, N))[0]
     Gv = lambda v: vjp(ce_hvp_logits(p0, jvp(v), N))[0]
     return model.cross_entropy(z0, y), g, Gv
 
@@ -137,13 +133,15 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
         z0, jvp = jax.linearize(lambda p: model.forward(p, x, cfg), theta_t)
         vjp = jax.linear_transpose(jvp, theta_t)
         u = jvp(D)
-        g0 = ce_grad_logits(z0, y, y.size)
-        Hu = ce_hvp_logits(jax.nn.softmax(z0, -1), u, y.size)
-        dq = jnp.sum(g0 * u) + 0.5 * jnp.sum(u * Hu)
-        return model.cross_entropy(z0, y), dq, vjp(g0 + Hu)[0]
-    B, T = batch["inputs"].shape
-    xs = tuple(a.reshape(B // split, split, T).swapaxes(0, 1) for a in (batch["inputs"], batch["targets"]))
-    out = jax.lax.map(chunk, xs)          # rows j, j+split, ...: each chunk stays batch-sharded
+        logp = jax.nn.log_softmax(z0, -1)        # one pass over the logits serves l, g0 and H0
+        p = jnp.exp(logp)
+        w = ce_grad_logits(p, y, y.size) + ce_hvp_logits(p, u, y.size)       # g0 + H0 u
+        u_y = jnp.take_along_axis(u, y[..., None], -1)
+        pu = jnp.sum(p * u, -1)
+        dq = (jnp.sum(pu) - jnp.sum(u_y) + 0.5 * (jnp.sum(p * u * u) - jnp.sum(pu * pu))) / y.size
+        loss = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
+        return loss, dq, vjp(w)[0]
+    out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
     return jax.tree.map(lambda a: jnp.mean(a, 0), out)
 
 
@@ -221,12 +219,14 @@ def inner_lr(args, s, k):
     return jnp.where(i < w, warm, cos)
 
 
-def line_search(theta_t, d, ls_batches, etas, cfg):
+def line_search(theta_t, d, ls_batches, etas, cfg, split=1):
     """Mean true loss at theta_t + eta d over the fresh line-search batches, for each eta."""
-    def loss_at(eta):
+    def loss_at(xs):
+        i, eta = xs
+        jax.debug.callback(data.tick, i, len(etas), "line-search eta")
         theta = axpy(eta, d, theta_t)
-        return jnp.mean(jax.lax.map(lambda b: model.loss_fn(theta, b, cfg), ls_batches))
-    return jax.lax.map(loss_at, etas)
+        return jnp.mean(jax.lax.map(lambda b: model.mean_loss(theta, b, cfg, split), ls_batches))
+    return jax.lax.map(loss_at, (jnp.arange(len(etas)), etas))
 
 
 # ============================================================================ step
@@ -240,7 +240,7 @@ def make_step(args, cfg, opt):
     def select_eta(theta_t, d, ls):
         if n_ls == 0:                      # no line search: take the full step
             return jnp.float32(1.0), jnp.zeros(1)
-        losses = line_search(theta_t, d, ls, etas, cfg)
+        losses = line_search(theta_t, d, ls, etas, cfg, args.split)
         return etas[jnp.argmin(losses)], losses
 
     def inner_step(state, batches, s):
@@ -289,14 +289,14 @@ def make_step(args, cfg, opt):
         Kc = args.curvature_batches or N
         loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg)
         if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
-            loss, g = model.mean_loss_and_grad(theta, outer, cfg)
+            loss, g = model.mean_loss_and_grad(theta, outer, cfg, args.split)
         A = lambda v: axpy(lam, v, Gv(v))
         x0 = jax.tree.map(lambda a: 0.95 * a, state["delta"])             # Martens' warm start
         delta, info = cg(A, jax.tree.map(jnp.negative, g), x0, args.cg_iters, store_at=store_at)
         gd, dd = tdot(g, delta), tdot(delta, delta)
         dGd = 2 * (info["phi"][info["iters"]] - gd) - lam * dd               # from phi, no product
         # backtracking (Martens 2010 §4.6): walk back over stored iterates while the loss falls
-        f = lambda x: jnp.mean(jax.lax.map(lambda b: model.loss_fn(axpy(1.0, x, theta), b, cfg), ls))
+        f = lambda x: jnp.mean(jax.lax.map(lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         cand = lambda j: jax.tree.map(lambda st: st[j], info["stash"])
         def back(c):
@@ -352,15 +352,11 @@ def main(argv=None):
     args = parse(argv)
     cfg = model.CONFIGS[args.size]
     run = data.Run(args, cfg)
-    if args.split > 1:
-        run.log(f"splitting each {args.batch_size}-sequence micro-batch into {args.split} chunks "
-                f"of {args.batch_size // args.split} to fit memory (the maths is unchanged)")
     params = run.init_params()
     if args.solver == "inner":
         opt, labels = make_inner_opt(args, params)
         if args.inner_opt == "muon":
-            for path, lab in jax.tree_util.tree_leaves_with_path(labels):
-                run.log(f"  {lab:5s} {jax.tree_util.keystr(path)}")
+            run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
         state = {"params": params, "inner": params, "opt": opt.init(params)}
     else:
         opt = None

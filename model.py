@@ -152,27 +152,47 @@ def loss_fn(params, batch, cfg: Config):
     return cross_entropy(forward(params, batch["inputs"], cfg), batch["targets"])
 
 
-def make_evaluate(cfg: Config):
+def split_rows(x_BT, split):
+    """(B, ...) -> (split, B/split, ...), chunk j holding rows j, j+split, ...: memory is bounded
+    by one chunk, and each chunk keeps the batch's sharding (B/split rows over the devices)."""
+    return x_BT.reshape(x_BT.shape[0] // split, split, *x_BT.shape[1:]).swapaxes(0, 1)
+
+
+def mean_loss(params, batch, cfg: Config, split=1):
+    """loss_fn computed in `split` equal chunks of rows: the same mean, less memory."""
+    chunks = jax.tree.map(lambda a: split_rows(a, split), batch)
+    return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, cfg), chunks))
+
+
+def make_evaluate(cfg: Config, split=1, on_batch=None):
     """A jitted evaluate(params, val_KBT) -> mean CE over the K fixed validation batches."""
     @jax.jit
     def evaluate(params, val):
-        losses = jax.lax.map(lambda b: loss_fn(params, b, cfg), val)
-        return jnp.mean(losses)
+        K = val["inputs"].shape[0]
+
+        def one(xs):
+            i, b = xs
+            if on_batch is not None:
+                jax.debug.callback(on_batch, i, K)
+            return mean_loss(params, b, cfg, split)
+        return jnp.mean(jax.lax.map(one, (jnp.arange(K), val)))
     return evaluate
 
 
-def mean_loss_and_grad(params, batches, cfg: Config, on_micro=None):
-    """Mean loss and gradient over K stacked micro-batches (K, B, T), accumulated by lax.scan so
-    that memory stays that of one micro-batch. on_micro(i) is a host progress hook."""
+def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
+    """Mean loss and gradient over K stacked micro-batches (K, B, T), each in `split` chunks,
+    accumulated by lax.scan: memory is that of one chunk. on_micro(i, K) is a progress hook."""
     K = batches["inputs"].shape[0]
+    chunks = jax.tree.map(lambda a: jax.vmap(lambda x: split_rows(x, split))(a).reshape(
+        K * split, a.shape[1] // split, *a.shape[2:]), batches)
 
     def micro(acc, xs):
         i, b = xs
         loss, g = jax.value_and_grad(loss_fn)(params, b, cfg)
         if on_micro is not None:
-            jax.debug.callback(on_micro, i, K)
+            jax.debug.callback(on_micro, i // split, K)
         return jax.tree.map(jnp.add, acc, (loss, g)), None
 
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K), batches))
-    return loss / K, jax.tree.map(lambda x: x / K, g)
+    (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
+    return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)

@@ -25,7 +25,6 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.p
   - --clip 0 turns clipping off (theirs zeroed the updates, §8.5);
   - GPT-2 BPE and the data sources of data.py instead of C4 with the T5 tokenizer.
 """
-import math
 import sys
 
 import jax
@@ -85,18 +84,6 @@ def labels(params):
     return out
 
 
-def routing_table(params):
-    """One line per leaf (path, label, shape), then the size of each group."""
-    rows = [(path_str(p), label(p, x), x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-    assert all(len(shape) == 2 for _, lab, shape in rows if lab == "muon")  # optax's muon: matrices only
-    w = max(len(path) for path, _, _ in rows)
-    lines = [f"  {path:<{w}}  {lab:<4}  {shape}" for path, lab, shape in rows]
-    for g in ("muon", "adam"):
-        sizes = [math.prod(shape) for _, lab, shape in rows if lab == g]
-        lines.append(f"  {g}: {len(sizes)} leaves, {sum(sizes):,} params")
-    return "routing:\n" + "\n".join(lines)
-
-
 def make_optimizer(args):
     lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
     adam_lr = data.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
@@ -112,11 +99,11 @@ def make_optimizer(args):
 
 # ============================================================================ step
 
-def make_step(cfg, opt, lr):
+def make_step(cfg, opt, lr, split):
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, on_micro=data.tick)
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, split, on_micro=data.tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
@@ -131,10 +118,10 @@ def main(argv=None):
     cfg = model.CONFIGS[args.size]
     run = data.Run(args, cfg)
     params = run.init_params()
-    run.log(routing_table(params))
+    run.log("routing:\n" + data.routing_table(labels(params), params))
     opt, lr = make_optimizer(args)
     state = {"params": params, "opt": opt.init(params)}
-    run.train(state, make_step(cfg, opt, lr), micro_per_step=args.grad_accum)
+    run.train(state, make_step(cfg, opt, lr, args.split), micro_per_step=args.grad_accum)
 
 
 if __name__ == "__main__":

@@ -614,9 +614,11 @@ def test_routing(params):
     (adam,) = find(state.inner_states["adam"], optax.ScaleByAdamState)
     assert paths_of(adam.mu) == paths_of(adam.nu) == want_adam
     assert all(not jax.tree.leaves(s.mu) for s in find(state.inner_states["muon"], optax.ScaleByAdamState))
-    # the printed table: one line per leaf
-    table = muon.routing_table(params).splitlines()
-    assert len([ln for ln in table if ln.split()[0] in labs]) == len(flat)
+    # the printed table covers every parameter once
+    table = data.routing_table(muon.labels(params), params).splitlines()
+    assert sum(int(ln.split()[2]) for ln in table) == len(flat)
+    assert sum(int(ln.split()[4].replace(",", "")) for ln in table) == model.param_count(params)
+    assert {ln.split()[1] for ln in table if ln.split()[0] == "muon"} == {f"h[*]['{k}']" for k in HIDDEN}
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (32, 64), (64, 32), (16, 128)])
@@ -911,7 +913,7 @@ def test_ce_hessian_vector_product_matches_jax_hessian():
     got = gn_full.ce_hvp_logits(jax.nn.softmax(z, -1), u, N=6)
     np.testing.assert_allclose(got.reshape(-1), Hfull @ u.reshape(-1), rtol=1e-5, atol=1e-7)
     g = jax.grad(lambda zz: model.cross_entropy(zz, y))(z)
-    np.testing.assert_allclose(gn_full.ce_grad_logits(z, y, 6), g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gn_full.ce_grad_logits(jax.nn.softmax(z, -1), y, 6), g, rtol=1e-5, atol=1e-7)
 
 
 def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
