@@ -44,7 +44,9 @@ import zlib
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import tiktoken
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -522,12 +524,62 @@ def routing_table(labels, params):
 
 def make_schedule(kind, lr, warmup, steps):
     """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
-    import optax
     if kind == "constant":
         return optax.constant_schedule(lr)
     if kind == "warmup_constant":
         return optax.linear_schedule(0.1 * lr, lr, max(warmup, 1))
     return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
+
+
+def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1})):
+    """The flags of the GN scripts' inner solver (Algorithm 1 and its variants)."""
+    f = parser.flag
+    f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
+      {"small": 8, "tiny": 2}, type=pos_int)
+    f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
+      {"small": "adamw", "tiny": "adamw"}, choices=["muon", "adamw"])
+    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", type=unit_float)
+    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", type=unit_float)
+    f("--beta", 0.95, "Muon momentum of the inner optimizer", type=unit_float)
+    f("--ls-batches", ls_batches[0], "fresh micro-batches for the line search (0: none, eta = 1)",
+      ls_batches[1], type=nonneg_int)
+    f("--ls-range", 5, "line-search grid eta in (1/sqrt2)^i, i < ls-range", {"small": 7}, type=pos_int)
+    parser.add_argument("--reset-start", action="store_true",
+                        help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
+    f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)", type=unit_float)
+
+
+def muon_label(path, leaf):
+    """Muon for the 2-D matrices inside the blocks, AdamW for wte, lm_head and every 1-D leaf."""
+    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
+
+
+def inner_optimizer(args, params):
+    """The GN inner optimizer at unit lr (the scripts scale its updates by inner_lr), and its
+    routing labels. As the authors: Muon matrices get no weight decay; clip per group."""
+    labels = jax.tree_util.tree_map_with_path(muon_label, params)
+    assert len(jax.tree.leaves(labels)) == len(jax.tree.leaves(params))      # every leaf, once
+    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
+    adamw = optax.chain(clip(), optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd))
+    if args.inner_opt == "adamw":
+        return adamw, labels
+    muon = optax.chain(clip(), optax.contrib.muon(1.0, beta=args.beta))
+    return optax.multi_transform({"adam": adamw, "muon": muon}, labels), labels
+
+
+def inner_lr(args, s, k):
+    """The inner lr at inner step k of outer step s (0-based), from the global index s N + k
+    (seed-repo.md §4; warmup counts outer steps, end lr 0)."""
+    N, lr = args.inner_steps, args.lr
+    if args.schedule == "constant":
+        return jnp.asarray(lr, jnp.float32)
+    if args.schedule == "constant_with_inner_cosine":
+        peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
+        return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
+    i, w, total = s * N + k, args.warmup * N, args.steps * N           # global_cosine
+    warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
+    cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
+    return jnp.where(i < w, warm, cos)
 
 
 def parse_common(parser, argv, method):

@@ -57,21 +57,7 @@ def parse(argv=None):
     f = p.flag
     f("--solver", "inner", "inner: Algorithm 1 (inner optimizer on the GN model); cg: Hessian-free",
       choices=["inner", "cg"])
-    f("--inner-steps", 122, "N: inner steps (micro-batches) per outer step; cg's outer batch",
-      {"small": 8, "tiny": 2}, type=data.pos_int)
-    f("--inner-opt", "muon", "inner optimizer", {"small": "adamw", "tiny": "adamw"},
-      choices=["muon", "adamw"])
-    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", type=data.unit_float)
-    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", type=data.unit_float)
-    f("--beta", 0.95, "Muon momentum", type=data.unit_float)
-    f("--ls-batches", 122, "fresh micro-batches for the line search (0: no line search)",
-      {"small": 2, "tiny": 1}, type=data.nonneg_int)
-    f("--ls-range", 5, "line-search grid eta in (1/sqrt2)^i, i < ls-range", {"small": 7},
-      type=data.pos_int)
-    p.add_argument("--reset-start", action="store_true",
-                   help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
-    f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)",
-      type=data.unit_float)
+    data.gn_flags(p)
     f("--cg-iters", 50, "cg: maximum CG iterations", {"small": 10, "tiny": 5}, type=data.pos_int)
     f("--lam", 0.1, "cg: initial damping lambda", type=data.pos_float)
     f("--lam-rule", "lm", "cg: lambda adaptation: lm (Levenberg-Marquardt on rho), lm-eta (rho at "
@@ -187,48 +173,6 @@ def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
     return s["x"], dict(iters=s["i"], residual=jnp.sqrt(s["rr"] / bb), phi=s["hist"], stash=s["stash"])
 
 
-def label(path, leaf):
-    """Inner-optimizer routing: Muon for the 2-D matrices inside blocks, AdamW for the rest."""
-    return "muon" if path[0].key == "h" and leaf.ndim == 2 else "adam"
-
-
-def make_inner_opt(args, params):
-    """The inner optimizer at unit lr: updates are scaled by the schedule outside it."""
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    assert sorted(set(jax.tree.leaves(labels))) <= ["adam", "muon"]
-    assert len(jax.tree.leaves(labels)) == len(jax.tree.leaves(params))   # every leaf, once
-    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
-    adamw = optax.chain(clip(), optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd))
-    if args.inner_opt == "adamw":
-        return adamw, labels
-    muon = optax.chain(clip(), optax.contrib.muon(1.0, beta=args.beta))    # no decay on matrices
-    return optax.multi_transform({"adam": adamw, "muon": muon}, labels), labels
-
-
-def inner_lr(args, s, k):
-    """lr at inner step k of outer step s (0-based), from the global inner index."""
-    N, lr = args.inner_steps, args.lr
-    if args.schedule == "constant":
-        return jnp.asarray(lr, jnp.float32)
-    if args.schedule == "constant_with_inner_cosine":
-        peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
-        return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
-    i, w, total = s * N + k, args.warmup * N, args.steps * N           # global_cosine
-    warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
-    cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
-    return jnp.where(i < w, warm, cos)
-
-
-def line_search(theta_t, d, ls_batches, etas, cfg, split=1):
-    """Mean true loss at theta_t + eta d over the fresh line-search batches, for each eta."""
-    def loss_at(xs):
-        i, eta = xs
-        jax.debug.callback(data.tick, i, len(etas), "line-search eta")
-        theta = axpy(eta, d, theta_t)
-        return jnp.mean(jax.lax.map(lambda b: model.mean_loss(theta, b, cfg, split), ls_batches))
-    return jax.lax.map(loss_at, (jnp.arange(len(etas)), etas))
-
-
 # ============================================================================ step
 
 def make_step(args, cfg, opt):
@@ -240,7 +184,8 @@ def make_step(args, cfg, opt):
     def select_eta(theta_t, d, ls):
         if n_ls == 0:                      # no line search: take the full step
             return jnp.float32(1.0), jnp.zeros(1)
-        losses = line_search(theta_t, d, ls, etas, cfg, args.split)
+        losses = model.losses_along(theta_t, d, ls, etas, cfg, args.split,
+                                    lambda i, n: data.tick(i, n, "line-search eta"))
         return etas[jnp.argmin(losses)], losses
 
     def inner_step(state, batches, s):
@@ -254,7 +199,7 @@ def make_step(args, cfg, opt):
             D = axpy(-1.0, theta_t, theta)
             loss0, dq, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
             updates, opt_state = opt.update(grad, opt_state, theta)
-            lr = inner_lr(args, s, k)
+            lr = data.inner_lr(args, s, k)
             theta = axpy(lr, updates, theta)
             jax.debug.callback(data.tick, k, N)
             return (theta, opt_state), (loss0, dq, optax.tree.norm(grad), lr)
@@ -354,7 +299,7 @@ def main(argv=None):
     run = data.Run(args, cfg)
     params = run.init_params()
     if args.solver == "inner":
-        opt, labels = make_inner_opt(args, params)
+        opt, labels = data.inner_optimizer(args, params)
         if args.inner_opt == "muon":
             run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
         state = {"params": params, "inner": params, "opt": opt.init(params)}

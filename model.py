@@ -196,3 +196,14 @@ def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
     (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
     return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)
+
+
+def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
+    """The line search's evaluations: mean loss at theta + eta d over K stacked batches, per eta."""
+    def loss_at(xs):
+        i, eta = xs
+        if on_eta is not None:
+            jax.debug.callback(on_eta, i, len(etas))
+        th = jax.tree.map(lambda a, b: a + eta * b, theta, d)
+        return jnp.mean(jax.lax.map(lambda b: mean_loss(th, b, cfg, split), batches))
+    return jax.lax.map(loss_at, (jnp.arange(len(etas)), etas))

@@ -72,13 +72,9 @@ def path_str(path):
     return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def label(path, leaf):
-    """'muon' for a 2-D matrix inside a block params["h"][i]; 'adam' for wte, lm_head, 1-D leaves."""
-    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
-
-
 def labels(params):
-    out = jax.tree_util.tree_map_with_path(label, params)
+    """'muon' for a 2-D matrix inside a block params["h"][i]; 'adam' for wte, lm_head, 1-D leaves."""
+    out = jax.tree_util.tree_map_with_path(data.muon_label, params)
     got = jax.tree.leaves(out)
     assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got
     return out

@@ -24,6 +24,7 @@ import pytest
 import data
 import model
 import gn_full
+import gn_proxlinear
 import muon
 import soap
 from data import UserError, c4_shards, download_c4, iter_c4_texts
@@ -993,12 +994,27 @@ def test_line_search_picks_the_minimiser(monkeypatch):
     theta_t = {"w": jnp.array([1.0, -2.0])}
     d = {"w": jnp.array([4.0, 2.0])}
     target = {"w": theta_t["w"] + 0.5 * d["w"]}          # the loss along the line is lowest at 0.5
-    monkeypatch.setattr(gn_full.model, "loss_fn", lambda th, b, cfg: jnp.sum((th["w"] - target["w"]) ** 2))
+    monkeypatch.setattr(model, "loss_fn", lambda th, b, cfg: jnp.sum((th["w"] - target["w"]) ** 2))
     etas = jnp.array([2 ** (-i / 2) for i in range(5)])
     batches = {"inputs": jnp.zeros((3, 1, 1), jnp.int32), "targets": jnp.zeros((3, 1, 1), jnp.int32)}
-    losses = gn_full.line_search(theta_t, d, batches, etas, None)
+    losses = model.losses_along(theta_t, d, batches, etas, None)
     assert float(etas[int(jnp.argmin(losses))]) == pytest.approx(0.5)
     np.testing.assert_allclose(losses, [(e - 0.5) ** 2 * 20 for e in etas], rtol=1e-5)
+
+
+def test_inner_lr_schedules():
+    a = gn_full.parse(["--size", "tiny", "--schedule", "constant_with_inner_cosine", "--inner-steps", "4",
+                       "--steps", "3", "--lr", "0.01"])
+    # the authors' template: lr_k = lr (1 + cos(pi k / N)) / 2 within every outer step
+    for s in (0, 2):
+        got = [float(data.inner_lr(a, s, k)) for k in range(4)]
+        np.testing.assert_allclose(got, [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rtol=1e-6)
+    a.schedule, a.warmup = "global_cosine", 1        # warmup from 0.1 lr over 1 outer step (4 inner)
+    got = [float(data.inner_lr(a, s, k)) for s in range(3) for k in range(4)]
+    np.testing.assert_allclose(got[:4], [0.001 + 0.009 * k / 4 for k in range(4)], rtol=1e-6)
+    np.testing.assert_allclose(got[4:], [0.005 * (1 + math.cos(math.pi * i / 8)) for i in range(8)], rtol=1e-5)
+    a.schedule = "constant"
+    assert float(data.inner_lr(a, 2, 3)) == pytest.approx(0.01)
 
 
 DEVICE_SCRIPT = r"""
@@ -1009,7 +1025,7 @@ args = gn_full.parse(["--size", "tiny", "--solver", solver, "--inner-steps", "2"
 cfg = model.CONFIGS["tiny"]
 mesh = data.make_mesh()
 params = data.replicate(model.init_params(cfg, jax.random.key(0)), mesh)
-opt = gn_full.make_inner_opt(args, params)[0] if solver == "inner" else None
+opt = data.inner_optimizer(args, params)[0] if solver == "inner" else None
 state = ({"params": params, "inner": params, "opt": opt.init(params)} if solver == "inner" else
          {"params": params, "lam": np.float32(args.lam), "delta": jax.tree.map(np.zeros_like, params)})
 state = data.replicate(state, mesh)
@@ -1041,3 +1057,51 @@ def test_gn_full_run_and_exact_resume(solver, tmp_path):
     rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
+
+
+# ============================================================================ gn_proxlinear.py
+
+def test_prox_inner_gradient_is_autodiff_of_linearised_ce():
+    p, flat, unravel, b, J, H = micro_problem(seed=7, B=4)
+    D = unravel(0.3 * jax.random.normal(jax.random.key(2), flat.shape))
+    f = lambda w: model.forward(w, b["inputs"], MICRO)
+    lam = 0.3
+
+    def obj(D):         # CE(f0 + J D) + lam/2 |D|^2, differentiated by autodiff
+        return (model.cross_entropy(f(p) + jax.jvp(f, (p,), (D,))[1], b["targets"])
+                + 0.5 * lam * gn_full.tdot(D, D))
+
+    want = jax.flatten_util.ravel_pytree(jax.grad(obj)(D))[0]
+    for split in (1, 2):
+        loss0, val, grad = gn_proxlinear.prox_model_grad(p, D, b, MICRO, lam, split)
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(val, obj(D), rtol=1e-5)
+        np.testing.assert_allclose(loss0, model.loss_fn(p, b, MICRO), rtol=1e-5)
+
+
+def test_prox_term_pulls_toward_theta_t():
+    p, flat, unravel, b, J, H = micro_problem(seed=8)
+    D = unravel(jax.random.normal(jax.random.key(3), flat.shape))
+    g0 = gn_proxlinear.prox_model_grad(p, D, b, MICRO, 0.0)[2]
+    g1 = gn_proxlinear.prox_model_grad(p, D, b, MICRO, 0.5)[2]
+    diff = jax.flatten_util.ravel_pytree(gn_full.axpy(-1.0, g0, g1))[0]
+    np.testing.assert_allclose(diff, 0.5 * jax.flatten_util.ravel_pytree(D)[0], rtol=1e-4, atol=1e-5)
+    # a gradient step on the proximal term alone moves theta toward theta_t: |D| shrinks
+    assert float(jnp.vdot(diff, jax.flatten_util.ravel_pytree(D)[0])) > 0
+
+
+def test_prox_linear_matches_gn_model_to_second_order():
+    p, flat, unravel, b, J, H = micro_problem(seed=9, B=4)
+    D = unravel(jax.random.normal(jax.random.key(4), flat.shape))
+    scaled = lambda e: jax.tree.map(lambda a: e * a, D)
+    prox = lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO)[1]          # p(e D)
+    quad = lambda e: sum(gn_full.quad_model_grad(p, scaled(e), b, MICRO)[:2])        # q(e D)
+    derivs = lambda f: [f, jax.grad(f), jax.grad(jax.grad(f)), jax.grad(jax.grad(jax.grad(f)))]
+    (p0, p1, p2, p3), (q0, q1, q2, q3) = [[float(d(0.0)) for d in derivs(f)] for f in (prox, quad)]
+    np.testing.assert_allclose([p0, p1, p2], [q0, q1, q2], rtol=1e-4)    # equal to second order
+    assert abs(q3) < 1e-3 * abs(p3) and abs(p3) > 1e-3                    # and they differ at third
+
+
+def test_gn_proxlinear_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_proxlinear.py", tmp_path)
+    assert all(r["eta"] == 1.0 for r in rows[1:]) and "ls_loss" not in rows[1]   # no line search
