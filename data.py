@@ -531,7 +531,7 @@ def make_schedule(kind, lr, warmup, steps):
     return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
 
 
-def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1})):
+def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"small": 7})):
     """The flags of the GN scripts' inner solver (Algorithm 1 and its variants)."""
     f = parser.flag
     f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
@@ -543,7 +543,8 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1})):
     f("--beta", 0.95, "Muon momentum of the inner optimizer", type=unit_float)
     f("--ls-batches", ls_batches[0], "fresh micro-batches for the line search (0: none, eta = 1)",
       ls_batches[1], type=nonneg_int)
-    f("--ls-range", 5, "line-search grid eta in (1/sqrt2)^i, i < ls-range", {"small": 7}, type=pos_int)
+    f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", ls_range[1],
+      type=pos_int)
     parser.add_argument("--reset-start", action="store_true",
                         help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
     f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)", type=unit_float)

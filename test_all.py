@@ -24,6 +24,7 @@ import pytest
 import data
 import model
 import gn_full
+import gn_layerwise
 import gn_proxlinear
 import muon
 import soap
@@ -1105,3 +1106,62 @@ def test_prox_linear_matches_gn_model_to_second_order():
 def test_gn_proxlinear_run_and_exact_resume(tmp_path):
     rows = check_run_and_resume("gn_proxlinear.py", tmp_path)
     assert all(r["eta"] == 1.0 for r in rows[1:]) and "ls_loss" not in rows[1]   # no line search
+
+
+# ============================================================================ gn_layerwise.py
+
+@pytest.mark.parametrize("size", ["tiny", "small", "150m"])
+def test_blocks_cover_every_parameter_exactly_once(size):
+    cfg = model.CONFIGS[size]
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    ids = jax.tree.unflatten(jax.tree.structure(shapes), list(range(len(jax.tree.leaves(shapes)))))
+    blocks = gn_layerwise.make_blocks(cfg)
+    got = sorted(i for keys in blocks for i in jax.tree.leaves(gn_layerwise.get_block(ids, keys)))
+    assert got == list(range(len(jax.tree.leaves(shapes)))) and len(blocks) == cfg.n_layers + 2
+    # exact keys: block h[1] is h[1] alone (the authors' prefix match also caught h[10], h[11])
+    assert sorted(jax.tree.leaves(gn_layerwise.get_block(ids, (1,)))) == sorted(jax.tree.leaves(ids["h"][1]))
+
+
+def test_block_ggn_products_are_diagonal_blocks_of_explicit_ggn():
+    p, flat, unravel, b, J, H = micro_problem(seed=11)
+    G = J.T @ H @ J
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    for keys in gn_layerwise.make_blocks(MICRO):
+        mask = np.asarray(jax.flatten_util.ravel_pytree(gn_layerwise.set_block(
+            zeros, keys, jax.tree.map(jnp.ones_like, gn_layerwise.get_block(p, keys))))[0], bool)
+        v_full = np.where(mask, np.random.default_rng(0).normal(size=flat.size), 0.0)
+        v_k = gn_layerwise.get_block(unravel(jnp.array(v_full, jnp.float32)), keys)
+        Gv_k = gn_layerwise.block_ggn_vp(p, keys, b, v_k, MICRO)
+        got = np.asarray(jax.flatten_util.ravel_pytree(gn_layerwise.set_block(zeros, keys, Gv_k))[0])
+        want = G[np.ix_(mask, mask)] @ v_full[mask]
+        assert np.all(got[~mask] == 0)
+        assert np.linalg.norm(got[mask] - want) / np.linalg.norm(want) < 1e-5, keys
+
+
+def test_single_block_layerwise_step_equals_full_gn_step():
+    argv = ["--size", "tiny", "--inner-steps", "3", "--ls-batches", "1", "--inner-opt", "muon"]
+    lw_args, gn_args = gn_layerwise.parse(argv), gn_full.parse(argv)
+    params = tiny_params()
+    everything = (*range(TINY.n_layers), "wte", "ln_f", "lm_head")
+    toks = np.arange(30000, dtype=np.uint16) * 7 % TINY.vocab
+    batches = jax.tree.map(jnp.asarray, data.Batches(toks, 8, TINY.seq_len, "random", 0).take(0, 4))
+    opt_lw = data.inner_optimizer(lw_args, gn_layerwise.get_block(params, everything))[0]
+    s_lw = {"params": params, "inner": params, "opt": [opt_lw.init(gn_layerwise.get_block(params, everything))]}
+    step_lw = gn_layerwise.make_step(lw_args, TINY, [opt_lw], [everything])
+    opt_gn = data.inner_optimizer(gn_args, params)[0]
+    s_gn = {"params": params, "inner": params, "opt": opt_gn.init(params)}
+    step_gn = gn_full.make_step(gn_args, TINY, opt_gn)
+    for s in range(2):
+        s_lw, m_lw = step_lw(s_lw, batches, s)
+        s_gn, m_gn = step_gn(s_gn, batches, s)
+    a, c = (jax.flatten_util.ravel_pytree(x["params"])[0] for x in (s_lw, s_gn))
+    assert float(jnp.abs(a - c).max()) <= 1e-5 * float(jnp.abs(c).max())
+    assert float(m_lw["eta"]) == float(m_gn["eta"])
+    assert float(jnp.abs(a - jax.flatten_util.ravel_pytree(params)[0]).max()) > 1e-3   # it moved
+
+
+@pytest.mark.parametrize("objective", ["gn", "proxlinear"])
+def test_gn_layerwise_run_and_exact_resume(objective, tmp_path):
+    rows = check_run_and_resume("gn_layerwise.py", tmp_path, "--objective", objective)
+    K = TINY.n_layers + 2
+    assert rows[1]["jvp_passes"] == K * 2 and rows[1]["tokens"] == 3 * 8 * 16
