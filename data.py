@@ -509,6 +509,8 @@ def common_flags(parser, d):
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
     f("--cache-dir", "", "token cache directory (default $FULLGN_CACHE or ~/.cache/full-gn)", type=str)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    f("--stop-at", 0, "checkpoint and stop after this step, as an interruption would (to split a "
+      "long run into jobs; continue with --resume). 0: run to --steps", type=nonneg_int)
 
 
 def routing_table(labels, params):
@@ -775,7 +777,8 @@ class Run:
                 val_loss = float(self.evaluate(state["params"], self.val))
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
-            while step < args.steps and not interrupted:
+            stop = lambda: bool(interrupted) or step == args.stop_at > 0
+            while step < args.steps and not stop():
                 batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
                 _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0)
@@ -808,7 +811,7 @@ class Run:
                 if done:
                     self.log(f"target loss {args.target_loss} reached at step {step}")
                     break
-            if interrupted:
+            if stop():
                 save()
                 self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; continue with --resume")
         finally:

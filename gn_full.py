@@ -71,6 +71,8 @@ def parse(argv=None):
     args = data.parse_common(p, argv, "gn_full")
     if args.curvature_batches > args.inner_steps:
         raise data.UserError("--curvature-batches cannot exceed --inner-steps")
+    if args.solver == "cg" and args.ls_batches == 0:
+        raise data.UserError("--solver cg needs --ls-batches >= 1 (rho and backtracking use them)")
     return args
 
 
@@ -181,11 +183,13 @@ def make_step(args, cfg, opt):
     tok = args.batch_size * cfg.seq_len
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
 
-    def select_eta(theta_t, d, ls):
-        if n_ls == 0:                      # no line search: take the full step
-            return jnp.float32(1.0), jnp.zeros(1)
+    def select_eta(theta_t, d, ls, m):
+        """eta* on the fresh line-search batches (eta = 1 without them); logs the best loss."""
+        if n_ls == 0:
+            return jnp.float32(1.0), None
         losses = model.losses_along(theta_t, d, ls, etas, cfg, args.split,
                                     lambda i, n: data.tick(i, n, "line-search eta"))
+        m["ls_loss"] = jnp.min(losses)
         return etas[jnp.argmin(losses)], losses
 
     def inner_step(state, batches, s):
@@ -207,14 +211,15 @@ def make_step(args, cfg, opt):
         (theta, opt_state), (loss0, dq, gnorm, lr) = jax.lax.scan(
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
-        eta, losses = select_eta(theta_t, d, ls)
+        m = {}
+        eta, _ = select_eta(theta_t, d, ls, m)
         theta_next = axpy(eta, d, theta_t)
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
         new = {"params": theta_next, "inner": theta, "opt": opt_state}
-        m = {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": gnorm[0], "eta": eta,
-             "ls_loss": jnp.min(losses), "model_decrease": dq[-1], "step_norm": eta * optax.tree.norm(d),
-             "inner_norm": optax.tree.norm(d)}
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": gnorm[0], "eta": eta,
+              "model_decrease": dq[-1], "step_norm": eta * optax.tree.norm(d),
+              "inner_norm": optax.tree.norm(d)}
         if args.measure_exactness:
             m["exactness"] = exactness(theta_t, d, jax.tree.map(lambda a: a[0], inner))
         return new, m, (N + args.ls_range * n_ls, N, N)     # fwd, JVP, VJP micro-batch passes
@@ -241,7 +246,8 @@ def make_step(args, cfg, opt):
         gd, dd = tdot(g, delta), tdot(delta, delta)
         dGd = 2 * (info["phi"][info["iters"]] - gd) - lam * dd               # from phi, no product
         # backtracking (Martens 2010 §4.6): walk back over stored iterates while the loss falls
-        f = lambda x: jnp.mean(jax.lax.map(lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
+        f = lambda x: jnp.mean(jax.lax.map(
+            lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         cand = lambda j: jax.tree.map(lambda st: st[j], info["stash"])
         def back(c):
@@ -254,7 +260,8 @@ def make_step(args, cfg, opt):
         j_end, step, _, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
                                                (n_st - 1, delta, f_full, True))
         n_back = n_st - 1 - j_end                                            # iterates evaluated
-        eta, losses = select_eta(theta, step, ls)
+        m = {}
+        eta, losses = select_eta(theta, step, ls, m)
         f0 = f(jax.tree.map(jnp.zeros_like, delta))
         # reduction ratio rho against the undamped GN model
         if args.lam_rule == "lm-eta":
@@ -270,14 +277,13 @@ def make_step(args, cfg, opt):
         if args.lam_rule == "fixed":
             new_lam = lam
         new = {"params": axpy(eta, step, theta), "lam": new_lam, "delta": delta}
-        m = {"train_loss": loss, "lr": eta, "grad_norm": optax.tree.norm(g), "eta": eta,
-             "ls_loss": jnp.min(losses), "lam": lam, "rho": rho, "cg_iters": info["iters"],
-             "cg_residual": info["residual"], "phi": info["phi"][info["iters"]],
-             "step_norm": eta * optax.tree.norm(step)}
+        m |= {"train_loss": loss, "lr": eta, "grad_norm": optax.tree.norm(g), "eta": eta,
+              "lam": lam, "rho": rho, "cg_iters": info["iters"], "cg_residual": info["residual"],
+              "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(step)}
         n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid, f(0), f(delta), back
         grad_passes = N if Kc < N else 0
-        return new, m, (Kc + grad_passes + n_ls_fwd, info["iters"] * Kc,
-                        (grad_passes or Kc) + info["iters"] * Kc)
+        products = info["iters"] + (args.lam_rule == "lm-rayleigh")          # G v products
+        return new, m, (Kc + grad_passes + n_ls_fwd, products * Kc, (grad_passes or Kc) + products * Kc)
 
     solve = inner_step if args.solver == "inner" else cg_step
 

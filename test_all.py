@@ -4,6 +4,7 @@ Run: python -m pytest -q test_all.py   (about N minutes on 2 CPU cores)
 """
 import gzip
 import http.server
+import functools
 import json
 import math
 import os
@@ -40,9 +41,14 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FULLGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+COMPILE_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "full-gn-test-jax-cache")
+
+
 def run_script(*argv, env=None, timeout=300):
-    """Run a script in a subprocess; (returncode, stdout, stderr)."""
-    e = {**os.environ, **(env or {})}
+    """Run a script in a subprocess; (returncode, stdout, stderr). Subprocesses share a persistent
+    compilation cache, so a resumed run does not compile its step again."""
+    e = {**os.environ, "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
     p = subprocess.run([sys.executable, *argv], cwd=HERE, env=e, capture_output=True, text=True,
                        timeout=timeout)
     return p.returncode, p.stdout, p.stderr
@@ -539,8 +545,8 @@ def losses(rows):
 
 
 def check_run_and_resume(script, tmp_path, *extra):
-    """A tiny run lowers the validation loss, and stopping at step 2 then --resume to step 4 gives
-    exactly the metrics of the uninterrupted run."""
+    """A tiny run lowers the validation loss, and stopping after step 2 then --resume to step 4
+    gives exactly the metrics of the uninterrupted run."""
     base = [script, "--size", "tiny", "--steps", "4", "--eval-every", "2", *extra]
     rc, out, err = run_script(*base, "--out", str(tmp_path / "full"))
     assert rc == 0, err
@@ -549,8 +555,8 @@ def check_run_and_resume(script, tmp_path, *extra):
     assert [r["step"] for r in full] == [0, 1, 2, 3, 4] and full[-1]["tokens"] > 0
     cfg = json.load(open(tmp_path / "full" / "config.json"))
     assert cfg["params"] == model.param_count(tiny_params()) and cfg["versions"]["jax"]
-    rc, _, err = run_script(*base[:4], "2", *base[5:], "--out", str(tmp_path / "cut"))
-    assert rc == 0, err
+    rc, _, err = run_script(*base, "--stop-at", "2", "--out", str(tmp_path / "cut"))
+    assert rc == 0 and len(read_metrics(tmp_path / "cut")) == 3, err
     rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume")
     assert rc == 0 and "resumed" in out, err
     assert losses(read_metrics(tmp_path / "cut")) == losses(full)
@@ -890,12 +896,13 @@ def test_soap_run_and_exact_resume(tmp_path):
 MICRO = model.Config(d=8, n_layers=1, n_heads=2, d_ff=16, seq_len=4, vocab=11)   # J fits in memory
 
 
+@functools.lru_cache(maxsize=None)
 def micro_problem(seed=0, B=2):
     p = model.init_params(MICRO, jax.random.key(seed))
     flat, unravel = jax.flatten_util.ravel_pytree(p)
     b = tiny_batch(B, seed + 1, MICRO)
     f = lambda w: model.forward(unravel(w), b["inputs"], MICRO).reshape(-1)      # (B*T*V,)
-    J = np.asarray(jax.jacfwd(f)(flat), np.float64)                                # dense Jacobian
+    J = np.asarray(jax.jit(jax.jacfwd(f))(flat), np.float64)                       # dense Jacobian
     z = np.asarray(f(flat), np.float64).reshape(-1, MICRO.vocab)
     pr = np.exp(z - z.max(-1, keepdims=True))
     pr /= pr.sum(-1, keepdims=True)
@@ -1055,9 +1062,14 @@ def test_gn_step_same_on_1_and_4_devices(solver, tmp_path):
 
 @pytest.mark.parametrize("solver", ["inner", "cg"])
 def test_gn_full_run_and_exact_resume(solver, tmp_path):
-    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver)
+    extra = ["--measure-exactness"] if solver == "inner" else ["--lam-rule", "lm-rayleigh"]
+    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver, *extra)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
+    if solver == "inner":      # the inner solver's model decrease is a fraction of the exact one
+        assert all(0 < r["exactness"] <= 1 + 1e-4 for r in rows[1:])
+    else:
+        assert all(r["cg_iters"] >= 1 and r["lam"] > 0 for r in rows[1:])
 
 
 # ============================================================================ gn_proxlinear.py
@@ -1092,15 +1104,24 @@ def test_prox_term_pulls_toward_theta_t():
 
 
 def test_prox_linear_matches_gn_model_to_second_order():
+    # At D = 0 the prox-linear objective p and GN's quadratic q have the same value, gradient and
+    # Hessian (= G, checked against the explicit J^T H J); they part at third order.
     p, flat, unravel, b, J, H = micro_problem(seed=9, B=4)
     D = unravel(jax.random.normal(jax.random.key(4), flat.shape))
     scaled = lambda e: jax.tree.map(lambda a: e * a, D)
-    prox = lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO)[1]          # p(e D)
-    quad = lambda e: sum(gn_full.quad_model_grad(p, scaled(e), b, MICRO)[:2])        # q(e D)
-    derivs = lambda f: [f, jax.grad(f), jax.grad(jax.grad(f)), jax.grad(jax.grad(jax.grad(f)))]
-    (p0, p1, p2, p3), (q0, q1, q2, q3) = [[float(d(0.0)) for d in derivs(f)] for f in (prox, quad)]
-    np.testing.assert_allclose([p0, p1, p2], [q0, q1, q2], rtol=1e-4)    # equal to second order
-    assert abs(q3) < 1e-3 * abs(p3) and abs(p3) > 1e-3                    # and they differ at third
+    prox = lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO)
+    quad = lambda e: gn_full.quad_model_grad(p, scaled(e), b, MICRO)
+    (l0, p0, gp), (l1, dq0, gq) = prox(0.0), quad(0.0)
+    np.testing.assert_allclose(p0, l1 + dq0, rtol=1e-6)
+    flatg = lambda g: np.asarray(jax.flatten_util.ravel_pytree(g)[0])
+    np.testing.assert_allclose(flatg(gp), flatg(gq), rtol=1e-4, atol=1e-7)
+    GD = (J.T @ H @ J) @ np.asarray(flatg(D), np.float64)
+    for f in (prox, quad):                                   # d/de grad(e D) at 0 = Hessian D
+        HD = flatg(jax.jvp(lambda e: f(e)[2], (0.0,), (1.0,))[1])
+        assert np.linalg.norm(HD - GD) / np.linalg.norm(GD) < 1e-4
+    e = 0.5
+    gap = float(prox(e)[1] - sum(quad(e)[:2]))
+    assert abs(gap) > 1e-4 and abs(gap) > 1e-3 * abs(float(sum(quad(e)[:2]) - l1))   # third order
 
 
 def test_gn_proxlinear_run_and_exact_resume(tmp_path):
