@@ -70,7 +70,7 @@ def make_step(cfg, opt, lr, split):
 
 def main(argv=None):
     args = parse(argv)
-    cfg = model.CONFIGS[args.size]
+    cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
     opt, lr = make_optimizer(args)

@@ -21,6 +21,7 @@ metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with 
 target-loss stop and the NaN guard. Every method script calls `train_loop` with its own step.
 """
 import argparse
+import dataclasses
 import functools
 import glob
 import gzip
@@ -499,6 +500,11 @@ def common_flags(parser, d):
     f("--wd", d["wd"][0], "decoupled weight decay", d["wd"][1], type=nonneg_float)
     f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", type=nonneg_float)
     f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
+    f("--dtype", "float32", "matmul compute dtype (params, optimizer state, norms and logits stay "
+      "fp32); bfloat16 is for accelerators", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", action="store_true",
+                        help="recompute each block in the backward/transpose pass (less memory, as "
+                             "the authors' nothing_saveable remat)")
     f("--eval-every", d["eval_every"][0], "evaluate every this many steps", d["eval_every"][1], type=pos_int)
     f("--eval-batches", 100, "fixed validation batches (each --eval-batch-size x T)",
       {"small": 8, "tiny": 2}, type=pos_int)
@@ -583,6 +589,11 @@ def inner_lr(args, s, k):
     warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
     cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
     return jnp.where(i < w, warm, cos)
+
+
+def model_config(args):
+    """The model config of --size, with the --dtype compute precision and --remat."""
+    return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
 
 
 def parse_common(parser, argv, method):
@@ -725,8 +736,7 @@ class Run:
 
     def write_config(self, extra):
         vs = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "optax", "numpy", "tiktoken")}
-        conf = {"args": vars(self.args), "model": vars(self.cfg) if not hasattr(self.cfg, "__dataclass_fields__")
-                else {k: getattr(self.cfg, k) for k in self.cfg.__dataclass_fields__},
+        conf = {"args": vars(self.args), "model": dataclasses.asdict(self.cfg),
                 "params": model.param_count(jax.eval_shape(
                     lambda: model.init_params(self.cfg, jax.random.key(0)))),
                 "tokens_per_micro_batch": self.tokens_per_micro, "versions": vs,

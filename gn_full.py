@@ -301,7 +301,7 @@ def make_step(args, cfg, opt):
 
 def main(argv=None):
     args = parse(argv)
-    cfg = model.CONFIGS[args.size]
+    cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
     if args.solver == "inner":

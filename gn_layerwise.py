@@ -34,7 +34,7 @@ import model
 
 DEFAULTS = {  # (paper default used for 45m/150m, {size: CPU preset})
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "steps": (227, {"small": 10, "tiny": 4}),
+    "steps": (227, {"small": 5, "tiny": 4}),             # an outer step costs K = L + 2 GN steps
     "lr": (0.01, {"small": 3e-3, "tiny": 3e-3}),
     "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant"}),
     "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
@@ -170,7 +170,7 @@ def make_step(args, cfg, opts, blocks):
 
 def main(argv=None):
     args = parse(argv)
-    cfg = model.CONFIGS[args.size]
+    cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
     blocks = make_blocks(cfg)

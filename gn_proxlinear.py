@@ -126,7 +126,7 @@ def make_step(args, cfg, opt):
 
 def main(argv=None):
     args = parse(argv)
-    cfg = model.CONFIGS[args.size]
+    cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
     opt, labels = data.inner_optimizer(args, params)
