@@ -707,8 +707,8 @@ class Run:
                             "or choose another --out")
         cache = args.cache_dir or None
         rows = process_rows(args.batch_size)
-        self.train_data = Batches(load_tokens(args.data, "train", cfg.vocab, cache), args.batch_size,
-                             cfg.seq_len, args.order, args.seed, rows)
+        self.train_data = Batches(load_tokens(args.data, "train", cfg.vocab, cache),
+                                  args.batch_size, cfg.seq_len, args.order, args.seed, rows)
         val = load_tokens(args.data, "validation", cfg.vocab, cache)
         self.val = shard_batch(val_batches(val, args.eval_batches, args.eval_batch_size, cfg.seq_len,
                                            process_rows(args.eval_batch_size)), self.mesh, 1)

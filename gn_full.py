@@ -63,7 +63,8 @@ def parse(argv=None):
     f("--lam-rule", "lm", "cg: lambda adaptation: lm (Levenberg-Marquardt on rho), lm-eta (rho at "
       "the chosen eta), lm-loose (thresholds 0.1/0.5), lm-rayleigh (LM, lambda kept within "
       "[1e-2, 1] x g'Gg/g'g), fixed", choices=["lm", "lm-eta", "lm-loose", "lm-rayleigh", "fixed"])
-    f("--curvature-batches", 0, "cg: micro-batches of the outer batch used for G (0: all)",
+    f("--curvature-batches", 1, "cg: micro-batches of the outer batch used for G (0: all); G's "
+      "linearisation keeps all their residuals in memory", {"small": 2, "tiny": 0},
       type=data.nonneg_int)
     p.add_argument("--measure-exactness", action="store_true",
                    help="log the GN-model decrease of the step over that of a 100-iteration CG "

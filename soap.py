@@ -98,7 +98,7 @@ def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
         L1, R1 = update_factors(L, R)
         eig = lambda A: jnp.flip(jnp.linalg.eigh(A + 1e-30 * jnp.eye(A.shape[0], dtype=A.dtype))[1], 1)
         return (jnp.zeros_like(G), M, V, L1, R1,
-                        eig(L1) if rot_l else Q_L, eig(R1) if rot_r else Q_R)
+                eig(L1) if rot_l else Q_L, eig(R1) if rot_r else Q_R)
 
     def later_step(_):
         Gp = project(G, Q_L, Q_R)
@@ -139,7 +139,7 @@ def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
 
 
 def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_frequency=10,
-                                    max_precond_dim=10000) -> optax.GradientTransformation:
+                  max_precond_dim=10000) -> optax.GradientTransformation:
     """SOAP direction (positive sign, like optax.scale_by_adam). The first update is exactly zero."""
     bs = b2 if shampoo_beta is None else shampoo_beta
 
@@ -154,7 +154,7 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_fr
         per_leaf = lambda i, f: jax.tree.map(lambda p: f(factor(p, i)), params)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         return SoapState(jnp.zeros([], jnp.int32), zeros, zeros, per_leaf(0, lambda F: F),
-                                          per_leaf(1, lambda F: F), per_leaf(0, eye), per_leaf(1, eye))
+                         per_leaf(1, lambda F: F), per_leaf(0, eye), per_leaf(1, eye))
 
     def update_fn(updates, state, params=None):
         del params
@@ -163,7 +163,7 @@ def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_fr
             return updates, state._replace(count=optax.safe_increment(state.count))
         rest = [treedef.flatten_up_to(x) for x in state[1:]]
         outs = [_soap_leaf(g, *xs, state.count, b1, b2, bs, eps, precondition_frequency)
-                        for g, *xs in zip(leaves, *rest)]
+                for g, *xs in zip(leaves, *rest)]
         d, *new = [treedef.unflatten(list(col)) for col in zip(*outs)]
         d = jax.tree.map(lambda x, g: x.astype(g.dtype), d, updates)
         return d, SoapState(optax.safe_increment(state.count), *new)
@@ -186,12 +186,12 @@ def _decoupled_weight_decay(lr, weight_decay) -> optax.GradientTransformation:
 
 
 def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.0, shampoo_beta=None,
-                  precondition_frequency=10, max_precond_dim=10000) -> optax.GradientTransformation:
+         precondition_frequency=10, max_precond_dim=10000) -> optax.GradientTransformation:
     """SOAP optimizer. A schedule is evaluated at (number of real updates - 1): the first update() call
     is the skipped preconditioner-initialisation step, so the first REAL update uses schedule(0)."""
     lr = (lambda c: learning_rate(jnp.maximum(c - 1, 0))) if callable(learning_rate) else learning_rate
     parts = [scale_by_soap(b1, b2, eps, shampoo_beta, precondition_frequency, max_precond_dim),
-                      optax.scale_by_learning_rate(lr)]
+             optax.scale_by_learning_rate(lr)]
     if weight_decay:
         parts.append(_decoupled_weight_decay(lr, weight_decay))
     return optax.chain(*parts)

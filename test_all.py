@@ -887,7 +887,7 @@ def test_soap_alias_weight_decay_and_schedule():
 
 
 def test_soap_run_and_exact_resume(tmp_path):
-        check_run_and_resume("soap.py", tmp_path)
+    check_run_and_resume("soap.py", tmp_path)
 
 
 # ============================================================================ gn_full.py
