@@ -755,9 +755,17 @@ class Run:
         if args.resume:
             state, meta = load_checkpoint(self.ckpt, state)
             step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
-            if self.is_main:  # drop rows logged after the checkpoint, so the log replays exactly
-                rows = [r for r in open(self.metrics_path) if json.loads(r)["step"] <= step]
-                open(self.metrics_path, "w").writelines(rows)
+            if self.is_main:  # drop rows logged after the checkpoint (and a line cut by a kill)
+                rows = []
+                for line in open(self.metrics_path):
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            rows.append(line)
+                    except (ValueError, KeyError):
+                        pass
+                with open(self.metrics_path + ".tmp", "w") as f:
+                    f.writelines(rows)
+                os.replace(self.metrics_path + ".tmp", self.metrics_path)
             self.log(f"resumed {self.ckpt} at step {step}")
         elif self.is_main:
             self.write_config(extra_config or {})

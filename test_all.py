@@ -557,6 +557,8 @@ def check_run_and_resume(script, tmp_path, *extra):
     assert cfg["params"] == model.param_count(tiny_params()) and cfg["versions"]["jax"]
     rc, _, err = run_script(*base, "--stop-at", "2", "--out", str(tmp_path / "cut"))
     assert rc == 0 and len(read_metrics(tmp_path / "cut")) == 3, err
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train_lo')                   # a row cut short by a kill
     rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume")
     assert rc == 0 and "resumed" in out, err
     assert losses(read_metrics(tmp_path / "cut")) == losses(full)
