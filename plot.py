@@ -133,16 +133,15 @@ def ablations(results, target):
 
 def table(fig1, abl, target):
     lines = ["| run | steps to target | tokens to target | wall time to target (s) | "
-             "step ratio to best first-order | paper: steps to 3.25 at 45M |", "|---|---|---|---|---|---|"]
+             "best first-order steps / steps | paper: steps to 3.25 at 45M |", "|---|---|---|---|---|---|"]
     hit = {r["name"]: to_target(r, target) for r in fig1 + abl}
     best = min((hit[r["name"]][0] for r in fig1 if r["name"] in BASELINES and hit[r["name"]]),
                default=None)
     for r in fig1 + abl:
         h = hit[r["name"]]
         last = r["val"][-1]
-        cells = ([str(h[0]), f"{h[1]:,}", f"{h[2]:.0f}", f"{best / h[0]:.2f}x fewer" if best else "-"] if h else
-                 [f"not reached in {last[0]} (final {last[3]:.3f})", "-", "-",
-                  f">= {best / last[0]:.2f}x fewer" if best and last[0] < best else "-"])
+        cells = ([str(h[0]), f"{h[1]:,}", f"{h[2]:.0f}", f"{best / h[0]:.2f}" if best else "-"] if h else
+                 [f"not reached in {last[0]} (final {last[3]:.3f})", "-", "-", "-"])
         paper = PAPER.get(r["name"], "")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {paper} |")
     return "\n".join(lines), hit, best

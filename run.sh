@@ -27,9 +27,12 @@ run() {  # run DIR SCRIPT ARGS...: skip runs that already finished (rerunning re
   local dir=$1; shift
   if [ -f "$dir/done" ]; then echo "== $dir: done, skipped"; return; fi
   echo "== $dir: $*"
-  rm -rf "$dir"
-  $py "$@" --out "$dir" | grep -E "^(step 0|done|target|error)" || true
-  [ -f "$dir/ckpt" ] && touch "$dir/done"
+  rm -rf "$dir" && mkdir -p "$dir"
+  if ! $py "$@" --out "$dir" > "$dir/stdout.log" 2>&1; then
+    tail -n 3 "$dir/stdout.log"; echo "run.sh: $dir failed; see $dir/stdout.log" >&2; exit 1
+  fi
+  grep -E "^(step 0:|done:|target loss)" "$dir/stdout.log" || true
+  touch "$dir/done"
 }
 
 best_lr() {  # best_lr DIR...: the --lr of the run with the lowest final validation loss
@@ -87,7 +90,7 @@ plan() {  # plan SIZE DATA K START_STEPS START_LR FIG1_BASE FIG1_GN FIG1_LW SWEE
     local steps=$(( budget / b ))
     run "$out/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --steps "$steps" --lr "$lr_adamw" $W
     run "$out/fig2/soap_b$b" soap.py $S --grad-accum "$b" --steps "$steps" --lr "$lr_soap" $W
-    run "$out/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" --steps "$steps" --eval-every 1
+    run "$out/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" --steps "$steps" --eval-every 1 $FIG2_GN
   done
   # 6. ablations of GN (fig1's gn_full is the reference)
   mkdir -p "$out/ablations" && rm -rf "$out/ablations/gn_full" && cp -r "$out/fig1/gn_full" "$out/ablations/gn_full"
@@ -108,11 +111,12 @@ case "$mode" in
     done ;;
   quick)
     SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.005 0.01 0.02" SWEEP_SOAP="1e-3 3e-3 1e-2"
+    FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 8 micro-batches of 32 x 128 (32k tokens) per step; budget 64 micro-batches
-    time plan small "${DATA:-bbc}" 8 150 3e-3 24 12 5 4 64 "2 8 32" ;;
+    time plan small "${DATA:-bbc}" 8 150 3e-3 20 10 5 3 64 "2 8 32" ;;
   full)
     size=${SIZE:-45m}
-    SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_SOAP="0.001 0.003 0.01"
+    SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_SOAP="0.001 0.003 0.01" FIG2_GN=""
     # the paper: 32 x 1024 micro-batches, 122 per step (~4M tokens), 1000 start steps
     cat <<EOF
 full plan at $size: about 1000 start steps + 9 x 10 sweep steps + 3 x 227 baseline steps + 3 x 227 GN
