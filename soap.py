@@ -9,6 +9,8 @@ clipped mean gradient G (SOAP Algorithm 3, reference nikhilvyas/SOAP soap.py):
     every f steps: Q <- QR(L Q_sorted) (one power iteration), with V re-sorted to match
 The first step only builds L, R and Q = eigh(L), eigh(R) and moves nothing. Sides longer than
 max_precond_dim (10000: the vocab side of wte and lm_head) stay unrotated; 1-D parameters get AdamW.
+The CPU presets lower max_precond_dim below their vocab (8192 and 512) so that, as in the paper,
+the vocab side stays unrotated (an 8192 x 8192 eigenbasis would also dominate the step's cost).
 Defaults: the authors' SOAP factory (b1 0.9, b2 0.95, f 10, eps 1e-8, wd 0, clip 1); the paper's
 tuned SOAP lr is in its Appendix G, which we could not read: lr 3e-3 is the SOAP reference default.
 
@@ -50,7 +52,9 @@ def parse(argv=None):
     p.flag("--b2", 0.95, "beta2 (SOAP and AdamW; also SOAP's preconditioner beta)", type=data.unit_float)
     p.flag("--eps", 1e-8, "epsilon", type=data.pos_float)
     p.flag("--precondition-frequency", 10, "f: steps between eigenbasis refreshes", type=data.pos_int)
-    p.flag("--max-precond-dim", 10000, "sides longer than this are not rotated", type=data.pos_int)
+    p.flag("--max-precond-dim", 10000, "sides longer than this are not rotated (CPU presets keep "
+           "the vocab side unrotated, as V = 32000 > 10000 does at the paper's sizes)",
+           {"small": 4096, "tiny": 256}, type=data.pos_int)
     return data.parse_common(p, argv, "soap")
 
 
