@@ -98,7 +98,7 @@ def figures23(results, target):
         if reach:
             a3.plot(*zip(*reach), "-o", label=method, color=COLORS.get(method))
     a2.set_title("Figure 2: final validation loss at a fixed token budget")
-    a3.set_title(f"Figure 3: steps to validation loss {target:.3f} (AdamW's fig-2 loss at its middle batch)")
+    a3.set_title(f"Figure 3: steps to validation loss {target:.3f}\n(AdamW's fig-2 loss at its middle batch)")
     for ax, yl in ((a2, "final validation loss"), (a3, "steps to target")):
         ax.set_xscale("log")
         ax.set_xlabel("batch size (tokens per optimizer / outer step)")
