@@ -1113,7 +1113,7 @@ def test_prox_linear_matches_gn_model_to_second_order():
     scaled = lambda e: jax.tree.map(lambda a: e * a, D)
     prox = lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO)
     quad = lambda e: gn_full.quad_model_grad(p, scaled(e), b, MICRO)
-    (l0, p0, gp), (l1, dq0, gq) = prox(0.0), quad(0.0)
+    (_, p0, gp), (l1, dq0, gq) = prox(0.0), quad(0.0)
     np.testing.assert_allclose(p0, l1 + dq0, rtol=1e-6)
     flatg = lambda g: np.asarray(jax.flatten_util.ravel_pytree(g)[0])
     np.testing.assert_allclose(flatg(gp), flatg(gq), rtol=1e-4, atol=1e-7)
