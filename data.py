@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tiktoken
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
@@ -312,7 +313,12 @@ def load_tokens(data, split, vocab, cache_dir=None, log=print):
     """The split's token stream (uint16/uint32 memmap), tokenised once and cached."""
     name, fp, docs = resolve_source(data)
     cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if os.path.isfile(cache_dir) else e.strerror
+        raise UserError(f"cannot use {cache_dir} as the token cache ({why}); pass --cache-dir a "
+                        "writable directory") from None
     key = hashlib.sha1(fp.encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{name}-{key}-{split}-V{vocab}.bin")
     want = {"magic": CACHE_MAGIC, "tokenizer": "gpt2-bpe", "vocab": vocab, "source": fp, "split": split}
@@ -349,6 +355,9 @@ def load_tokens(data, split, vocab, cache_dir=None, log=print):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a reader sees the old file or the complete new one
+    except OSError as e:
+        raise UserError(f"cannot write the token cache {path} ({e.strerror}); pass --cache-dir a "
+                        "writable directory with free space") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -422,6 +431,47 @@ def shard_batch(batch, mesh, batch_axis=0):
 
 def replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def state_sharding(tree, mesh, fsdp):
+    """Where each leaf of a training state lives: replicated, or with --fsdp split over "data"
+    along its largest dimension that the device count divides (params, optimizer moments and CG
+    vectors alike; a leaf that no dimension divides, e.g. a step count, stays replicated)."""
+    n = mesh.size
+
+    def one(x):
+        dims = [i for i in np.argsort(x.shape, kind="stable")[::-1] if x.shape[i] % n == 0]
+        if not fsdp or not dims or n == 1:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*["data" if i == dims[0] else None for i in range(len(x.shape))]))
+    return jax.tree.map(one, tree)
+
+
+def to_host(x):
+    """A numpy copy of a (possibly sharded, possibly multi-process) array. Under jax.distributed
+    with --fsdp this is a collective: every process must call it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def init_distributed(flag):
+    """jax.distributed.initialize, before any device is touched: with --distributed, or when
+    JAX_COORDINATOR_ADDRESS is set. JAX_NUM_PROCESSES and JAX_PROCESS_ID give the rest; without
+    them JAX detects SLURM, Open MPI, Kubernetes and Cloud TPU itself. CPU processes use gloo."""
+    env = os.environ
+    if not (flag or env.get("JAX_COORDINATOR_ADDRESS")) or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        kw = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                          ("process_id", "JAX_PROCESS_ID")) if env.get(v)}
+        jax.distributed.initialize(**kw)
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+        raise UserError(f"jax.distributed.initialize failed ({first}); set JAX_COORDINATOR_ADDRESS="
+                        "host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or launch under SLURM or "
+                        "mpirun") from None
 
 
 # ============================================================================ CLI
@@ -515,6 +565,13 @@ def common_flags(parser, d):
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
     f("--cache-dir", "", "token cache directory (default $FULLGN_CACHE or ~/.cache/full-gn)", type=str)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard params, optimizer state and CG vectors over the devices (each "
+                             "leaf along one dimension) instead of replicating them")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one process per host (or GPU): call jax.distributed.initialize, "
+                             "configured by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID or by SLURM/mpirun (implied by JAX_COORDINATOR_ADDRESS)")
     f("--stop-at", 0, "checkpoint and stop after this step, as an interruption would (to split a "
       "long run into jobs; continue with --resume). 0: run to --steps", type=nonneg_int)
 
@@ -600,6 +657,7 @@ def parse_common(parser, argv, method):
     args = parser.parse(argv)
     args.method = method
     args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
+    init_distributed(args.distributed)
     n = jax.device_count()
     if args.batch_size % (n * args.split) or args.eval_batch_size % n:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by --split {args.split} "
@@ -612,13 +670,16 @@ def parse_common(parser, argv, method):
 CKPT_MAGIC = b"FULLGN-CKPT-1\n"
 
 
-def save_checkpoint(path, state, meta):
+def save_checkpoint(path, state, meta, write=True):
     """Atomically write state (a dict of pytrees of arrays) and meta (JSON), with a sha256 checksum
-    of the payload. The previous checkpoint is kept as path + '.prev'."""
+    of the payload. The previous checkpoint is kept as path + '.prev'. Under jax.distributed every
+    process calls this (sharded leaves are gathered) and only the one with write=True writes."""
     arrays, treedefs = {}, {}
     for key, tree in state.items():
         leaves, treedefs[key] = jax.tree.flatten(tree)
-        arrays.update({f"{key}/{i}": np.asarray(jax.device_get(x)) for i, x in enumerate(leaves)})
+        arrays.update({f"{key}/{i}": to_host(x) for i, x in enumerate(leaves)})
+    if not write:
+        return
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     payload = buf.getvalue()
@@ -629,8 +690,12 @@ def save_checkpoint(path, state, meta):
         f.write(CKPT_MAGIC + len(head).to_bytes(8, "little") + head + payload)
         f.flush()
         os.fsync(f.fileno())
-    if os.path.exists(path):
-        os.replace(path, path + ".prev")
+    if os.path.exists(path):   # path stays in place throughout: a kill here loses nothing
+        try:
+            os.link(path, tmp + ".prev")
+        except OSError:            # a filesystem without hard links
+            shutil.copyfile(path, tmp + ".prev")
+        os.replace(tmp + ".prev", path + ".prev")
     os.replace(tmp, path)
 
 
@@ -673,6 +738,8 @@ def load_checkpoint(path, template, keys=None):
 
 
 # ============================================================================ runs
+
+all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
 
 _progress = {"t": 0.0, "line": ""}
 
@@ -741,8 +808,10 @@ class Run:
                     lambda: model.init_params(self.cfg, jax.random.key(0)))),
                 "tokens_per_micro_batch": self.tokens_per_micro, "versions": vs,
                 "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(), **extra}
-        with open(os.path.join(self.args.out, "config.json"), "w") as f:
+        path = os.path.join(self.args.out, "config.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(conf, f, indent=1)
+        os.replace(path + ".tmp", path)
 
     def train(self, state, step_fn, micro_per_step, extra_config=None):
         """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
@@ -769,16 +838,29 @@ class Run:
             self.log(f"resumed {self.ckpt} at step {step}")
         elif self.is_main:
             self.write_config(extra_config or {})
-        state = replicate(state, self.mesh)  # one placement for every leaf: no retrace at step 2
+        # one placement for every leaf, kept by the step's out_shardings: no retrace at step 2
+        where = state_sharding(state, self.mesh, args.fsdp)
+        state = jax.device_put(state, where)
+        step_fn = jax.jit(step_fn, out_shardings=(where, NamedSharding(self.mesh, P())))
         saved = step if args.resume else None
 
         def save():
             nonlocal saved
-            if self.is_main:
-                save_checkpoint(self.ckpt, state, {"method": args.method, "size": args.size,
-                                                   "step": step, "pos": pos, "tokens": tokens,
-                                                   "elapsed": elapsed})
+            if not all_finite(state["params"]):
+                raise UserError(f"the params are not finite after step {step}; last good "
+                                f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
+            save_checkpoint(self.ckpt, state, {"method": args.method, "size": args.size, "step": step,
+                                               "pos": pos, "tokens": tokens, "elapsed": elapsed},
+                            write=self.is_main)
             saved = step
+
+        def last_good():
+            return f"{self.ckpt} (step {saved})" if saved is not None else "none was written"
+
+        def agreed(flag):   # true on every process if true on one: a save is a collective
+            if jax.process_count() == 1:
+                return flag
+            return bool(multihost_utils.process_allgather(np.array(flag)).any())
 
         interrupted = []
 
@@ -796,7 +878,7 @@ class Run:
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
             stop = lambda: bool(interrupted) or step == args.stop_at > 0
-            while step < args.steps and not stop():
+            while step < args.steps and not agreed(stop()):
                 batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
                 _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0)
@@ -806,9 +888,8 @@ class Run:
                 step, pos, elapsed = step + 1, pos + micro_per_step, elapsed + dt
                 tokens += micro_per_step * self.tokens_per_micro
                 if not math.isfinite(m["train_loss"]):
-                    last = f"{self.ckpt} (step {saved})" if saved is not None else "none was written"
                     raise UserError(f"train loss is {m['train_loss']} at step {step}; last good "
-                                    f"checkpoint: {last}; lower --lr and rerun with --resume")
+                                    f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
                 row = {"step": step, "tokens": tokens, **m, "step_time": dt,
                        "tokens_per_s": micro_per_step * self.tokens_per_micro / dt, "elapsed": elapsed}
                 evaluated = step % args.eval_every == 0 or step == args.steps
@@ -823,13 +904,13 @@ class Run:
                          + (f" | val {val_loss:.4f}" if evaluated else "")
                          + f" | {row['tokens_per_s']:,.0f} tok/s | {dt:.2f}s/step | ETA {eta / 60:.1f} min")
                 done = evaluated and args.target_loss and val_loss <= args.target_loss
-                if evaluated or done or step == args.steps or time.time() - t_save > 600:
+                if evaluated or done or step == args.steps or agreed(time.time() - t_save > 600):
                     save()
                     t_save = time.time()
                 if done:
                     self.log(f"target loss {args.target_loss} reached at step {step}")
                     break
-            if stop():
+            if agreed(stop()):
                 save()
                 self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; continue with --resume")
         finally:

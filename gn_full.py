@@ -252,6 +252,10 @@ def make_step(args, cfg, opt):
         if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
             loss, g = model.mean_loss_and_grad(theta, outer, cfg, args.split)
         A = lambda v: axpy(lam, v, Gv(v))
+        if args.fsdp:   # keep g and the CG vectors split like the params, not replicated
+            shard = lambda t: jax.lax.with_sharding_constraint(
+                t, data.state_sharding(t, data.make_mesh(), True))
+            g, A = shard(g), (lambda v: shard(axpy(lam, v, Gv(v))))
         x0 = jax.tree.map(lambda a: 0.95 * a, state["delta"])             # Martens' warm start
         delta, info = cg(A, jax.tree.map(jnp.negative, g), x0, args.cg_iters, store_at=store_at)
         gd, dd = tdot(g, delta), tdot(delta, delta)

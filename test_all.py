@@ -9,10 +9,14 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -44,11 +48,13 @@ def _cache(tmp_path_factory, monkeypatch):
 COMPILE_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "full-gn-test-jax-cache")
 
 
+JAX_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def run_script(*argv, env=None, timeout=300):
     """Run a script in a subprocess; (returncode, stdout, stderr). Subprocesses share a persistent
     compilation cache, so a resumed run does not compile its step again."""
-    e = {**os.environ, "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+    e = {**os.environ, **JAX_CACHE_ENV, **(env or {})}
     p = subprocess.run([sys.executable, *argv], cwd=HERE, env=e, capture_output=True, text=True,
                        timeout=timeout)
     return p.returncode, p.stdout, p.stderr
@@ -544,29 +550,67 @@ def losses(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def check_run_and_resume(script, tmp_path, *extra):
-    """A tiny run lowers the validation loss, and stopping after step 2 then --resume to step 4
-    gives exactly the metrics of the uninterrupted run."""
-    base = [script, "--size", "tiny", "--steps", "4", "--eval-every", "2", *extra]
+def start_script(*argv):
+    return subprocess.Popen([sys.executable, *argv], cwd=HERE, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **JAX_CACHE_ENV})
+
+
+def interrupt_run(argv, out, sig):
+    """Run a script and send it `sig` as soon as its first checkpoint exists. Returns
+    (returncode, stdout, stderr, step of the checkpoint left)."""
+    p = start_script(*argv, "--out", str(out))
+    ckpt, t0 = os.path.join(out, "ckpt"), time.time()
+    while not os.path.exists(ckpt) and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.005)
+    p.send_signal(sig)
+    o, e = p.communicate(timeout=300)
+    return p.returncode, o, e, data._read_checkpoint(ckpt)[0]["meta"]["step"]
+
+
+def check_run_and_resume(script, tmp_path, *extra, steps=12):
+    """A tiny run lowers the validation loss. The same run killed with SIGKILL midway (after its
+    first checkpoint, at step 2), then resumed with --resume, ends with exactly the metrics of the
+    uninterrupted run."""
+    base = [script, "--size", "tiny", "--steps", str(steps), "--eval-every", "2", *extra]
     rc, out, err = run_script(*base, "--out", str(tmp_path / "full"))
     assert rc == 0, err
     full = read_metrics(tmp_path / "full")
     assert full[-1]["val_loss"] < full[0]["val_loss"], full
-    assert [r["step"] for r in full] == [0, 1, 2, 3, 4] and full[-1]["tokens"] > 0
+    assert [r["step"] for r in full] == list(range(steps + 1)) and full[-1]["tokens"] > 0
     cfg = json.load(open(tmp_path / "full" / "config.json"))
     assert cfg["params"] == model.param_count(tiny_params()) and cfg["versions"]["jax"]
-    rc, _, err = run_script(*base, "--stop-at", "2", "--out", str(tmp_path / "cut"))
-    assert rc == 0 and len(read_metrics(tmp_path / "cut")) == 3, err
+    rc, _, err, at = interrupt_run(base, tmp_path / "cut", signal.SIGKILL)
+    assert rc == -signal.SIGKILL and 2 <= at < steps, (rc, at, err)    # killed midway
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "train_lo')                   # a row cut short by a kill
+        f.write('{"step": 99, "train_lo')                  # a row cut short by the kill
     rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume")
-    assert rc == 0 and "resumed" in out, err
+    assert rc == 0 and f"resumed {tmp_path / 'cut' / 'ckpt'} at step {at}" in out, err
     assert losses(read_metrics(tmp_path / "cut")) == losses(full)
     return full
 
 
 def test_adamw_run_and_exact_resume(tmp_path):
-    check_run_and_resume("adamw.py", tmp_path)
+    full = check_run_and_resume("adamw.py", tmp_path)
+    # SIGINT: checkpoint after the current step and exit cleanly; then resume in two jobs
+    base = ["adamw.py", "--size", "tiny", "--steps", "12", "--eval-every", "2"]
+    rc, out, err, at = interrupt_run(base, tmp_path / "int", signal.SIGINT)
+    assert rc == 0 and f"interrupted: checkpoint {tmp_path / 'int' / 'ckpt'} at step {at}" in out, err
+    assert 2 <= at < 12 and len(read_metrics(tmp_path / "int")) == at + 1
+    for stop in ("8", "0"):
+        rc, out, err = run_script(*base, "--out", str(tmp_path / "int"), "--resume", "--stop-at", stop)
+        assert rc == 0, err
+    assert losses(read_metrics(tmp_path / "int")) == losses(full)
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
+    base = ["adamw.py", "--size", "tiny", "--eval-every", "2", "--out", str(tmp_path / "o")]
+    rc, _, err = run_script(*base, "--steps", "2")
+    assert rc == 0, err
+    before = open(tmp_path / "o" / "ckpt", "rb").read()
+    rc, _, err = run_script(*base, "--steps", "6", "--resume", "--lr", "1e37")   # blows up
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"train loss is nan at step \d; last good checkpoint: .*ckpt \(step 2\)", err), err
+    assert open(tmp_path / "o" / "ckpt", "rb").read() == before       # the good one is untouched
 
 
 # ============================================================================ muon.py
@@ -1065,7 +1109,7 @@ def test_gn_step_same_on_1_and_4_devices(solver, tmp_path):
 @pytest.mark.parametrize("solver", ["inner", "cg"])
 def test_gn_full_run_and_exact_resume(solver, tmp_path):
     extra = ["--measure-exactness"] if solver == "inner" else ["--lam-rule", "lm-rayleigh"]
-    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver, *extra)
+    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver, *extra, steps=6)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
     if solver == "inner":      # the inner solver's model decrease is a fraction of the exact one
@@ -1188,3 +1232,144 @@ def test_gn_layerwise_run_and_exact_resume(objective, tmp_path):
     rows = check_run_and_resume("gn_layerwise.py", tmp_path, "--objective", objective)
     K = TINY.n_layers + 2
     assert rows[1]["jvp_passes"] == K * 2 and rows[1]["tokens"] == 3 * 8 * 16
+
+
+# ============================================================================ scale-out and robustness
+
+DIST_DRIVER = r"""
+import sys, adamw, gn_full
+for name, mod, extra in [("adamw", adamw, []), ("inner", gn_full, ["--solver", "inner"]),
+                         ("cg", gn_full, ["--solver", "cg"])]:
+    mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/{name}",
+              *extra, *sys.argv[2:]])
+"""
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    """jax.distributed on localhost: two CPU processes (one device each, gloo collectives), each
+    loading its own half of every batch, against one process with the whole batch."""
+    rc, _, err = run_script("-c", DIST_DRIVER, str(tmp_path / "one"))
+    assert rc == 0, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_DRIVER, str(tmp_path / "two"), "--distributed"],
+                              cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "step 2/2" in outs[0][0] and "step" not in outs[1][0]         # process 0 logs alone
+    for name in ("adamw", "inner", "cg"):
+        assert json.load(open(tmp_path / "two" / name / "config.json"))["processes"] == 2
+        one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / "two" / name)
+        assert [r["step"] for r in two] == [0, 1, 2]
+        for key in ("train_loss", "val_loss"):
+            a = [r[key] for r in one if key in r]
+            np.testing.assert_allclose([r[key] for r in two if key in r], a, rtol=2e-5, err_msg=name)
+
+
+FSDP_DRIVER = r"""
+import sys, jax, jax.flatten_util, numpy as np, data, adamw, gn_full
+states = []
+train = data.Run.train
+data.Run.train = lambda self, *a, **k: states.append(train(self, *a, **k)) or states[-1]
+for name, mod, extra in [("adamw", adamw, []), ("inner", gn_full, ["--solver", "inner"]),
+                         ("cg", gn_full, ["--solver", "cg"])]:
+    for fsdp in ([], ["--fsdp"]):
+        mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "2", "--out",
+                  f"{sys.argv[1]}/{name}{len(fsdp)}", *extra, *fsdp])
+    rep, sh = (np.asarray(jax.flatten_util.ravel_pytree(s["params"])[0]) for s in states[-2:])
+    leaves = [x for x in jax.tree.leaves(states[-1]) if any(d % 4 == 0 for d in x.shape)]
+    split = sum(x.addressable_shards[0].data.size * 4 == x.size for x in leaves)
+    print("FSDP", name, np.abs(rep - sh).max() / np.abs(rep).max(), split, len(leaves),
+          sorted(states[-1]), flush=True)
+"""
+
+
+def test_fsdp_gives_the_replicated_step_on_4_devices(tmp_path):
+    rc, out, err = run_script("-c", FSDP_DRIVER, str(tmp_path),
+                              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert rc == 0, err
+    rows = [line.split(maxsplit=5)[1:] for line in out.splitlines() if line.startswith("FSDP ")]
+    assert [r[0] for r in rows] == ["adamw", "inner", "cg"], out
+    for name, rel, split, n, keys in rows:
+        assert float(rel) <= 1e-5, (name, rel)                # the same two steps
+        assert int(split) == int(n) > 0, (name, split, n)     # every splittable leaf is split in 4
+    assert "'delta'" in rows[2][4] and "'opt'" in rows[0][4]   # CG vectors and Adam moments too
+
+
+BAD_DRIVER = r"""
+import contextlib, io, json, os, shutil, sys, traceback, jax, data, model
+import adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear
+tmp = sys.argv[1]
+other = {"params": model.init_params(model.dataclasses.replace(model.CONFIGS["tiny"], d=16), jax.random.key(0))}
+data.save_checkpoint(f"{tmp}/other.ckpt", other, {"method": "adamw", "size": "tiny"})
+open(f"{tmp}/a-file", "w").write("not a directory")
+CASES = [  # (name, argv, what the one line must say)
+    ("unknown flag", ["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ("negative steps", ["--steps", "-1"], "'-1' must be a positive integer"),
+    ("zero batch", ["--batch-size", "0"], "'0' must be a positive integer"),
+    ("batch not divisible by 4 devices", ["--batch-size", "6"], "must be divisible by"),
+    ("negative lr", ["--lr", "-1"], "must be a positive number"),
+    ("unknown size", ["--size", "huge"], "invalid choice: 'huge'"),
+    ("unknown solver", ["--solver", "newton"], "newton"),
+    ("missing data directory", ["--data", f"{tmp}/no-such-dir"], "no such directory"),
+    ("cache dir is a file", ["--cache-dir", f"{tmp}/a-file"], "a file is in the way"),
+    ("init from another config", ["--init-from", f"{tmp}/other.ckpt"], "does not match this run's params"),
+    ("resume another config's checkpoint", ["--resume"], "does not match this run's"),
+    ("resume a truncated checkpoint", ["--resume"], "corrupt or truncated"),
+    ("resume with no checkpoint", ["--resume"], "no checkpoint in"),
+    ("out already holds a run", [], "already holds a run"),
+    ("--distributed with no coordinator", ["--distributed"], "jax.distributed.initialize failed"),
+]
+for mod in (adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear):
+    for i, (name, argv, needle) in enumerate(CASES):
+        out = f"{tmp}/{mod.__name__}-{i}"
+        os.makedirs(out)
+        if "another config's" in name:
+            shutil.copy(f"{tmp}/other.ckpt", f"{out}/ckpt")
+        if "truncated" in name:
+            open(f"{out}/ckpt", "wb").write(open(f"{tmp}/other.ckpt", "rb").read()[:-100])
+        if "already holds" in name:
+            open(f"{out}/metrics.jsonl", "w").write('{"step": 0}\n')
+        before = {f: open(f"{out}/{f}", "rb").read() for f in os.listdir(out)}
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                data.main_guard(lambda: mod.main(["--size", "tiny", "--out", out, *argv]))
+                rc = 0
+            except SystemExit as e:
+                rc = e.code
+            except BaseException:
+                rc, _ = "exception", traceback.print_exc()
+        after = {f: open(f"{out}/{f}", "rb").read() for f in before}
+        print(json.dumps({"script": mod.__name__, "case": name, "needle": needle, "rc": rc,
+                          "err": err.getvalue(), "kept": before == after}), flush=True)
+"""
+
+
+def test_bad_input_table_for_every_script(tmp_path):
+    """Every script, every bad input: exit code 2, one line naming the problem, no traceback, and
+    the files already in --out untouched. Run with 4 devices, in one process."""
+    rc, out, err = run_script("-c", BAD_DRIVER, str(tmp_path),
+                              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 6 * 15
+    bad = [r for r in rows if not (r["rc"] == 2 and r["needle"] in r["err"] and r["kept"]
+                                   and len(r["err"].strip().splitlines()) == 1)]
+    assert not bad, bad[:3]
+
+
+def test_bad_input_exit_code_of_a_real_process(tmp_path):
+    for argv, needle in ((["--solver", "newton"], "invalid choice: 'newton'"),
+                         (["--distributed"], "coordinator_address should be defined")):
+        rc, out, err = run_script("gn_full.py", "--size", "tiny", *argv)
+        assert rc == 2 and needle in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
