@@ -18,7 +18,14 @@ Documents of bbc and .txt sources are split 95/5 into train/validation after a s
 
 Run plumbing (below the data): the shared CLI flags, the device mesh, config.json and
 metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with eval, resume,
-target-loss stop and the NaN guard. Every method script calls `train_loop` with its own step.
+target-loss stop and the NaN guard. Every method script calls `Run.train` with its own step.
+
+Devices (seed-repo.md §7): one mesh axis, "data", over every device of every process; batches
+are split on it by rows. The authors' default mesh put all devices on an fsdp axis with
+per-name partition rules; here the state is replicated unless --fsdp, which splits each leaf
+along its largest dimension that the device count divides (one rule for params, optimizer
+state and CG vectors alike). Under jax.distributed (--distributed) each process reads only its
+own rows, and process 0 alone writes.
 """
 import argparse
 import dataclasses
