@@ -103,16 +103,30 @@ def ce_hvp_logits(p_BTV, u_BTV, N):
     return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / N
 
 
-def gn_model(params, batch, cfg):
+def gn_model(params, batch, cfg, split=1):
     """Linearise f once at params on a batch of (B, T) or stacked (K, B, T) micro-batches.
-    Returns loss l(z0), the gradient g = J^T dl/dz, and v -> G v reusing the linearisation."""
+    Returns loss l(z0), the gradient g = J^T dl/dz, and v -> G v reusing the linearisation.
+    split > 1 bounds memory instead: the linearisation of every micro-batch's residuals is not
+    kept but recomputed chunk by chunk (`split` chunks of rows) inside each product, one more
+    forward pass per micro-batch and product."""
     x, y = batch["inputs"], batch["targets"]
     if x.ndim == 2:
         x, y = x[None], y[None]
+    N = y.size
+    if split > 1:
+        loss, g = model.mean_loss_and_grad(params, {"inputs": x, "targets": y}, cfg, split)
+        xs, ys = model.split_micro(x, split), model.split_micro(y, split)
+
+        def Gv(v):
+            def chunk(acc, xy):
+                z0, jvp = jax.linearize(lambda p: model.forward(p, xy[0], cfg), params)
+                w = ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), N)
+                return axpy(1.0, jax.linear_transpose(jvp, params)(w)[0], acc), None
+            return jax.lax.scan(chunk, jax.tree.map(jnp.zeros_like, v), (xs, ys))[0]
+        return loss, g, Gv
     f = lambda p: jax.lax.map(lambda xk: model.forward(p, xk, cfg), x)
     z0, jvp = jax.linearize(f, params)                     # z0: (K, B, T, V)
     vjp = jax.linear_transpose(jvp, params)
-    N = y.size
     p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
     g = vjp(ce_grad_logits(p0, y, N))[0]
     Gv = lambda v: vjp(ce_hvp_logits(p0, jvp(v), N))[0]
@@ -248,7 +262,7 @@ def make_step(args, cfg, opt):
         outer = jax.tree.map(lambda a: a[:N], batches)
         ls = jax.tree.map(lambda a: a[N:], batches)
         Kc = args.curvature_batches or N
-        loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg)
+        loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg, args.split)
         if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
             loss, g = model.mean_loss_and_grad(theta, outer, cfg, args.split)
         A = lambda v: axpy(lam, v, Gv(v))
@@ -298,7 +312,9 @@ def make_step(args, cfg, opt):
         n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid, f(0), f(delta), back
         grad_passes = N if Kc < N else 0
         products = info["iters"] + (args.lam_rule == "lm-rayleigh")          # G v products
-        return new, m, (Kc + grad_passes + n_ls_fwd, products * Kc, (grad_passes or Kc) + products * Kc)
+        refwd = products * Kc if args.split > 1 else 0                       # re-linearisations
+        return new, m, (Kc + grad_passes + n_ls_fwd + refwd, products * Kc,
+                        (grad_passes or Kc) + products * Kc)
 
     solve = inner_step if args.solver == "inner" else cg_step
 
@@ -326,6 +342,9 @@ def main(argv=None):
         state = {"params": params, "inner": params, "opt": opt.init(params)}
     else:
         opt = None
+        if args.split > 1:
+            run.log(f"cg: --split {args.split}: each G v product re-linearises the curvature "
+                    "batches chunk by chunk (one more forward per product; memory of one chunk)")
         state = {"params": params, "lam": jnp.float32(args.lam),
                  "delta": jax.tree.map(jnp.zeros_like, params)}
     if args.ema:

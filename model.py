@@ -158,6 +158,12 @@ def split_rows(x_BT, split):
     return x_BT.reshape(x_BT.shape[0] // split, split, *x_BT.shape[1:]).swapaxes(0, 1)
 
 
+def split_micro(x_KBT, split):
+    """(K, B, ...) stacked micro-batches -> (K * split, B/split, ...) chunks, by split_rows."""
+    K, B = x_KBT.shape[:2]
+    return jax.vmap(lambda x: split_rows(x, split))(x_KBT).reshape(K * split, B // split, *x_KBT.shape[2:])
+
+
 def mean_loss(params, batch, cfg: Config, split=1):
     """loss_fn computed in `split` equal chunks of rows: the same mean, less memory."""
     chunks = jax.tree.map(lambda a: split_rows(a, split), batch)
@@ -183,8 +189,7 @@ def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
     """Mean loss and gradient over K stacked micro-batches (K, B, T), each in `split` chunks,
     accumulated by lax.scan: memory is that of one chunk. on_micro(i, K) is a progress hook."""
     K = batches["inputs"].shape[0]
-    chunks = jax.tree.map(lambda a: jax.vmap(lambda x: split_rows(x, split))(a).reshape(
-        K * split, a.shape[1] // split, *a.shape[2:]), batches)
+    chunks = jax.tree.map(lambda a: split_micro(a, split), batches)
 
     def micro(acc, xs):
         i, b = xs

@@ -980,6 +980,11 @@ def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
         got = jax.flatten_util.ravel_pytree(gn_full.ggn_vp(p, b, unravel(jnp.array(v, jnp.float32)), MICRO))[0]
         want = G @ v
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    for split in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
+        v = rng.normal(size=flat.size)
+        got = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO, split)[2](
+            unravel(jnp.array(v, jnp.float32))))[0]
+        assert np.linalg.norm(got - G @ v) / np.linalg.norm(G @ v) < 1e-5
     _, _, Gv = gn_full.gn_model(p, b, MICRO)
     u, v = [unravel(jnp.array(rng.normal(size=flat.size), jnp.float32)) for _ in range(2)]
     uGv, vGu = float(gn_full.tdot(u, Gv(v))), float(gn_full.tdot(v, Gu := Gv(u)))
@@ -987,10 +992,11 @@ def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
     assert abs(uGv - vGu) < 1e-5 * scale                                    # fp32 round-off
     assert float(gn_full.tdot(u, Gu)) >= 0 and float(gn_full.tdot(v, Gv(v))) >= 0
     assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
-    # the gradient from the same linearisation is the true gradient
-    g = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO)[1])[0]
+    # the gradient from the same linearisation (or the chunked form) is the true gradient
     want_g = jax.flatten_util.ravel_pytree(jax.grad(model.loss_fn)(p, b, MICRO))[0]
-    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+    for split in (1, 2):
+        g = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO, split)[1])[0]
+        np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
 
 
 def test_cg_solves_random_spd_system():
