@@ -27,6 +27,12 @@ Model flops per token: fp32 matmuls, 2 per multiply-add (not norms, softmax, gel
 (4 d^2 + 2 d d_ff) + d V matmul parameters (wte is a gather), training costs 6 N + 6 L T d, the
 last term QK^T and AV forward and backward over the causal half of the scores. XLA computes the
 whole masked square, 6 N + 12 L T d: we count the useful flops, as MFU does.
+
+Page faults: glibc's malloc maps every buffer over 32 MB afresh on each call, and the kernel
+zeroes its pages, so kernel time is a large share of CPU time here. Measured on small: with
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4) the
+gradient is 30% faster and the inner step 23% (45m fwd+bwd: 20%); neither jemalloc nor glibc's
+tunables (mmap_threshold; hugetlb helps the gradient only) do as well.
 """
 import argparse
 import contextlib
@@ -70,18 +76,20 @@ def say(msg):
 
 
 def rounds(fns, repeats):
-    """Median wall and process-CPU seconds of each zero-argument call over interleaved rounds."""
+    """Median wall, process-CPU and kernel (sys) seconds of each zero-argument call, over
+    interleaved rounds."""
     for f in fns.values():
         jax.block_until_ready(f())                        # compile and warm up
-    wall, cpu = ({k: [] for k in fns} for _ in range(2))
+    wall, cpu, kernel = ({k: [] for k in fns} for _ in range(3))
     for r in range(repeats):
         say(f"  round {r + 1}/{repeats}")
         for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system   # k0: 10 ms ticks
             jax.block_until_ready(f())
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    return ({k: statistics.median(v) for k, v in ts.items()} for ts in (wall, cpu))
+            kernel[k].append(os.times().system - k0)
+    return ({k: statistics.median(v) for k, v in ts.items()} for ts in (wall, cpu, kernel))
 
 
 def train_flops(cfg):
@@ -182,7 +190,7 @@ def blocks(a):
 
     peak, peak_flops = matmul_peak()
     say(f"blocks: compiling, then {a.repeats} rounds")
-    wall, cpu = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+    wall, cpu, kernel = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
                         "p1": lambda: products(params, b, v, 1), "p3": lambda: products(params, b, v, 3),
                         "cg1": lambda: cg(params, b, v, jnp.inf), "cg3": lambda: cg(params, b, v, 0.0),
                         "inner": lambda: inner(params, v, b), "fwd": lambda: fwd(params, b)}, a.repeats)
@@ -201,7 +209,9 @@ def blocks(a):
     peak_rate = peak_flops / wall["peak"]
     return lines + ["", f"Matmul peak (4096^2 fp32 jnp.dot, in the same rounds) {peak_rate / 1e9:.0f} "
                     f"GFLOP/s; the gradient's model flops ({train_flops(cfg) / 1e6:.2f} M per token) run "
-                    f"at {rate / 1e9:.1f} GFLOP/s = **{100 * rate / peak_rate:.0f}%** of it."]
+                    f"at {rate / 1e9:.1f} GFLOP/s = **{100 * rate / peak_rate:.0f}%** of it. The kernel takes "
+                    f"{100 * kernel['grad'] / cpu['grad']:.0f}% of the gradient's CPU time: page faults (see "
+                    "the docstring)."]
 
 
 def steps(a, names):
@@ -234,7 +244,7 @@ def steps(a, names):
             fns[name], info[name] = compiled_step(name, flags, a.batch_size, mesh)
     fns = {k: fns[k] for k in names}
     say(f"steps: timing {', '.join(names)}")
-    wall, cpu = rounds(fns, a.repeats)
+    wall, cpu, _ = rounds(fns, a.repeats)
     tokens = a.batch_size * cfg.seq_len
     return {k: info[k] | {"time": wall[k], "cpu": cpu[k], "tokens": info[k]["micro"] * tokens} for k in names}
 
@@ -307,9 +317,9 @@ def util45m(a):
     attn = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.attention(p, x, cfg), r), (0, 1)))
     peak, peak_flops = matmul_peak()
     say(f"util45m: 45m fwd+bwd on {B} x {T}, compiling, then {a.repeats} rounds")
-    t, _ = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+    t = next(rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
                    "blocks": lambda: blocks(params, b["inputs"]), "attn": lambda: attn(params["h"][0], h)},
-                  a.repeats)
+                    a.repeats))
     lines = [f"| 45m, {B} x {T} tokens | time (s) | model GFLOP/s | % of matmul peak |", "|---|---|---|---|",
              f"| matmul peak: 4096^2 fp32 jnp.dot | {t['peak']:.3f} | {peak_flops / t['peak'] / 1e9:.0f} "
              "| 100 |"]
