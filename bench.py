@@ -20,7 +20,8 @@ loop     adamw.main for 6 steps: its step_time and whole loop iteration against 
 scaling  adamw and gn_full steps on 1, 2 and 4 simulated CPU devices (subprocesses), placed as Run.
 util45m  45m forward+backward on --batch-45m x 1024, and its parts, against the matmul peak.
 memory   45m steps at the paper's 32 x 1024 micro-batch, one micro-batch per phase (CG with the
-         paper's 50 iterations), never run: XLA's memory analysis of the compiled step.
+         paper's 50 iterations), never run: XLA's memory analysis of the compiled step; the
+         smallest --split under --limit, and the largest micro-batch at --split 1.
 rss      one real execution of the 45m gn_full step of `memory` (a subprocess): its peak RSS.
 
 Model flops per token: fp32 matmuls, 2 per multiply-add (not norms, softmax, gelu). With N = L
@@ -423,8 +424,8 @@ def main(argv=None):
         p.error(f"unknown sections {unknown}")
     load = os.getloadavg()[0]
     out = [f"`python bench.py {' '.join(argv or [])}` on {jax.device_count()} {jax.devices()[0].platform} "
-           f"device(s), {os.cpu_count()} cores, jax {jax.__version__}; {a.size}, {a.batch_size} x "
-           f"{model.CONFIGS[a.size].seq_len} micro-batches"]
+           f"device(s), {os.cpu_count()} cores, jax {jax.__version__}; blocks, steps, loop and scaling on "
+           f"{a.size}, {a.batch_size} x {model.CONFIGS[a.size].seq_len} micro-batches"]
     for s in a.sections.split(","):
         say(f"section {s}")
         title, section = SECTIONS[s]
