@@ -1,92 +1,440 @@
-"""Speed of the GN building blocks, in units of one gradient, measured in one run.
+"""Speed and memory of every method, measured in one run; prints (and --out writes) markdown tables.
 
-    python bench.py --size small            # writes a markdown table to stdout (and --out)
+    python bench.py --size small                          # blocks, steps, loop, scaling: < 10 min
+    python bench.py --sections util45m,memory,rss         # the 45m sections: about 10 min
 
-Each timing is the median of --repeats calls of a jitted function after one warm-up call, on the
-same micro-batch. Ratios are what matter: absolute times on a shared machine are noisy.
-  gradient        jit(value_and_grad(l o f)) on one micro-batch             (the unit)
-  GGN-vp reused   one G v product with the linearisation reused, as CG reuses it:
-                  (time of linearise + 11 chained products - linearise + 1) / 10
-  inner step      Algorithm 1's inner gradient J^T (g0 + H0 J D) on a fresh micro-batch
-  line-search fwd one forward loss on one micro-batch
-  CG outer step   one gn_full --solver cg step (outer batch, CG, backtracking, line search)
+Absolute times on a shared machine are noisy; the ratios are what matter. Each table times its
+entries in interleaved rounds (one call of each per round, after a warm-up call; the median over
+--repeats rounds), so that a change of load hits every entry alike. Ratios of process CPU time are
+given beside them: CPU time barely moves when another job takes our cores (wall time doubles).
+
+blocks   GN building blocks on one micro-batch, in gradients (jit(value_and_grad(l o f))): a G v
+         product with the linearisation reused as CG reuses it, (linearise + 3 products - linearise
+         + 1) / 2; one gn_full.cg iteration likewise; the inner step gn_full.quad_model_grad.
+steps    each script's jitted step as its main() builds it (parse, state, make_step) with --micro
+         micro-batches per phase, chained on device-resident batches: compile time, time per call,
+         tokens/s of all it consumes (line search included), and time per token over a bare loop's
+         (jit(value_and_grad) per micro-batch, one jitted optax.adamw update): adamw does the same
+         work, so its excess is overhead.
+loop     adamw.main for 6 steps: its step_time and whole loop iteration against the tight loop.
+scaling  adamw and gn_full steps on 1, 2 and 4 simulated CPU devices (subprocesses), placed as Run.
+util45m  45m forward+backward on --batch-45m x 1024, and its parts, against the matmul peak.
+memory   45m steps at the paper's 32 x 1024 micro-batch, one micro-batch per phase (CG with the
+         paper's 50 iterations), never run: XLA's memory analysis of the compiled step; the
+         smallest --split under --limit, and the largest micro-batch at --split 1.
+rss      one real execution of the 45m gn_full step of `memory` (a subprocess): its peak RSS.
+
+Model flops per token: fp32 matmuls, 2 per multiply-add (not norms, softmax, gelu). With N = L
+(4 d^2 + 2 d d_ff) + d V matmul parameters (wte is a gather), training costs 6 N + 6 L T d, the
+last term QK^T and AV forward and backward over the causal half of the scores. XLA computes the
+whole masked square, 6 N + 12 L T d: we count the useful flops, as MFU does.
+
+Page faults: glibc's malloc maps every buffer over 32 MB afresh on each call, and the kernel
+zeroes its pages, so kernel time is a large share of CPU time here. Measured on small: with
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4) the
+gradient is 30% faster and the inner step 23% (45m fwd+bwd: 20%); neither jemalloc nor glibc's
+tunables (mmap_threshold; hugetlb helps the gradient only) do as well.
 """
 import argparse
+import contextlib
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+import adamw
 import data
 import gn_full
+import gn_layerwise
+import gn_proxlinear
 import model
+import muon
+import soap
+
+SCRIPTS = {  # step: (script, its flags; {K} micro-batches per phase, {cg} CG iterations)
+    "adamw": (adamw, "--grad-accum {K}"),
+    "muon": (muon, "--grad-accum {K}"),
+    "soap": (soap, "--grad-accum {K}"),
+    "gn_full": (gn_full, "--inner-steps {K} --ls-batches 1"),
+    "gn_full --solver cg": (gn_full, "--solver cg --inner-steps {K} --ls-batches 1 --cg-iters {cg}"),
+    "gn_layerwise": (gn_layerwise, "--inner-steps {K} --ls-batches 1"),
+    "gn_proxlinear": (gn_proxlinear, "--inner-steps {K}"),       # the paper's default: no line search
+}
+T_START = time.perf_counter()
 
 
-def timeit(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))                      # compile and warm up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def say(msg):
+    print(f"[bench {time.perf_counter() - T_START:4.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def rounds(fns, repeats):
+    """Median wall, process-CPU and kernel (sys) seconds of each zero-argument call, over
+    interleaved rounds."""
+    for f in fns.values():
+        jax.block_until_ready(f())                        # compile and warm up
+    wall, cpu, kernel = ({k: [] for k in fns} for _ in range(3))
+    for r in range(repeats):
+        say(f"  round {r + 1}/{repeats}")
+        for k, f in fns.items():
+            t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system   # k0: 10 ms ticks
+            jax.block_until_ready(f())
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+            kernel[k].append(os.times().system - k0)
+    return ({k: statistics.median(v) for k, v in ts.items()} for ts in (wall, cpu, kernel))
+
+
+def train_flops(cfg):
+    """Model flops of one training token (see the docstring)."""
+    n = cfg.n_layers * (4 * cfg.d ** 2 + 2 * cfg.d * cfg.d_ff) + cfg.d * cfg.vocab
+    return 6 * n + 6 * cfg.n_layers * cfg.seq_len * cfg.d
+
+
+def matmul_peak(n=4096):
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    dot = jax.jit(jnp.dot)
+    return lambda: dot(a, a), 2 * n ** 3
+
+
+def token_batches(cfg, batch_size, k):
+    """k stacked (B, T) micro-batches of random tokens: the cost does not depend on the text."""
+    toks = np.asarray(jax.random.randint(jax.random.key(1), (200_000,), 0, cfg.vocab), np.uint16)
+    return data.Batches(toks, batch_size, cfg.seq_len, "random", 0).take(0, k)
+
+
+def build(name, flags):
+    """Script `name`'s jitted step as its main() builds it, from the script's own parse(flags).
+    Returns cfg, the step, init (params -> initial state) and the micro-batches of one call."""
+    script = SCRIPTS[name][0]
+    args = script.parse(flags.split())
+    cfg = data.model_config(args)
+    shape = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    if script in (adamw, muon, soap):
+        opt, lr = script.make_optimizer(args, shape) if script is soap else script.make_optimizer(args)
+        init = lambda p: {"params": p, "opt": opt.init(p)}
+        return cfg, script.make_step(cfg, opt, lr, args.split), init, args.grad_accum
+    micro = args.inner_steps + args.ls_batches
+    if script is gn_layerwise:
+        blocks = gn_layerwise.make_blocks(cfg)
+        opts = [data.inner_optimizer(args, gn_layerwise.get_block(shape, k))[0] for k in blocks]
+        init = lambda p: {"params": p, "inner": p,
+                          "opt": [o.init(gn_layerwise.get_block(p, k)) for k, o in zip(blocks, opts)]}
+        return cfg, gn_layerwise.make_step(args, cfg, opts, blocks), init, micro
+    if script is gn_full and args.solver == "cg":
+        init = lambda p: {"params": p, "lam": jnp.float32(args.lam),
+                          "delta": jax.tree.map(jnp.zeros_like, p)}
+        return cfg, gn_full.make_step(args, cfg, None), init, micro
+    opt = data.inner_optimizer(args, shape)[0]
+    init = lambda p: {"params": p, "inner": p, "opt": opt.init(p)}
+    return cfg, script.make_step(args, cfg, opt), init, micro
+
+
+def compiled_step(name, flags, batch_size, mesh):
+    """Script `name`'s step compiled ahead of time, its state and batches placed on the mesh as
+    Run.train places them, as a zero-argument call that feeds each new state to the next call.
+    Also returns its compile time (lower + compile) and micro-batches per call."""
+    cfg, step, init, micro = build(name, flags)
+    state = [data.replicate(init(model.init_params(cfg, jax.random.key(0))), mesh)]
+    batches = data.shard_batch(token_batches(cfg, batch_size, micro), mesh, batch_axis=1)
+    t0 = time.perf_counter()
+    compiled = step.lower(state[0], batches, 0).compile()
+
+    def call():
+        state[0] = compiled(state[0], batches, 0)[0]
+        return state[0]
+    return call, {"micro": micro, "compile": time.perf_counter() - t0}
+
+
+def peak_bytes(compiled):
+    """XLA's peak memory of a compiled function: arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+def memory_flags(name, batch_size, split):
+    return f"--size 45m --batch-size {batch_size} --split {split} " + SCRIPTS[name][1].format(K=1, cg=50)
+
+
+# ============================================================================ sections
+
+def blocks(a):
+    cfg = model.CONFIGS[a.size]
+    params = model.init_params(cfg, jax.random.key(0))
+    b = jax.tree.map(lambda x: jnp.asarray(x[0]), token_batches(cfg, a.batch_size, 1))
+    v = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+    grad = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)
+    inner = jax.jit(lambda p, D, b: gn_full.quad_model_grad(p, D, b, cfg))
+    fwd = jax.jit(lambda p, b: model.loss_fn(p, b, cfg))
+
+    @jax.jit
+    def products(params, b, v, k):
+        """One linearisation, then k chained G v (normalised to stay finite); k traced: one compile."""
+        Gv = gn_full.gn_model(params, b, cfg)[2]
+        norm = lambda u: jax.tree.map(lambda x: x / (1 + jnp.abs(x).max()), u)
+        return jax.lax.fori_loop(0, k, lambda i, u: norm(Gv(u)), v)
+
+    @jax.jit
+    def cg(params, b, v, tol):
+        """One linearisation, then 3 CG iterations at tol 0, or 1 at tol inf (it stops at once)."""
+        _, g, Gv = gn_full.gn_model(params, b, cfg)
+        return gn_full.cg(lambda u: gn_full.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
+
+    peak, peak_flops = matmul_peak()
+    say(f"blocks: compiling, then {a.repeats} rounds")
+    wall, cpu, kernel = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+                        "p1": lambda: products(params, b, v, 1), "p3": lambda: products(params, b, v, 3),
+                        "cg1": lambda: cg(params, b, v, jnp.inf), "cg3": lambda: cg(params, b, v, 0.0),
+                        "inner": lambda: inner(params, v, b), "fwd": lambda: fwd(params, b)}, a.repeats)
+    for t in wall, cpu:
+        t["product"], t["cg"] = (t["p3"] - t["p1"]) / 2, (t["cg3"] - t["cg1"]) / 2
+    lines = ["| quantity | time (ms) | in gradients | in gradients, CPU time |", "|---|---|---|---|"]
+    for name, k in [("gradient (value_and_grad)", "grad"),
+                    ("GGN-vector product, linearisation reused (as CG reuses it)", "product"),
+                    ("one CG iteration (G v + lam v and the vector ops)", "cg"),
+                    ("linearise + 1 GGN-vector product", "p1"),
+                    ("inner step of Algorithm 1: J^T (g0 + H0 J D) on a fresh micro-batch", "inner"),
+                    ("line-search forward (loss only)", "fwd")]:
+        lines.append(f"| {name} | {1e3 * wall[k]:.1f} | {wall[k] / wall['grad']:.2f} | "
+                     f"{cpu[k] / cpu['grad']:.2f} |")
+    rate = train_flops(cfg) * a.batch_size * cfg.seq_len / wall["grad"]
+    peak_rate = peak_flops / wall["peak"]
+    return lines + ["", f"Matmul peak (4096^2 fp32 jnp.dot, in the same rounds) {peak_rate / 1e9:.0f} "
+                    f"GFLOP/s; the gradient's model flops ({train_flops(cfg) / 1e6:.2f} M per token) run "
+                    f"at {rate / 1e9:.1f} GFLOP/s = **{100 * rate / peak_rate:.0f}%** of it. The kernel takes "
+                    f"{100 * kernel['grad'] / cpu['grad']:.0f}% of the gradient's CPU time: page faults (see "
+                    "the docstring)."]
+
+
+def steps(a, names):
+    """Time per call of each named step (SCRIPTS, "gradient", "bare") on this process's devices."""
+    mesh = data.make_mesh()
+    size = f"--size {a.size} --batch-size {a.batch_size} --split {a.split} "
+    cfg = model.CONFIGS[a.size]
+    params = data.replicate(model.init_params(cfg, jax.random.key(0)), mesh)
+    stacked = token_batches(cfg, a.batch_size, a.micro)
+    mbs = [data.shard_batch({k: x[i] for k, x in stacked.items()}, mesh) for i in range(a.micro)]
+    grad = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)
+    opt = optax.adamw(1e-3, 0.9, 0.95)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        g = jax.tree.map(lambda *gs: sum(gs) / len(gs), *grads)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    bare_state = [params, data.replicate(opt.init(params), mesh)]      # placed once: no retrace
+
+    def bare():
+        bare_state[:] = update(*bare_state, [grad(bare_state[0], b, cfg)[1] for b in mbs])
+        return bare_state[0]
+    fns = {"gradient": lambda: grad(params, mbs[0], cfg), "bare": bare}
+    info = {"gradient": {"micro": 1}, "bare": {"micro": a.micro}}
+    for name in names:
+        if name in SCRIPTS:
+            say(f"steps: compiling {name}")
+            flags = size + SCRIPTS[name][1].format(K=a.micro, cg=2)
+            fns[name], info[name] = compiled_step(name, flags, a.batch_size, mesh)
+    fns = {k: fns[k] for k in names}
+    say(f"steps: timing {', '.join(names)}")
+    wall, cpu, _ = rounds(fns, a.repeats)
+    tokens = a.batch_size * cfg.seq_len
+    return {k: info[k] | {"time": wall[k], "cpu": cpu[k], "tokens": info[k]["micro"] * tokens} for k in names}
+
+
+def steps_table(info):
+    grad, bare = info.get("gradient"), info.get("bare")
+    lines = ["| step | micro-batches per call | compile (s) | time per call (s) | in gradients | "
+             "tokens/s | time per token vs bare loop | same, CPU time |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in info.items():
+        cells = [name, r["micro"], f"{r['compile']:.1f}" if "compile" in r else "-", f"{r['time']:.3f}",
+                 f"{r['time'] / grad['time']:.2f}" if grad else "-", f"{r['tokens'] / r['time']:,.0f}"]
+        cells += [f"{r[k] / r['tokens'] / (bare[k] / bare['tokens']):.3f}" if bare else "-"
+                  for k in ("time", "cpu")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
+def loop(a):
+    flags = f"--size {a.size} --batch-size {a.batch_size} --split {a.split} --grad-accum {a.micro}"
+    call = compiled_step("adamw", flags, a.batch_size, data.make_mesh())[0]
+    say("loop: tight loop of the adamw step")
+    before = next(rounds({"t": call}, a.repeats))["t"]
+    stamps, write = [], data.Run._write     # one metrics row per step: the stamps time whole iterations
+    data.Run._write = lambda self, row: (stamps.append(time.perf_counter()), write(self, row))
+    with tempfile.TemporaryDirectory() as out:
+        say("loop: adamw.main for 6 steps (its log goes to stderr)")
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                adamw.main(flags.split() + ["--steps", "6", "--eval-every", "100", "--eval-batches", "1",
+                                            "--eval-batch-size", str(a.batch_size), "--out", out])
+        finally:
+            data.Run._write = write
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    say("loop: tight loop again")
+    t = (before + next(rounds({"t": call}, a.repeats))["t"]) / 2
+    step_time = statistics.median(r["step_time"] for r in rows if 2 <= r["step"] <= 5)
+    iteration = statistics.median(np.diff(stamps)[1:5])    # stamps: step 0 (eval), then steps 1..6
+    return ["| adamw step | time (s) | overhead |", "|---|---|---|",
+            f"| tight loop of the jitted step (mean of the medians before and after) | {t:.3f} | - |",
+            f"| adamw.main: step_time (step call + metrics fetch) | {step_time:.3f} | "
+            f"**{100 * (step_time / t - 1):+.1f}%** |",
+            f"| adamw.main: whole iteration (batch, step, metrics, log) | {iteration:.3f} | "
+            f"**{100 * (iteration / t - 1):+.1f}%** |"]
+
+
+def scaling(a):
+    lines = ["| devices | adamw tok/s | gn_full tok/s |", "|---|---|---|"]
+    for n in (1, 2, 4):
+        say(f"scaling: subprocess with {n} simulated devices")
+        flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        out = subprocess.run([sys.executable, __file__, "--size", a.size, "--batch-size", str(a.batch_size),
+                              "--split", str(a.split), "--micro", str(a.micro), "--repeats", str(a.repeats),
+                              "--steps", "adamw,gn_full", "--json"], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, XLA_FLAGS=flags.strip()), check=True).stdout
+        r = json.loads(out.splitlines()[-1])
+        lines.append(f"| {n} | {r['adamw']['tokens'] / r['adamw']['time']:,.0f} | "
+                     f"{r['gn_full']['tokens'] / r['gn_full']['time']:,.0f} |")
+    return lines + ["", "4 simulated devices share the 2 cores."]
+
+
+def util45m(a):
+    cfg = model.CONFIGS["45m"]
+    B, T, d, L = a.batch_45m, cfg.seq_len, cfg.d, cfg.n_layers
+    params = model.init_params(cfg, jax.random.key(0))
+    b = jax.tree.map(lambda x: jnp.asarray(x[0]), token_batches(cfg, B, 1))
+    h = jax.jit(model.hidden, static_argnums=2)(params, b["inputs"], cfg)
+    r = jax.random.normal(jax.random.key(2), h.shape)
+    grad = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)
+    blocks = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.hidden(p, x, cfg), r)))
+    attn = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.attention(p, x, cfg), r), (0, 1)))
+    peak, peak_flops = matmul_peak()
+    say(f"util45m: 45m fwd+bwd on {B} x {T}, compiling, then {a.repeats} rounds")
+    t = next(rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+                   "blocks": lambda: blocks(params, b["inputs"]), "attn": lambda: attn(params["h"][0], h)},
+                    a.repeats))
+    lines = [f"| 45m, {B} x {T} tokens | time (s) | model GFLOP/s | % of matmul peak |", "|---|---|---|---|",
+             f"| matmul peak: 4096^2 fp32 jnp.dot | {t['peak']:.3f} | {peak_flops / t['peak'] / 1e9:.0f} "
+             "| 100 |"]
+    for name, k, flops in [("fwd+bwd: value_and_grad of the loss", "grad", train_flops(cfg)),
+                           (f"{L} blocks fwd+bwd (embedding to final norm)", "blocks",
+                            L * (6 * (4 * d * d + 2 * d * cfg.d_ff) + 6 * T * d)),
+                           ("one attention fwd+bwd (projections, norms, RoPE, T x T)", "attn",
+                            24 * d * d + 6 * T * d)]:
+        rate = flops * B * T / t[k]
+        lines.append(f"| {name} | {t[k]:.2f} | {rate / 1e9:.0f} | "
+                     f"**{100 * rate / (peak_flops / t['peak']):.0f}** |")
+    return lines
+
+
+def analysed_gib(name, batch_size, split):
+    """The 45m step's peak memory by XLA's analysis of its compiled form, from abstract inputs."""
+    cfg, step, init, micro = build(name, memory_flags(name, batch_size, split))
+    state = jax.eval_shape(lambda: init(model.init_params(cfg, jax.random.key(0))))
+    tok = jax.ShapeDtypeStruct((micro, batch_size, cfg.seq_len), jnp.int32)
+    return peak_bytes(step.lower(state, {"inputs": tok, "targets": tok}, 0).compile()) / 2 ** 30
+
+
+def memory(a):
+    lines = [f"| step (45m, 32 x 1024, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
+             f"fits {a.limit:g} GiB at 32 x 1024 with | largest micro-batch at --split 1 |",
+             "|---|---|---|---|---|"]
+    for name in SCRIPTS:
+        say(f"memory: {name}")
+        gib = {s: analysed_gib(name, 32, s) for s in (4, 1)}
+        fit, s = next((s for s in (1, 4) if gib[s] <= a.limit), None), 4
+        while fit is None and s < 32 and gib[s] < 0.9 * gib[1]:    # while splitting still helps
+            s *= 2
+            gib[s] = analysed_gib(name, 32, s)
+            fit = s if gib[s] <= a.limit else None
+        largest = 32 if gib[1] <= a.limit else next(
+            (b for b in (16, 8, 4, 2, 1) if analysed_gib(name, b, 1) <= a.limit), 0)
+        fits = f"--split {fit} ({gib[fit]:.1f} GiB)" if fit else f"none (--split {s}: {gib[s]:.1f} GiB)"
+        lines.append(f"| {name} | {gib[4]:.1f} | {gib[1]:.1f} | {fits} | {largest} x 1024 |")
+    return lines
+
+
+def rss(a):
+    say("rss: a subprocess runs the 45m gn_full step at 32 x 1024, --split 4 (minutes)")
+    out = subprocess.run([sys.executable, __file__, "--rss-worker"], stdout=subprocess.PIPE, text=True,
+                         check=True).stdout
+    r = json.loads(out.splitlines()[-1])
+    own = r["peak"] - r["before"] + r["args"]       # the step's own peak, its arguments included
+    return [f"45m gn_full step at 32 x 1024, --split 4, 1 inner step, 1 line-search batch: XLA's analysis "
+            f"{r['analysis']:.2f} GiB; the process's RSS {r['before']:.2f} GiB before the step (runtime, "
+            f"params, state, batches), peak {r['peak']:.2f} GiB; the step's own peak (peak - before + "
+            f"arguments) {own:.2f} GiB = **{100 * (own / r['analysis'] - 1):+.0f}%** over the analysis."]
+
+
+def rss_worker():
+    cfg, step, init, micro = build("gn_full", memory_flags("gn_full", 32, 4))
+    state = init(model.init_params(cfg, jax.random.key(0)))
+    batches = jax.tree.map(jnp.asarray, token_batches(cfg, 32, micro))
+    compiled = step.lower(state, batches, 0).compile()
+    m = compiled.memory_analysis()
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    jax.block_until_ready(compiled(state, batches, 0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # ru_maxrss is in KiB
+    print(json.dumps({"analysis": peak_bytes(compiled) / 2 ** 30, "args": m.argument_size_in_bytes / 2 ** 30,
+                      "before": before / 2 ** 30, "peak": peak / 2 ** 30}))
+
+
+# ============================================================================ main
+
+SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
+            "steps": ("Each script's step", lambda a: steps_table(steps(a, a.steps.split(",")))),
+            "loop": ("Script-loop overhead", loop),
+            "scaling": ("Device scaling (simulated CPU devices)", scaling),
+            "util45m": ("45m hardware utilisation", util45m),
+            "memory": ("45m memory without running (XLA's compiled memory analysis)", memory),
+            "rss": ("45m memory analysis against a real run", rss)}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", choices=sorted(model.CONFIGS), help="config (default small)")
     p.add_argument("--batch-size", type=data.pos_int, default=32, help="sequences per micro-batch (32)")
-    p.add_argument("--repeats", type=data.pos_int, default=5, help="timed calls per entry (5)")
-    p.add_argument("--out", default="", help="also write the table to this file")
+    p.add_argument("--split", type=data.pos_int, default=1, help="the steps' --split (1)")
+    p.add_argument("--micro", type=data.pos_int, default=2, help="micro-batches per step phase in steps, "
+                   "loop and scaling: --grad-accum, --inner-steps (2)")
+    p.add_argument("--repeats", type=data.pos_int, default=3, help="timed rounds (3)")
+    p.add_argument("--sections", default="blocks,steps,loop,scaling",
+                   help=f"comma-separated, of {', '.join(SECTIONS)} (default blocks,steps,loop,scaling)")
+    p.add_argument("--steps", default="gradient,bare," + ",".join(SCRIPTS), help="the steps section's rows")
+    p.add_argument("--batch-45m", type=data.pos_int, default=4, help="util45m: sequences of 1024 (4)")
+    p.add_argument("--limit", type=float, default=20.0, help="memory: GiB a step's analysis may take (20: "
+                   "23.5 GiB less ~1 GiB of runtime and the analysis' ~10%% underestimate, see rss)")
+    p.add_argument("--json", action="store_true", help="print only the steps section's numbers, as JSON")
+    p.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help="also write the tables to this file")
     a = p.parse_args(argv)
-    cfg = model.CONFIGS[a.size]
-    params = model.init_params(cfg, jax.random.key(0))
-    toks = np.asarray(jax.random.randint(jax.random.key(1), (200_000,), 0, cfg.vocab), np.uint16)
-    batches = data.Batches(toks, a.batch_size, cfg.seq_len, "random", 0)
-    b = jax.tree.map(jnp.asarray, batches.get(0))
-    v = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
-    r = a.repeats
-    rows = []
-
-    grad = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)
-    t_grad = timeit(grad, params, b, cfg, repeats=r)
-    rows.append(("gradient (value_and_grad)", t_grad))
-
-    def chained(k):
-        @jax.jit
-        def f(params, b, v):
-            _, _, Gv = gn_full.gn_model(params, b, cfg)
-            return jax.lax.fori_loop(0, k, lambda i, u: jax.tree.map(lambda x: x / (1 + jnp.abs(x).max()), Gv(u)), v)
-        return f
-    t1, t11 = (timeit(chained(k), params, b, v, repeats=r) for k in (1, 11))
-    rows.append(("GGN-vector product, linearisation reused", (t11 - t1) / 10))
-    rows.append(("linearise + 1 GGN-vector product", t1))
-
-    inner = jax.jit(lambda p, D, b: gn_full.quad_model_grad(p, D, b, cfg))
-    rows.append(("inner step: J^T (g0 + H0 J D), fresh micro-batch", timeit(inner, params, v, b, repeats=r)))
-    fwd = jax.jit(lambda p, b: model.loss_fn(p, b, cfg))
-    rows.append(("line-search forward (loss only)", timeit(fwd, params, b, repeats=r)))
-
-    args = gn_full.parse(["--size", a.size, "--solver", "cg", "--batch-size", str(a.batch_size)])
-    step = gn_full.make_step(args, cfg, None)
-    state = {"params": params, "lam": jnp.float32(args.lam), "delta": jax.tree.map(jnp.zeros_like, params)}
-    outer = jax.tree.map(jnp.asarray, batches.take(0, args.inner_steps + args.ls_batches))
-    t_cg = timeit(lambda s, o: step(s, o, 0)[1], state, outer, repeats=max(1, r // 2))
-    m = step(state, outer, 0)[1]
-    rows.append((f"CG outer step ({args.inner_steps} micro-batches, {int(m['cg_iters'])} CG iters, "
-                 f"{args.ls_batches} line-search batches x {args.ls_range + 2} evaluations)", t_cg))
-
-    lines = [f"`python bench.py --size {a.size} --batch-size {a.batch_size}` on "
-             f"{jax.device_count()} {jax.devices()[0].platform} device(s), {jax.devices()[0].device_kind}",
-             "", "| quantity | time (ms) | in gradients |", "|---|---|---|"]
-    lines += [f"| {name} | {1e3 * t:.1f} | {t / t_grad:.2f} |" for name, t in rows]
-    table = "\n".join(lines)
-    print(table)
+    if a.rss_worker:
+        return rss_worker()
+    if a.json:                                      # the scaling section's subprocesses
+        return print(json.dumps(steps(a, a.steps.split(","))))
+    if unknown := set(a.sections.split(",")) - set(SECTIONS):
+        p.error(f"unknown sections {unknown}")
+    load = os.getloadavg()[0]
+    out = [f"`python bench.py {' '.join(argv or [])}` on {jax.device_count()} {jax.devices()[0].platform} "
+           f"device(s), {os.cpu_count()} cores, jax {jax.__version__}; blocks, steps, loop and scaling on "
+           f"{a.size}, {a.batch_size} x {model.CONFIGS[a.size].seq_len} micro-batches"]
+    for s in a.sections.split(","):
+        say(f"section {s}")
+        title, section = SECTIONS[s]
+        out += ["", f"### {title}", ""] + section(a)
+    out += ["", f"Wall time {time.perf_counter() - T_START:.0f} s; load average (1 min) {load:.1f} at the "
+            f"start, {os.getloadavg()[0]:.1f} at the end."]
+    print("\n".join(out))
     if a.out:
-        open(a.out, "w").write(table + "\n")
+        open(a.out, "w").write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -140,12 +140,20 @@ def ggn_vp(params, batch, v, cfg):
 
 def quad_model_grad(theta_t, D, batch, cfg, split=1):
     """Algorithm 1's inner gradient on one micro-batch: grad q(D) = J^T (g0 + H0 J D), with
-    l(z0) and q(D) - l(z0). The micro-batch is processed in `split` equal chunks (sums of means)."""
+    l(z0) and q(D) - l(z0). The micro-batch is processed in `split` equal chunks (sums of means).
+    Only model.hidden is linearised: the head z = h W of model.forward is differentiated by hand,
+    its JVP dh W + h dW as one matmul [dh, h] [W; dW]. Measured by bench.py (small): 1.1 gradients
+    per call, against 1.6-1.8 when linearising model.forward whole (same maths)."""
+    without_head = lambda t: {k: a for k, a in t.items() if k != "lm_head"}
+    body = without_head(theta_t)
+
     def chunk(xy):
         x, y = xy
-        z0, jvp = jax.linearize(lambda p: model.forward(p, x, cfg), theta_t)
-        vjp = jax.linear_transpose(jvp, theta_t)
-        u = jvp(D)
+        h0, jvp = jax.linearize(lambda p: model.hidden(p, x, cfg), body)
+        vjp = jax.linear_transpose(jvp, body)
+        W, dW = theta_t["lm_head"].astype(h0.dtype), D["lm_head"].astype(h0.dtype)
+        z0 = (h0 @ W).astype(jnp.float32)
+        u = (jnp.concatenate([jvp(without_head(D)), h0], -1) @ jnp.concatenate([W, dW])).astype(jnp.float32)
         logp = jax.nn.log_softmax(z0, -1)        # one pass over the logits serves l, g0 and H0
         p = jnp.exp(logp)
         w = ce_grad_logits(p, y, y.size) + ce_hvp_logits(p, u, y.size)       # g0 + H0 u
@@ -153,7 +161,9 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
         pu = jnp.sum(p * u, -1)
         dq = (jnp.sum(pu) - jnp.sum(u_y) + 0.5 * (jnp.sum(p * u * u) - jnp.sum(pu * pu))) / y.size
         loss = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
-        return loss, dq, vjp(w)[0]
+        w = w.astype(h0.dtype)
+        head = jnp.einsum("btd,btv->dv", h0, w).astype(theta_t["lm_head"].dtype)
+        return loss, dq, vjp(w @ W.T)[0] | {"lm_head": head}
     out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
     return jax.tree.map(lambda a: jnp.mean(a, 0), out)
 
