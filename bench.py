@@ -423,9 +423,11 @@ def main(argv=None):
     if unknown := set(a.sections.split(",")) - set(SECTIONS):
         p.error(f"unknown sections {unknown}")
     load = os.getloadavg()[0]
+    small = [s for s in a.sections.split(",") if s in ("blocks", "steps", "loop", "scaling")]
     out = [f"`python bench.py {' '.join(argv or [])}` on {jax.device_count()} {jax.devices()[0].platform} "
-           f"device(s), {os.cpu_count()} cores, jax {jax.__version__}; blocks, steps, loop and scaling on "
-           f"{a.size}, {a.batch_size} x {model.CONFIGS[a.size].seq_len} micro-batches"]
+           f"device(s), {os.cpu_count()} cores, jax {jax.__version__}"
+           + (f"; {', '.join(small)} on {a.size}, {a.batch_size} x {model.CONFIGS[a.size].seq_len} "
+              "micro-batches" if small else "")]
     for s in a.sections.split(","):
         say(f"section {s}")
         title, section = SECTIONS[s]
