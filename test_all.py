@@ -1,6 +1,6 @@
 """All tests, grouped by file. Maths is checked against dense references on tiny problems.
 
-Run: python -m pytest -q test_all.py   (about N minutes on 2 CPU cores)
+Run: python -m pytest -q test_all.py   (about 7 minutes on 2 CPU cores)
 """
 import gzip
 import http.server
