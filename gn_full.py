@@ -17,8 +17,9 @@ computed from one jax.linearize (J v) and its linear_transpose (J^T w), never ma
     outer batch and G on --curvature-batches of it (one stored linearisation; with --split > 1,
     re-linearised chunk by chunk in each product to bound memory); backtrack over the stored CG
     iterates, then the same line search. Damping: rho = (L(theta + delta) - L(theta)) /
-    (q(delta) - q(0)) on the line-search batches, q the undamped GN model. Measured on small from one AdamW start (val
-    5.678; G on 64 sequences, 10 CG iterations), val loss after 4 outer steps:
+    (q(delta) - q(0)) on the line-search batches, q the undamped GN model. Measured on small
+    from one AdamW start (val 5.678; G on 64 sequences, 10 CG iterations), val loss after 4
+    outer steps:
         lm, lam0 0.05 (Martens' rule)   5.582   rho 0.17-0.25 < 1/4: lam x3.4 by step 4 (x11 by 8)
         lm-eta / lm-rayleigh            5.582   same as lm (eta* = 1; bounds never active)
         lm-loose / fixed lam 0.05       5.574   lam held at 0.05
