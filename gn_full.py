@@ -1,12 +1,12 @@
 """Full Gauss-Newton: the paper's Algorithm 1 (inner solver + line search), and Hessian-free CG.
 
-GN split (paper §1.1, Martens 2010): logits z = f(theta; x) = model.forward, loss l = mean token
+GN split (the paper's setup; Martens 2010): logits z = f(theta; x) = model.forward, loss l = mean token
 CE. With J = dz/dtheta, p_t = softmax(z_t) and H_t = diag(p_t) - p_t p_t^T (the CE Hessian in
 logit space), the Gauss-Newton matrix over the N tokens of a batch is
     G = (1/N) sum_t J_t^T H_t J_t,        G v = J^T [ (p * u - p (p^T u)) / N ],  u = J v,
 computed from one jax.linearize (J v) and its linear_transpose (J^T w), never materialised.
 
---solver inner (Algorithm 1, the paper's method; seed-repo.md §4). At the outer iterate theta_t:
+--solver inner (Algorithm 1, the paper's method; the authors' llama_train_gn.py). At theta_t:
     q_k(D) = l(z0) + g0^T J D + 1/2 (J D)^T H0 (J D),   z0 = f(theta_t; x_k), D = theta - theta_t
     grad q_k(D) = J^T (g0 + H0 J D)                      one fwd + JVP + VJP per inner step
     N inner steps of Muon (AdamW on embedding, head, 1-D params) or AdamW on fresh batches x_k;
@@ -24,13 +24,31 @@ computed from one jax.linearize (J v) and its linear_transpose (J^T w), never ma
         lm-eta / lm-rayleigh            5.582   same as lm (eta* = 1; bounds never active)
         lm-loose / fixed lam 0.05       5.574   lam held at 0.05
         fixed lam 0.01 (the default)    5.554   eta* = 0.5 every step; rho ~ 0 at eta = 1
-    As in the probe of derisk.md, the model over-predicts the decrease on a small curvature
-    batch, so any LM rule keeps raising lam and the steps shrink; a fixed, small lam with the
-    line search choosing eta does better. Algorithm 1 reached 5.575 at step 4 (5.387 at 10).
+    The model over-predicts the decrease on a small curvature batch, so any LM rule keeps
+    raising lam and the steps shrink; a fixed, small lam with the line search choosing eta does
+    better. Algorithm 1 reached 5.575 at step 4 (5.387 at 10).
+
+Metrics (metrics.jsonl), beyond those of every script:
+    train_loss       l(theta_t), mean over the step's inner (cg: outer) micro-batches
+    grad_norm        |grad l(theta_t)|: inner, on the first inner micro-batch (one gradient: the
+                     mean over all N would cost N more backward passes); cg, over the outer batch
+    model_grad_norm  inner: |grad q(D0)|, the GN model's gradient at the warm start D0 of the
+                     inner solve, first inner micro-batch
+    model_change     q(eta* d) - l(z0), the GN model's predicted change of the loss for the step
+                     taken, mean over the inner (cg: outer) micro-batches; negative: a predicted
+                     decrease. model_change_d: the same at the unscaled d. At evaluation steps
+                     only (--eval-every), as it costs one forward + JVP per micro-batch (28% of
+                     a small step, measured), which fwd_passes does not count
+    eta, step_norm   the line search's eta* and |eta* d|; inner_norm |d|
+    exactness        --measure-exactness: (q(d) - l(z0)) / (q(x*) - l(z0)) on the first inner
+                     micro-batch, x* a CG solve with lam 1e-6 run to a relative residual of 1e-4
+                     (or 2000 iterations); exactness_ref_residual is the residual it reached
+    cg: lam, rho, cg_iters, cg_residual (|r|/|b|), phi (CG's quadratic at the solution)
+    fwd/jvp/vjp_passes  micro-batch passes of the network that run in the step
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py):
   - the inner lr is applied outside the optimizer, from the global inner step s*N + k, so that
-    --reset-start does not restart the schedule (theirs restarted it, §8.4);
+    --reset-start does not restart the schedule (theirs restarted it);
   - `cosine_with_global_schedule` is left out (off by one in theirs); warmup counts outer steps;
   - Muon's 1-D params go to the AdamW group rather than the Adam inside optax's muon;
   - the EMA is off by default (--ema): their 0.999 per outer step kept ~80% weight on the start;
@@ -79,8 +97,9 @@ def parse(argv=None):
       "linearisation keeps all their residuals in memory", {"small": 2, "tiny": 0},
       type=data.nonneg_int)
     p.add_argument("--measure-exactness", action="store_true",
-                   help="log the GN-model decrease of the step over that of a 100-iteration CG "
-                        "solve, on the first inner batch")
+                   help="inner: log `exactness`, the GN-model decrease of d over that of a CG "
+                        "solve run to relative residual 1e-4 (or 2000 iterations), on the first "
+                        "inner micro-batch, and the residual reached (costly: a diagnostic)")
     args = data.parse_common(p, argv, "gn_full")
     if args.curvature_batches > args.inner_steps:
         raise data.UserError("--curvature-batches cannot exceed --inner-steps")
@@ -154,8 +173,8 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
         h0, jvp = jax.linearize(lambda p: model.hidden(p, x, cfg), body)
         vjp = jax.linear_transpose(jvp, body)
         W, dW = theta_t["lm_head"].astype(h0.dtype), D["lm_head"].astype(h0.dtype)
-        z0 = (h0 @ W).astype(jnp.float32)
-        u = (jnp.concatenate([jvp(without_head(D)), h0], -1) @ jnp.concatenate([W, dW])).astype(jnp.float32)
+        z0 = model.head(h0, W)                                            # fp32 logits
+        u = model.head(jnp.concatenate([jvp(without_head(D)), h0], -1), jnp.concatenate([W, dW]))
         logp = jax.nn.log_softmax(z0, -1)        # one pass over the logits serves l, g0 and H0
         p = jnp.exp(logp)
         w = ce_grad_logits(p, y, y.size) + ce_hvp_logits(p, u, y.size)       # g0 + H0 u
@@ -168,6 +187,47 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
         return loss, dq, vjp(w @ W.T)[0] | {"lm_head": head}
     out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
     return jax.tree.map(lambda a: jnp.mean(a, 0), out)
+
+
+def model_change_coeffs(theta_t, d, batches, cfg, split=1):
+    """The GN model along a direction d, averaged over K stacked micro-batches: with u_k = J_k d,
+        a = mean_k g0_k^T u_k,   b = mean_k u_k^T H0_k u_k,   q(eta d) - l(z0) = eta a + eta^2/2 b.
+    One forward + JVP per micro-batch (jax.jvp: no residuals kept, no VJP)."""
+    def chunk(xy):
+        x, y = xy
+        z0, u = jax.jvp(lambda p: model.forward(p, x, cfg), (theta_t,), (d,))
+        p = jax.nn.softmax(z0, -1)
+        a = jnp.sum(ce_grad_logits(p, y, y.size) * u)
+        b = jnp.sum(ce_hvp_logits(p, u, y.size) * u)
+        return a, b
+    xs, ys = (model.split_micro(batches[k], split) for k in ("inputs", "targets"))
+    a, b = jax.lax.map(chunk, (xs, ys))
+    return jnp.mean(a), jnp.mean(b)
+
+
+def lm_damping(lam, rho, lo=0.25, hi=0.75):
+    """Levenberg-Marquardt (Martens 2010 §4.1): a model that over-predicts the decrease (rho < lo)
+    gets more damping, x3/2; one that predicts well (rho > hi) gets less, x2/3."""
+    return jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
+
+
+def backtrack(f, delta, stash, n_stored):
+    """Martens 2010 §4.6: start from the last CG iterate delta and walk back over the stored ones
+    (stash[n_stored-1], ..., stash[0]) while the loss f keeps falling; the walk stops at the first
+    iterate that does not improve. Returns the best iterate, its loss and the iterates evaluated."""
+    cand = lambda j: jax.tree.map(lambda st: st[j], stash)
+
+    def back(c):
+        j, best, f_best, _ = c
+        x = cand(j)
+        f_j = f(x)
+        better = f_j < f_best
+        return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), x, best),
+                jnp.minimum(f_j, f_best), better)
+    f_full = f(delta)
+    j_end, step, f_step, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
+                                                (n_stored - 1, delta, f_full, True))
+    return step, f_step, f_full, n_stored - 1 - j_end
 
 
 def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
@@ -214,6 +274,8 @@ def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
 
 # ============================================================================ step
 
+EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG solve
+
 def make_step(args, cfg, opt):
     N, n_ls = args.inner_steps, args.ls_batches
     etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
@@ -238,14 +300,14 @@ def make_step(args, cfg, opt):
             theta, opt_state = carry
             k, b = xs
             D = axpy(-1.0, theta_t, theta)
-            loss0, dq, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
+            loss0, _, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
             updates, opt_state = opt.update(grad, opt_state, theta)
             lr = data.inner_lr(args, s, k)
             theta = axpy(lr, updates, theta)
-            jax.debug.callback(data.tick, k, N)
-            return (theta, opt_state), (loss0, dq, optax.tree.norm(grad), lr)
+            jax.debug.callback(data.tick, k, N, "inner step")
+            return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
 
-        (theta, opt_state), (loss0, dq, gnorm, lr) = jax.lax.scan(
+        (theta, opt_state), (loss0, model_gnorm, lr) = jax.lax.scan(
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
@@ -253,21 +315,23 @@ def make_step(args, cfg, opt):
         theta_next = axpy(eta, d, theta_t)
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
-        new = {"params": theta_next, "inner": theta, "opt": opt_state}
-        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": gnorm[0], "eta": eta,
-              "model_decrease": dq[-1], "step_norm": eta * optax.tree.norm(d),
-              "inner_norm": optax.tree.norm(d)}
+        new = {"params": theta_next, "inner": theta, "opt": opt_state}   # inner: theta-hat, unscaled
+        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
+              "model_grad_norm": model_gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d)}
         if args.measure_exactness:
-            m["exactness"] = exactness(theta_t, d, jax.tree.map(lambda a: a[0], inner))
-        return new, m, (N + args.ls_range * n_ls, N, N)     # fwd, JVP, VJP micro-batch passes
+            m["exactness"], m["exactness_ref_residual"] = exactness(
+                theta_t, d, jax.tree.map(lambda a: a[0], inner))
+        return new, m, (N + 1 + args.ls_range * n_ls, N, N + 1)     # fwd, JVP, VJP passes
 
     def exactness(theta_t, d, b):
-        """GN-model decrease of d over that of a near-exact CG minimiser, on the same batch."""
+        """GN-model decrease of d over that of a reference CG solve (lam 1e-6) on the same batch,
+        run to a relative residual of EXACT_TOL or EXACT_ITERS iterations; returns both."""
         _, g, Gv = gn_model(theta_t, b, cfg)
         q = lambda x: tdot(g, x) + 0.5 * tdot(x, Gv(x))
-        x, _ = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
-                  jax.tree.map(jnp.zeros_like, g), max_iters=100, tol=1e-8, eps=0.0)
-        return q(d) / q(x)
+        x, info = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
+                     jax.tree.map(jnp.zeros_like, g), max_iters=EXACT_ITERS, tol=EXACT_TOL, eps=0.0)
+        return q(d) / q(x), info["residual"]
 
     def cg_step(state, batches, s):
         theta, lam = state["params"], state["lam"]
@@ -286,21 +350,10 @@ def make_step(args, cfg, opt):
         delta, info = cg(A, jax.tree.map(jnp.negative, g), x0, args.cg_iters, store_at=store_at)
         gd, dd = tdot(g, delta), tdot(delta, delta)
         dGd = 2 * (info["phi"][info["iters"]] - gd) - lam * dd               # from phi, no product
-        # backtracking (Martens 2010 §4.6): walk back over stored iterates while the loss falls
         f = lambda x: jnp.mean(jax.lax.map(
             lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
-        cand = lambda j: jax.tree.map(lambda st: st[j], info["stash"])
-        def back(c):
-            j, best, f_best, _ = c
-            f_j = f(cand(j))
-            better = f_j < f_best
-            return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), cand(j), best),
-                    jnp.minimum(f_j, f_best), better)
-        f_full = f(delta)
-        j_end, step, _, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
-                                               (n_st - 1, delta, f_full, True))
-        n_back = n_st - 1 - j_end                                            # iterates evaluated
+        step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
         m = {}
         eta, losses = select_eta(theta, step, ls, m)
         f0 = f(jax.tree.map(jnp.zeros_like, delta))
@@ -310,22 +363,25 @@ def make_step(args, cfg, opt):
             rho = (jnp.min(losses) - f0) / (e * gd + 0.5 * e * e * dGd)
         else:
             rho = (f_full - f0) / (gd + 0.5 * dGd)
-        lo, hi = (0.1, 0.5) if args.lam_rule == "lm-loose" else (0.25, 0.75)
-        new_lam = jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
+        new_lam = lm_damping(lam, rho, *((0.1, 0.5) if args.lam_rule == "lm-loose" else ()))
         if args.lam_rule == "lm-rayleigh":
             rq = tdot(g, Gv(g)) / tdot(g, g)
             new_lam = jnp.clip(new_lam, 1e-2 * rq, rq)
         if args.lam_rule == "fixed":
             new_lam = lam
         new = {"params": axpy(eta, step, theta), "lam": new_lam, "delta": delta}
-        m |= {"train_loss": loss, "lr": eta, "grad_norm": optax.tree.norm(g), "eta": eta,
+        m |= {"train_loss": loss, "grad_norm": optax.tree.norm(g), "eta": eta,
               "lam": lam, "rho": rho, "cg_iters": info["iters"], "cg_residual": info["residual"],
               "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(step)}
         n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid, f(0), f(delta), back
         grad_passes = N if Kc < N else 0
         products = info["iters"] + (args.lam_rule == "lm-rayleigh")          # G v products
-        refwd = products * Kc if args.split > 1 else 0                       # re-linearisations
-        return new, m, (Kc + grad_passes + n_ls_fwd + refwd, products * Kc,
+        # forward passes that run: the stored linearisation of the Kc curvature batches (with
+        # --split > 1 none is stored and gn_model's own gradient is dead code when Kc < N),
+        # the gradient, the line search, and with --split > 1 one re-linearisation per product
+        lin = 0 if args.split > 1 and Kc < N else Kc
+        refwd = products * Kc if args.split > 1 else 0
+        return new, m, (lin + grad_passes + n_ls_fwd + refwd, products * Kc,
                         (grad_passes or Kc) + products * Kc)
 
     solve = inner_step if args.solver == "inner" else cg_step
@@ -338,6 +394,19 @@ def make_step(args, cfg, opt):
         m.update(fwd_passes=fwd, jvp_passes=jvp, vjp_passes=vjp, tokens_trained=N * tok)
         return new, m
     return step
+
+
+def make_diagnose(args, cfg):
+    """At evaluation steps: the GN model's predicted change of the loss, on the step's inner
+    (cg: outer) micro-batches, for the step taken eta* d and for the unscaled d."""
+    @jax.jit
+    def diagnose(old, new, batches, m):
+        taken = axpy(-1.0, old["params"], new["params"])                   # eta* d
+        a, b = model_change_coeffs(old["params"], taken, jax.tree.map(
+            lambda x: x[:args.inner_steps], batches), cfg, args.split)
+        eta = m["eta"]
+        return {"model_change": a + 0.5 * b, "model_change_d": a / eta + 0.5 * b / eta ** 2}
+    return diagnose
 
 
 # ============================================================================ loop
@@ -362,6 +431,7 @@ def main(argv=None):
     if args.ema:
         state["ema"] = params
     run.train(state, make_step(args, cfg, opt), micro_per_step=args.inner_steps + args.ls_batches,
+              diagnose=make_diagnose(args, cfg),
               extra_config={"tokens_per_outer_step": (args.inner_steps + args.ls_batches)
                             * args.batch_size * cfg.seq_len})
 

@@ -1,4 +1,4 @@
-"""Layerwise GN: the block-diagonal Gauss-Newton preconditioner (paper §1.4; seed-repo.md §5).
+"""Layerwise GN: the block-diagonal Gauss-Newton preconditioner, the paper's layerwise oracle.
 
 The parameters are cut into K = L + 2 blocks, selected by exact keys: wte; each transformer block
 h[i] with its own norms (the last one with ln_f); lm_head. Every block k is solved on its own, all
@@ -13,13 +13,18 @@ then gets one global line search, theta_{t+1} = theta_t + eta* d, and each block
 phi_k warm-starts the next solve. An outer step costs K x N inner steps.
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn_layerwise.py):
-  - blocks are selected by exact keys: their prefix match made h.1 also catch h.10 and h.11
-    (seed-repo.md §8.3), and their script crashed as released (§8.2);
+  - blocks are selected by exact keys: their string-prefix match on "h.1" also caught h.10 and
+    h.11 at 150m, and their script, as released, jits loss_fn in main before defining it;
   - J_k is a JVP restricted to the block's parameters, not a full product with the rest frozen
     by stop_gradient; each block's optimizer state holds only that block (theirs: whole tree);
   - the inner lr is applied outside the optimizer from the global inner step (as gn_full.py);
   - Muon's 1-D params go to the AdamW group; no EMA by default; resume restores every block's
     state; GPT-2 BPE and data.py's sources instead of C4 with the T5 tokenizer.
+
+Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
+grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm the norm of the
+K blocks' model gradients at their warm starts (first inner micro-batch), eta, step_norm
+|eta* d|, inner_norm |d|, and the passes of the network that run.
 """
 import sys
 
@@ -123,7 +128,7 @@ def make_step(args, cfg, opts, blocks):
         theta_t = state["params"]
         inner = jax.tree.map(lambda a: a[:N], batches)
         ls = jax.tree.map(lambda a: a[N:], batches)
-        phi_all, opt_states, loss0, gnorms = state["inner"], [], None, []
+        phi_all, opt_states, loss0, gnorms = state["inner"], [], None, []   # phi: unscaled
         for keys, opt, opt_state in zip(blocks, opts, state["opt"]):   # K sub-problems, same data
 
             def one(carry, xs, keys=keys, opt=opt):
@@ -157,10 +162,12 @@ def make_step(args, cfg, opts, blocks):
         if args.ema:
             new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
         K = len(blocks)
+        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
         m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0),
-              "grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)), "eta": eta,
-              "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d),
-              "fwd_passes": K * N + args.ls_range * n_ls, "jvp_passes": K * N, "vjp_passes": K * N,
+              "grad_norm": optax.tree.norm(g1), "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)),
+              "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d),
+              "fwd_passes": K * N + 1 + args.ls_range * n_ls, "jvp_passes": K * N,
+              "vjp_passes": K * N + 1,
               "tokens_trained": N * args.batch_size * cfg.seq_len}
         return new, m
     return step

@@ -1,4 +1,4 @@
-"""GN-prox-linear: the paper's Algorithm 2, the "linearized model method" (§1.3; §7.2 of the paper).
+"""GN-prox-linear: the paper's Algorithm 2, the "linearized model method" (§7.2 of the paper).
 
 Like full GN, it linearises the network at the outer iterate theta_t, but keeps the true loss on
 the linear model instead of its second-order Taylor expansion. On micro-batch x_k, with
@@ -15,12 +15,17 @@ on with --ls-batches). The inner iterate and the optimizer state carry over (war
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py with
 --gauss_newton=False):
   - the proximal term pulls toward theta_t: its gradient is +lam D. Theirs took the gradient with
-    respect to theta_t and got -2 lam D / n_p, pushing away (seed-repo.md §8.1; inert at lam = 0);
+    respect to theta_t, which gives -2 lam D / n_p (n_p: a leaf's size) and pushes away from
+    theta_t; inert at lam = 0, which all their configs use;
   - the proximal term is lam/2 |D|^2 over all parameters (theirs: lam sum_leaves mean(D^2));
   - the inner lr is applied outside the optimizer from the global inner step (as gn_full.py);
   - Muon's 1-D params go to the AdamW group; no EMA by default (--ema evaluates it separately);
   - the logged train_loss is the true loss at theta_t; resume restores the inner solver's state;
   - GPT-2 BPE and data.py's sources instead of C4 with the T5 tokenizer.
+
+Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
+grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm |grad p(D0)| at the
+warm start (first inner micro-batch), eta, step_norm |eta* d|, inner_norm |d|, and the passes.
 """
 import sys
 
@@ -90,14 +95,14 @@ def make_step(args, cfg, opt):
             theta, opt_state = carry
             k, b = xs
             D = axpy(-1.0, theta_t, theta)
-            loss0, p_val, grad = prox_model_grad(theta_t, D, b, cfg, args.prox_lam, args.split)
+            loss0, _, grad = prox_model_grad(theta_t, D, b, cfg, args.prox_lam, args.split)
             updates, opt_state = opt.update(grad, opt_state, theta)
             lr = data.inner_lr(args, s, k)
             theta = axpy(lr, updates, theta)
-            jax.debug.callback(data.tick, k, N)
-            return (theta, opt_state), (loss0, p_val, optax.tree.norm(grad), lr)
+            jax.debug.callback(data.tick, k, N, "inner step")
+            return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
 
-        (theta, opt_state), (loss0, p_val, gnorm, lr) = jax.lax.scan(
+        (theta, opt_state), (loss0, gnorm, lr) = jax.lax.scan(
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
@@ -113,10 +118,11 @@ def make_step(args, cfg, opt):
         new = {"params": theta_next, "inner": theta, "opt": opt_state}
         if args.ema:
             new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
-        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": gnorm[0], "eta": eta,
-              "model_value": p_val[-1], "step_norm": eta * optax.tree.norm(d),
+        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
+              "model_grad_norm": gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d),
               "inner_norm": optax.tree.norm(d),
-              "fwd_passes": N + args.ls_range * n_ls, "jvp_passes": N, "vjp_passes": N,
+              "fwd_passes": N + 1 + args.ls_range * n_ls, "jvp_passes": N, "vjp_passes": N + 1,
               "tokens_trained": N * args.batch_size * cfg.seq_len}
         return new, m
     return step

@@ -1,6 +1,7 @@
 """The paper's transformer LM in plain JAX: f (params, tokens) -> logits and the loss l.
 
-Architecture (seed-repo.md §1; the authors' EasyLM "llama" with two changes):
+Architecture (natalieabreu/full-gauss-newton, EasyLM/models/llama/llama_model.py: LLaMA with
+full-width QK-LayerNorm and a non-gated GELU MLP):
     h   = wte[tokens]                                   no position embedding
     h  += Attn(RMSNorm(h)),  h += MLP(RMSNorm(h))       pre-norm, per block
     Attn: q = LN(h Wq), k = LN(h Wk), v = h Wv          LayerNorm over the full width,
@@ -44,7 +45,7 @@ class Config:
 CONFIGS = {
     "45m": Config(d=512, n_layers=4, n_heads=8, d_ff=2048, seq_len=1024, vocab=32000),
     "150m": Config(d=768, n_layers=12, n_heads=16, d_ff=3072, seq_len=1024, vocab=32000),
-    # CPU experiments: the derisk probe's model (2.9M params, ~2M of them embedding + head).
+    # CPU experiments: 2.9M params, ~2M of them embedding + head.
     "small": Config(d=128, n_layers=4, n_heads=4, d_ff=512, seq_len=128, vocab=8192),
     # Tests: compiles in about a second.
     "tiny": Config(d=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, vocab=512),
@@ -135,10 +136,15 @@ def hidden(params, tokens_BT, cfg: Config):
     return rms_norm(x_BTD, params["ln_f"])
 
 
+def head(h_BTD, W_DV):
+    """logits = h W, accumulated in fp32 whatever the compute dtype: bf16 logits would be rounded
+    to 8 bits of mantissa, and p, the CE Hessian and every GN product would inherit it."""
+    return jnp.matmul(h_BTD, W_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+
+
 def forward(params, tokens_BT, cfg: Config):
     """f: int tokens (B, T) -> fp32 logits (B, T, V)."""
-    h_BTD = hidden(params, tokens_BT, cfg)
-    return (h_BTD @ params["lm_head"].astype(h_BTD.dtype)).astype(jnp.float32)
+    return head(hidden(params, tokens_BT, cfg), params["lm_head"])
 
 
 def cross_entropy(logits_BTV, targets_BT):

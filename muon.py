@@ -1,6 +1,7 @@
 """Muon (Jordan et al. 2024) on the hidden matrices + AdamW on the rest, as the paper ran it.
 
-One optimizer step on K = --grad-accum micro-batches (seed-repo.md §3); g = mean micro-batch gradient.
+One optimizer step on K = --grad-accum micro-batches (the authors' llama_train.py, optimizers.py);
+g = mean micro-batch gradient.
 Every leaf is labelled "muon" (each 2-D matrix of a block: wq wk wv wo w1 w2) or "adam" (wte,
 lm_head and every 1-D norm scale/bias); each group is clipped by its own global norm c = --clip.
   muon, per matrix W (in, out), beta = --beta, t = 1, 2, ...:
@@ -21,8 +22,8 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.p
     So they are clipped with wte and lm_head; theirs were clipped with the Muon matrices;
   - the Adam lr is a separate flag --adam-lr (default = --lr, which is what they ran);
   - gradients are accumulated by lax.scan inside one jitted step rather than optax.MultiSteps;
-  - no EMA of the weights (theirs averaged nothing in effect, seed-repo.md §8.6);
-  - --clip 0 turns clipping off (theirs zeroed the updates, §8.5);
+  - no EMA of the weights: theirs, 0.9 per micro-step, averaged nothing in effect;
+  - --clip 0 turns clipping off (theirs applied clip_by_global_norm(0), which zeroes the updates);
   - GPT-2 BPE and the data sources of data.py instead of C4 with the T5 tokenizer.
 """
 import sys

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The paper's steps to validation loss 3.25 at 45M (paper.md §3): GN 54, layerwise 78, SOAP 292,
+# The paper's steps to validation loss 3.25 (its Figure 1): GN 54, layerwise 78, SOAP 292,
 # Muon ~864 (40M-token batch), AdamW slower (no number).
 PAPER = {"gn_full": 54, "gn_layerwise": 78, "soap": 292, "muon": 864}
 BASELINES = ("adamw", "muon", "soap")
