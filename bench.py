@@ -127,14 +127,15 @@ def build(name, flags):
         blocks = gn_layerwise.make_blocks(cfg)
         opts = [data.inner_optimizer(args, gn_layerwise.get_block(shape, k))[0] for k in blocks]
         init = lambda p: {"params": p, "inner": p,
-                          "opt": [o.init(gn_layerwise.get_block(p, k)) for k, o in zip(blocks, opts)]}
+                          "opt": [o.init(gn_layerwise.get_block(p, k)) for k, o in zip(blocks, opts)],
+                          "lr_scale": jnp.float32(1)}
         return cfg, gn_layerwise.make_step(args, cfg, opts, blocks), init, micro
     if script is gn_full and args.solver == "cg":
         init = lambda p: {"params": p, "lam": jnp.float32(args.lam),
                           "delta": jax.tree.map(jnp.zeros_like, p)}
         return cfg, gn_full.make_step(args, cfg, None), init, micro
     opt = data.inner_optimizer(args, shape)[0]
-    init = lambda p: {"params": p, "inner": p, "opt": opt.init(p)}
+    init = lambda p: {"params": p, "inner": p, "opt": opt.init(p), "lr_scale": jnp.float32(1)}
     return cfg, script.make_step(args, cfg, opt), init, micro
 
 

@@ -19,6 +19,11 @@ Documents of bbc and .txt sources are split 95/5 into train/validation after a s
 Run plumbing (below the data): the shared CLI flags, the device mesh, config.json and
 metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with eval, resume,
 target-loss stop and the NaN guard. Every method script calls `Run.train` with its own step.
+At the paper's sizes every run starts from the paper's shared AdamW checkpoint (`--start
+paper`: trained by adamw.py on first need, cached by what determines it), warns when it will
+read its train split more than once, and takes Ctrl-C and SIGTERM at once, even mid-step: the
+step in flight is dropped and the last completed one checkpointed (the step runs in a worker
+thread, so that the main thread, where Python runs signal handlers, stays free).
 
 Devices (the authors' mesh is in llama_train.py's mesh_dim flag): one mesh axis, "data", over every device of every process; batches
 are split on it by rows. The authors' default mesh put all devices on an fsdp axis with
@@ -44,6 +49,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -531,6 +537,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse(self, argv=None):
         args = self.parse_args(argv)
+        args.explicit = sorted(d for d in self.defaults_by_size if getattr(args, d) is not None)
         for dest, (default, presets) in self.defaults_by_size.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, presets.get(args.size, default))
@@ -559,8 +566,11 @@ def common_flags(parser, d):
     f("--wd", d["wd"][0], "decoupled weight decay", d["wd"][1], type=nonneg_float)
     f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", type=nonneg_float)
     f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
-    f("--dtype", "float32", "matmul compute dtype (params, optimizer state, norms and logits stay "
-      "fp32); bfloat16 is for accelerators", choices=["float32", "bfloat16"])
+    f("--dtype", "float32", "float32: every matmul at full fp32 precision on every backend "
+      "(JAX would otherwise run fp32 matmuls as TF32 on NVIDIA GPUs and as one bf16 pass on "
+      "TPUs), for the maths and small runs; bfloat16: the fast accelerator path, bf16 matmuls "
+      "with the logits accumulated in fp32 (params, optimizer state, norms, softmax and CG "
+      "vectors stay fp32)", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true",
                         help="recompute each block in the backward/transpose pass (less memory, as "
                              "the authors' nothing_saveable remat)")
@@ -570,8 +580,14 @@ def common_flags(parser, d):
     f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8}, type=pos_int)
     f("--target-loss", 0.0, "stop once the validation loss is at or below this (0: never)",
       type=nonneg_float)
+    f("--start", "paper", "the starting point. paper: the paper's shared AdamW checkpoint, "
+      "--start-steps AdamW steps of one 32-sequence micro-batch at adamw.py's paper defaults (lr "
+      "0.01, constant), trained by adamw.py once on first need and cached under the token cache "
+      "by everything that determines it; the run then reads the data after the start's. none: "
+      "the seeded random init", {"small": "none", "tiny": "none"}, choices=["paper", "none"])
+    f("--start-steps", 1000, "AdamW steps of --start paper", type=pos_int)
     f("--init-from", "", "start from the params of this checkpoint, with a fresh optimizer state "
-      "(default: none, the seeded random init)", type=str)
+      "(default: none; overrides --start)", type=str)
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
     f("--cache-dir", "", "token cache directory (default $FULLGN_CACHE or ~/.cache/full-gn)", type=str)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -622,6 +638,11 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"s
       type=pos_int)
     parser.add_argument("--reset-start", action="store_true",
                         help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
+    parser.add_argument("--no-reject", action="store_true",
+                        help="take the line search's best eta even when the loss at theta_t (eta "
+                             "= 0, also evaluated) is lower: the authors' behaviour. By default "
+                             "such a step is rejected: theta stays, and the next solve restarts "
+                             "from theta_t with a fresh optimizer state and half the inner lr")
     f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)", type=unit_float)
 
 
@@ -666,6 +687,8 @@ def model_config(args):
 def parse_common(parser, argv, method):
     args = parser.parse(argv)
     args.method = method
+    # --dtype float32 means fp32: the GGN products must be symmetric to fp32 round-off for CG
+    jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else None)
     args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
     init_distributed(args.distributed)
     n = jax.device_count()
@@ -754,7 +777,7 @@ all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x
 _progress = {"t": 0.0, "line": ""}
 
 
-def tick(i, n, what="micro-batch"):
+def tick(i, n, what="micro-batch chunk"):
     """Host callback from inside a jitted step (jax.debug.callback): shows progress within a slow
     step, so that a 45m step on a CPU is not hours of silence. Item i of n of a phase (`what`);
     a phase is timed from its own first tick, so its ETA covers that phase alone."""
@@ -762,20 +785,33 @@ def tick(i, n, what="micro-batch"):
     if pr.get("what") != what or i < pr.get("i", 0):          # a new phase starts here
         pr.update(what=what, i0=i, t_phase=now)
     pr["i"] = i
-    if now - pr["t"] > 30 and pr["line"] and jax.process_index() == 0:
+    rate = (i - pr["i0"]) / max(now - pr["t_phase"], 1e-9)      # items per second in this phase
+    # every 30 s; and at once when a slow step's phase first has a rate, so an ETA shows early
+    first = rate > 0 and now - pr.get("t0", now) > 10 and pr.get("rated") != (what, pr["t_phase"])
+    if (now - pr["t"] > 30 or first) and pr["line"] and jax.process_index() == 0:
         pr["t"] = now
-        rate = (i - pr["i0"]) / max(now - pr["t_phase"], 1e-9)  # items per second in this phase
+        if rate > 0:
+            pr["rated"] = (what, pr["t_phase"])
         left = f", ~{(n - i) / rate / 60:.1f} min left in this phase" if rate > 0 else ""
-        print(f"{pr['line']} | {what} {i + 1}/{n}{left} | {now - pr['t0']:.0f}s into the step",
+        if rate > 0 and what == "micro-batch chunk" and "steps_after" in pr:   # one-phase steps
+            left += f", run ETA ~{(n - i + pr['steps_after'] * n) / rate / 3600:.1f} h"
+        print(f"{pr['line']} | {what} {i + 1}/{n}{left} | {now - pr.get('t0', now):.0f}s into the step",
               flush=True)
 
 
-
-
+# the paper's shared start: adamw.py's paper defaults on one 32-sequence micro-batch per step
+START = {"batch_size": 32, "grad_accum": 1, "lr": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+         "wd": 0.0, "clip": 1.0, "schedule": "constant", "order": "stream"}
+PAPER_SIZES = ("45m", "150m")
+_START_HINT = None    # the resume line of a start trained inside another run
 
 # flags that may differ between a run and its --resume
 RESUMABLE_CHANGES = {"resume", "stop_at", "steps", "eval_every", "target_loss", "distributed",
-                     "cache_dir", "fsdp", "split"}
+                     "cache_dir", "fsdp", "split", "explicit"}
+
+
+class _Abandon(Exception):
+    """Raised inside Run.train when an interrupt drops the computation in flight."""
 
 
 class Run:
@@ -796,11 +832,16 @@ class Run:
                             f"{args.out} holds a run that stopped before writing its first "
                             "checkpoint; pass --resume to start it over, or choose another --out")
         self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
+        self.resume_hint = _START_HINT or "continue with --resume"
+        self.uses_start = args.start == "paper" and not args.init_from
+        # the paper start read START["batch_size"]-sequence micro-batches from the stream's head
+        self.pos0 = -(-args.start_steps * START["batch_size"] // args.batch_size) if self.uses_start else 0
         cache = args.cache_dir or None
         rows = process_rows(args.batch_size)
-        self.train_data = Batches(load_tokens(args.data, "train", cfg.vocab, cache),
-                                  args.batch_size, cfg.seq_len, args.order, args.seed, rows)
+        train = load_tokens(args.data, "train", cfg.vocab, cache)
         val = load_tokens(args.data, "validation", cfg.vocab, cache)
+        self.guard_data(len(train), len(val))
+        self.train_data = Batches(train, args.batch_size, cfg.seq_len, args.order, args.seed, rows)
         self.val = shard_batch(val_batches(val, args.eval_batches, args.eval_batch_size, cfg.seq_len,
                                            process_rows(args.eval_batch_size)), self.mesh, 1)
         # eval batches are chunked to ~8k tokens of logits at a time (128 x 1024 at V=32000 is 17 GB)
@@ -808,11 +849,86 @@ class Run:
         self.evaluate = model.make_evaluate(cfg, split, lambda i, n: tick(i, n, "eval batch"))
         self.tokens_per_micro = args.batch_size * cfg.seq_len
 
+    def guard_data(self, n_train, n_val):
+        """Warn when the run reads its train split more than once (the start and the line-search
+        batches included); cap the paper sizes' default eval set at the validation split's
+        non-overlapping windows, and warn when the eval windows overlap."""
+        a, T = self.args, self.cfg.seq_len
+        micro = getattr(a, "grad_accum", None) or a.inner_steps + a.ls_batches
+        read = (self.pos0 + a.steps * micro) * a.batch_size * T
+        log = self.log if _START_HINT is None else (lambda line: None)   # the outer run said it
+        if read > n_train:
+            shards = min(C4_TOTALS["train"], math.ceil(read / 150e6))
+            log(f"warning: this run reads {read / 1e6:,.1f}M train tokens"
+                     + (" (its AdamW start included)" if self.uses_start else "")
+                     + f", {read / n_train:,.1f} passes over the {n_train / 1e6:.2f}M tokens of "
+                     f"--data {a.data}: past one pass it measures memorisation. Fetch enough C4 with "
+                     f"`python data.py download-c4 --out c4 --shards {shards}` (~150M tokens a shard) "
+                     "and pass --data c4")
+        n_win, n = n_val // (T + 1), jax.device_count()
+        if (a.size in PAPER_SIZES and not {"eval_batches", "eval_batch_size"} & set(a.explicit)
+                and a.eval_batches * a.eval_batch_size > n_win):
+            a.eval_batch_size = max(n, min(a.eval_batch_size, n_win) // n * n)
+            a.eval_batches = max(1, min(a.eval_batches, n_win // a.eval_batch_size))
+            log(f"eval: {a.eval_batches} x {a.eval_batch_size} windows of {T} tokens, what the "
+                     f"{n_val:,}-token validation split holds without overlap (--eval-batches and "
+                     "--eval-batch-size set it)")
+        if a.eval_batches * a.eval_batch_size > n_win:
+            log(f"warning: the {a.eval_batches * a.eval_batch_size} validation windows of {T} "
+                     f"tokens overlap: the {n_val:,}-token validation split holds {n_win} without "
+                     "overlap; lower --eval-batches or use more data")
+
+    def paper_start(self):
+        """The path of the paper's shared AdamW start for this run's size, data, vocab, seed and
+        dtype, training it first (by adamw.py, into the cache) when it is not there yet."""
+        a = self.args
+        key = {"size": a.size, "data": resolve_source(a.data)[1], "vocab": self.cfg.vocab,
+               "seed": a.seed, "dtype": a.dtype, "steps": a.start_steps, **START}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        final = os.path.join(a.cache_dir or default_cache_dir(), "starts", f"adamw-{a.size}-{digest}")
+        what = (f"{a.start_steps} AdamW steps of one {START['batch_size']} x {self.cfg.seq_len} "
+                f"micro-batch at lr {START['lr']}")
+        if os.path.exists(os.path.join(final, "ckpt")):
+            self.log(f"start: the paper's shared AdamW start ({what}), cached in {final}")
+            return os.path.join(final, "ckpt"), key
+        tokens = a.start_steps * START["batch_size"] * self.cfg.seq_len
+        self.log(f"start: training the paper's shared AdamW start first: {what}, {tokens / 1e6:.1f}M "
+                 f"tokens (at 45m: 49 s on one H100 in bf16; about a day on a 2-core CPU; the "
+                 f"progress lines below give the ETA here). Once: it is cached in {final} for every "
+                 f"later run. --start none starts from random init instead.")
+        import adamw                  # the one AdamW trainer (imported here: adamw imports data)
+        global _START_HINT
+        partial = final + ".partial"
+        argv = ["--size", a.size, "--data", a.data, "--seed", str(a.seed), "--dtype", a.dtype,
+                "--split", str(a.split), "--steps", str(a.start_steps), "--start", "none",
+                "--eval-every", str(a.start_steps), "--out", partial, "--cache-dir", a.cache_dir,
+                *[x for k, v in START.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+        if any(os.path.exists(os.path.join(partial, f)) for f in ("ckpt", "metrics.jsonl")):
+            argv.append("--resume")
+        _START_HINT = "rerun the same command: the start resumes from there"
+        try:
+            adamw.main(argv)
+        finally:
+            _START_HINT = None
+        if _read_checkpoint(os.path.join(partial, "ckpt"))[0]["meta"]["step"] < a.start_steps:
+            sys.exit(0)               # the start was interrupted, and said how to go on
+        if self.is_main:
+            os.replace(partial, final)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("paper start")
+        self.log(f"start: done; {a.method} begins from {final}")
+        return os.path.join(final, "ckpt"), key
+
     def init_params(self):
         shape = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.key(self.args.seed)))
+        self.start = None
         if self.args.init_from:
             params = load_checkpoint(self.args.init_from, {"params": shape}, keys=["params"])[0]["params"]
-        else:
+        elif self.uses_start and not self.resume:
+            path, key = self.paper_start()
+            params = load_checkpoint(path, {"params": shape}, keys=["params"])[0]["params"]
+            self.start = {"ckpt": path, "key": key, "data_offset_micro_batches": self.pos0}
+        else:    # random init (or, on --resume, the template the checkpoint fills)
             params = model.init_params(self.cfg, jax.random.key(self.args.seed))
         self.log(f"{self.args.method} --size {self.args.size}: {model.param_count(shape):,} params, "
                  f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
@@ -843,7 +959,7 @@ class Run:
         are device scalars including train_loss and grad_norm. diagnose(old_state, new_state,
         batches, metrics) -> more metrics, costly ones, run at evaluation steps only."""
         args = self.args
-        step, pos, tokens, elapsed = 0, 0, 0, 0.0
+        step, pos, tokens, elapsed = 0, self.pos0, 0, 0.0
         if self.is_main:
             os.makedirs(args.out, exist_ok=True)
         if self.resume:
@@ -851,7 +967,7 @@ class Run:
             step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
             if self.is_main:  # drop rows logged after the checkpoint (and a line cut by a kill)
                 rows = []
-                for line in open(self.metrics_path):
+                for line in open(self.metrics_path) if os.path.exists(self.metrics_path) else []:
                     try:
                         if json.loads(line)["step"] <= step:
                             rows.append(line)
@@ -866,7 +982,7 @@ class Run:
                 self.log(f"--resume: no checkpoint was ever written in {args.out}: starting the "
                          "run over (its metrics.jsonl is replaced)")
                 os.remove(self.metrics_path)
-            self.write_config(extra_config or {})
+            self.write_config({**(extra_config or {}), "start": getattr(self, "start", None)})
         # one placement for every leaf, kept by the step's out_shardings: no retrace at step 2
         where = state_sharding(state, self.mesh, args.fsdp)
         state = jax.device_put(state, where)
@@ -892,44 +1008,76 @@ class Run:
             return bool(multihost_utils.process_allgather(np.array(flag)).any())
 
         interrupted = []
+        # one process: an interrupt drops the step in flight (the state before it is what gets
+        # checkpointed) and exits at once; several: every process finishes the step, then saves
+        abandon = jax.process_count() == 1
 
-        def on_sigint(*_):   # finish the step, checkpoint, exit; a second Ctrl-C stops at once
-            interrupted.append(1)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.log("interrupt: checkpointing after this step (Ctrl-C again to stop now)")
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+        def on_signal(signum, _):
+            name = signal.Signals(signum).name
+            if interrupted:
+                self.log(f"{name} again: stopping at once; last checkpoint: {last_good()}")
+                os._exit(130)
+            interrupted.append(name)
+            self.log(f"{name}: checkpointing step {step}, the last completed one, "
+                     + ("now (a step in progress is dropped; --resume redoes it)" if abandon else
+                        "when the step in progress ends") + f"; {name} again stops at once")
+
+        def call(fn, *a):
+            """fn(*a) and its device results, computed in a worker thread: the main thread stays
+            free to take a signal at once (a step with host callbacks, the progress ticks, runs
+            synchronously on the CPU backend, and Python runs signal handlers in the main thread)."""
+            box = {}
+
+            def work():
+                try:
+                    box["out"] = jax.block_until_ready(fn(*a))
+                except BaseException as e:         # re-raised in the main thread
+                    box["err"] = e
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            while worker.is_alive():
+                if interrupted and abandon:
+                    raise _Abandon
+                worker.join(0.02)
+            if "err" in box:
+                raise box["err"]
+            return box["out"]
+        old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         t_save = time.time()
         val_loss = None
         try:
-            if step == 0:
+            if step == 0 and _START_HINT is None:      # (a start's random init needs no eval)
+                self.log(f"step 0 eval: {args.eval_batches} x {args.eval_batch_size} x "
+                         f"{self.cfg.seq_len} validation tokens")
                 _progress.update(line="step 0 eval", t=time.time(), t0=time.time(), what=None)
-                val_loss = float(self.evaluate(state["params"], self.val))
+                val_loss = float(call(self.evaluate, state["params"], self.val))
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
             stop = lambda: bool(interrupted) or step == args.stop_at > 0
             while step < args.steps and not agreed(stop()):
                 batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
-                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None)
-                old, (state, m) = state, step_fn(state, batches, step)
+                _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None,
+                                 steps_after=args.steps - step - 1)
+                new, m = call(step_fn, state, batches, step)
                 evaluated = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
                 if evaluated and diagnose is not None:
-                    m |= diagnose(old, state, batches, m)
-                del old
+                    m |= call(diagnose, state, new, batches, m)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 dt = time.time() - t0
-                step, pos, elapsed = step + 1, pos + micro_per_step, elapsed + dt
-                tokens += micro_per_step * self.tokens_per_micro
                 if not math.isfinite(m["train_loss"]):
-                    raise UserError(f"train loss is {m['train_loss']} at step {step}; last good "
+                    raise UserError(f"train loss is {m['train_loss']} at step {step + 1}; last good "
                                     f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
-                row = {"step": step, "tokens": tokens, **m, "step_time": dt,
-                       "tokens_per_s": micro_per_step * self.tokens_per_micro / dt, "elapsed": elapsed}
+                row = {"step": step + 1, "tokens": tokens + micro_per_step * self.tokens_per_micro, **m,
+                       "step_time": dt, "tokens_per_s": micro_per_step * self.tokens_per_micro / dt,
+                       "elapsed": elapsed + dt}
                 if evaluated:
-                    _progress.update(line=f"step {step} eval", t=time.time(), t0=time.time(), what=None)
-                    val_loss = row["val_loss"] = float(self.evaluate(state["params"], self.val))
-                    if "ema" in state:
-                        row["val_loss_ema"] = float(self.evaluate(state["ema"], self.val))
+                    _progress.update(line=f"step {step + 1} eval", t=time.time(), t0=time.time(), what=None)
+                    val_loss = row["val_loss"] = float(call(self.evaluate, new["params"], self.val))
+                    if "ema" in new:
+                        row["val_loss_ema"] = float(call(self.evaluate, new["ema"], self.val))
+                # the step is complete: it becomes the state that a save or an interrupt keeps
+                state, step, pos, tokens, elapsed = new, step + 1, pos + micro_per_step, row["tokens"], row["elapsed"]
                 self._write(row)
                 eta = (args.steps - step) * elapsed / max(step - (meta["step"] if self.resume else 0), 1)
                 self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"
@@ -943,10 +1091,19 @@ class Run:
                     self.log(f"target loss {args.target_loss} reached at step {step}")
                     break
             if agreed(stop()):
+                if saved != step:
+                    save()
+                self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; {self.resume_hint}")
+        except _Abandon:      # the work in flight is dropped: save what is complete, exit now
+            if saved != step:
                 save()
-                self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; continue with --resume")
+            self.log(f"interrupted: checkpoint {self.ckpt} at step {step}; {self.resume_hint}")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)       # without waiting for the computation still running on the device
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
         self.log(f"done: {step} steps, {tokens:,} tokens, {elapsed:.1f}s"
                  + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f" -> {args.out}")
         return state

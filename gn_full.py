@@ -40,6 +40,8 @@ Metrics (metrics.jsonl), beyond those of every script:
                      only (--eval-every), as it costs one forward + JVP per micro-batch (28% of
                      a small step, measured), which fwd_passes does not count
     eta, step_norm   the line search's eta* and |eta* d|; inner_norm |d|
+    ls_loss, ls_loss_eta0   the line search's best loss over eta > 0, and its loss at theta_t
+    rejected         1 when no eta > 0 beat eta = 0: the step was not taken (eta = 0)
     exactness        --measure-exactness: (q(d) - l(z0)) / (q(x*) - l(z0)) on the first inner
                      micro-batch, x* a CG solve with lam 1e-6 run to a relative residual of 1e-4
                      (or 2000 iterations); exactness_ref_residual is the residual it reached
@@ -47,6 +49,12 @@ Metrics (metrics.jsonl), beyond those of every script:
     fwd/jvp/vjp_passes  micro-batch passes of the network that run in the step
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py):
+  - the line search also evaluates eta = 0 on its batches; a step that no eta > 0 improves is
+    rejected: theta stays, the next solve restarts from theta_t with a fresh optimizer state
+    and half the inner lr (halved at each rejection, never raised again; CG: from delta = 0 with
+    twice the damping). Theirs took the best eta > 0 whatever it did: from random init at 45m
+    one outer step took the validation loss from 10.94 to 18.58. --no-reject restores theirs;
+  - at 45m/150m the run starts from the paper's shared AdamW checkpoint, built in (--start);
   - the inner lr is applied outside the optimizer, from the global inner step s*N + k, so that
     --reset-start does not restart the schedule (theirs restarted it);
   - `cosine_with_global_schedule` is left out (off by one in theirs); warmup counts outer steps;
@@ -283,13 +291,15 @@ def make_step(args, cfg, opt):
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
 
     def select_eta(theta_t, d, ls, m):
-        """eta* on the fresh line-search batches (eta = 1 without them); logs the best loss."""
+        """eta* on the fresh line-search batches, eta = 0 included (rejected: no eta > 0 beats it);
+        eta = 1 without line-search batches. Logs the best loss and the loss at theta_t."""
         if n_ls == 0:
-            return jnp.float32(1.0), None
-        losses = model.losses_along(theta_t, d, ls, etas, cfg, args.split,
-                                    lambda i, n: data.tick(i, n, "line-search eta"))
-        m["ls_loss"] = jnp.min(losses)
-        return etas[jnp.argmin(losses)], losses
+            return jnp.float32(1.0), jnp.bool_(False), None
+        eta, rejected, m["ls_loss"], m["ls_loss_eta0"], losses = model.line_search(
+            theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
+            reject=not args.no_reject)
+        m["rejected"] = rejected
+        return eta, rejected, losses
 
     def inner_step(state, batches, s):
         theta_t = state["params"]
@@ -302,7 +312,7 @@ def make_step(args, cfg, opt):
             D = axpy(-1.0, theta_t, theta)
             loss0, _, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
             updates, opt_state = opt.update(grad, opt_state, theta)
-            lr = data.inner_lr(args, s, k)
+            lr = data.inner_lr(args, s, k) * state["lr_scale"]
             theta = axpy(lr, updates, theta)
             jax.debug.callback(data.tick, k, N, "inner step")
             return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
@@ -311,18 +321,22 @@ def make_step(args, cfg, opt):
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
-        eta, _ = select_eta(theta_t, d, ls, m)
-        theta_next = axpy(eta, d, theta_t)
+        eta, rejected, _ = select_eta(theta_t, d, ls, m)
+        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
-        new = {"params": theta_next, "inner": theta, "opt": opt_state}   # inner: theta-hat, unscaled
+        else:      # a rejected step restarts the solve from theta_t with a fresh optimizer state
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
+            theta, opt_state = keep(theta_t, theta), keep(opt.init(theta_t), opt_state)
+        new = {"params": theta_next, "inner": theta, "opt": opt_state,   # inner: theta-hat, unscaled
+               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
         g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
               "model_grad_norm": model_gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d)}
         if args.measure_exactness:
             m["exactness"], m["exactness_ref_residual"] = exactness(
                 theta_t, d, jax.tree.map(lambda a: a[0], inner))
-        return new, m, (N + 1 + args.ls_range * n_ls, N, N + 1)     # fwd, JVP, VJP passes
+        return new, m, (N + 1 + (args.ls_range + 1) * n_ls, N, N + 1)   # fwd, JVP, VJP passes
 
     def exactness(theta_t, d, b):
         """GN-model decrease of d over that of a reference CG solve (lam 1e-6) on the same batch,
@@ -355,8 +369,8 @@ def make_step(args, cfg, opt):
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
         m = {}
-        eta, losses = select_eta(theta, step, ls, m)
-        f0 = f(jax.tree.map(jnp.zeros_like, delta))
+        eta, rejected, losses = select_eta(theta, step, ls, m)
+        f0 = m["ls_loss_eta0"]                                               # f(0), from the grid
         # reduction ratio rho against the undamped GN model
         if args.lam_rule == "lm-eta":
             e = eta * tdot(step, delta) / jnp.maximum(dd, 1e-30)             # step = e delta
@@ -369,11 +383,13 @@ def make_step(args, cfg, opt):
             new_lam = jnp.clip(new_lam, 1e-2 * rq, rq)
         if args.lam_rule == "fixed":
             new_lam = lam
-        new = {"params": axpy(eta, step, theta), "lam": new_lam, "delta": delta}
+        # a rejected step: theta stays, CG restarts from 0 with twice the damping
+        new = {"params": axpy(eta, step, theta), "lam": jnp.where(rejected, 2 * lam, new_lam),
+               "delta": jax.tree.map(lambda a: jnp.where(rejected, 0.0, a), delta)}
         m |= {"train_loss": loss, "grad_norm": optax.tree.norm(g), "eta": eta,
               "lam": lam, "rho": rho, "cg_iters": info["iters"], "cg_residual": info["residual"],
               "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(step)}
-        n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid, f(0), f(delta), back
+        n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid + f(0), f(delta), back
         grad_passes = N if Kc < N else 0
         products = info["iters"] + (args.lam_rule == "lm-rayleigh")          # G v products
         # forward passes that run: the stored linearisation of the Kc curvature batches (with
@@ -400,11 +416,16 @@ def make_diagnose(args, cfg):
     """At evaluation steps: the GN model's predicted change of the loss, on the step's inner
     (cg: outer) micro-batches, for the step taken eta* d and for the unscaled d."""
     @jax.jit
-    def diagnose(old, new, batches, m):
+    def coeffs(old, new, batches):
         taken = axpy(-1.0, old["params"], new["params"])                   # eta* d
-        a, b = model_change_coeffs(old["params"], taken, jax.tree.map(
+        return model_change_coeffs(old["params"], taken, jax.tree.map(
             lambda x: x[:args.inner_steps], batches), cfg, args.split)
-        eta = m["eta"]
+
+    def diagnose(old, new, batches, m):
+        eta = float(m["eta"])
+        if eta == 0:                                                       # rejected: no step
+            return {"model_change": 0.0}
+        a, b = coeffs(old, new, batches)
         return {"model_change": a + 0.5 * b, "model_change_d": a / eta + 0.5 * b / eta ** 2}
     return diagnose
 
@@ -420,7 +441,7 @@ def main(argv=None):
         opt, labels = data.inner_optimizer(args, params)
         if args.inner_opt == "muon":
             run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
-        state = {"params": params, "inner": params, "opt": opt.init(params)}
+        state = {"params": params, "inner": params, "opt": opt.init(params), "lr_scale": jnp.float32(1)}
     else:
         opt = None
         if args.split > 1:

@@ -13,6 +13,9 @@ then gets one global line search, theta_{t+1} = theta_t + eta* d, and each block
 phi_k warm-starts the next solve. An outer step costs K x N inner steps.
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn_layerwise.py):
+  - a step that no eta > 0 of the line search improves (eta = 0 is evaluated too) is rejected,
+    as in gn_full.py: theta stays, every solve restarts from theta_t with fresh optimizer
+    states and half the inner lr (--no-reject: theirs, the best eta > 0 whatever it does);
   - blocks are selected by exact keys: their string-prefix match on "h.1" also caught h.10 and
     h.11 at 150m, and their script, as released, jits loss_fn in main before defining it;
   - J_k is a JVP restricted to the block's parameters, not a full product with the rest frozen
@@ -24,7 +27,7 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_
 Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
 grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm the norm of the
 K blocks' model gradients at their warm starts (first inner micro-batch), eta, step_norm
-|eta* d|, inner_norm |d|, and the passes of the network that run.
+|eta* d|, inner_norm |d|, ls_loss, ls_loss_eta0, rejected, and the passes of the network.
 """
 import sys
 
@@ -137,7 +140,7 @@ def make_step(args, cfg, opts, blocks):
                 D_k = axpy(-1.0, get_block(theta_t, keys), phi)
                 loss, grad = block_inner_grad(theta_t, keys, D_k, b, cfg, args.objective, args.split)
                 updates, opt_state = opt.update(grad, opt_state, phi)
-                phi = axpy(data.inner_lr(args, s, k), updates, phi)
+                phi = axpy(data.inner_lr(args, s, k) * state["lr_scale"], updates, phi)
                 jax.debug.callback(data.tick, k, N, f"block {keys} inner step")
                 return (phi, opt_state), (loss, optax.tree.norm(grad))
 
@@ -148,25 +151,30 @@ def make_step(args, cfg, opts, blocks):
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
         m = {}
-        if n_ls:
-            losses = model.losses_along(theta_t, d, ls, etas, cfg, args.split,
-                                        lambda i, n: data.tick(i, n, "line-search eta"))
-            eta, m["ls_loss"] = etas[jnp.argmin(losses)], jnp.min(losses)
+        if n_ls:     # eta = 0 included: a step that no eta > 0 improves is rejected
+            eta, rejected, m["ls_loss"], m["ls_loss_eta0"], _ = model.line_search(
+                theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
+                reject=not args.no_reject)
+            m["rejected"] = rejected
         else:
-            eta = jnp.float32(1.0)
-        theta_next = axpy(eta, d, theta_t)
+            eta, rejected = jnp.float32(1.0), jnp.bool_(False)
+        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
+        fresh = [opt.init(get_block(theta_next, keys)) for keys, opt in zip(blocks, opts)]
         if args.reset_start:
-            phi_all = theta_next
-            opt_states = [opt.init(get_block(theta_next, keys)) for keys, opt in zip(blocks, opts)]
-        new = {"params": theta_next, "inner": phi_all, "opt": opt_states}
+            phi_all, opt_states = theta_next, fresh
+        else:      # a rejected step restarts every block's solve from theta_t, fresh states
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
+            phi_all, opt_states = keep(theta_t, phi_all), keep(fresh, opt_states)
+        new = {"params": theta_next, "inner": phi_all, "opt": opt_states,
+               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
         if args.ema:
             new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
         K = len(blocks)
         g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
-        m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0),
+        m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0) * state["lr_scale"],
               "grad_norm": optax.tree.norm(g1), "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)),
               "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d),
-              "fwd_passes": K * N + 1 + args.ls_range * n_ls, "jvp_passes": K * N,
+              "fwd_passes": K * N + 1 + (args.ls_range + 1) * n_ls, "jvp_passes": K * N,
               "vjp_passes": K * N + 1,
               "tokens_trained": N * args.batch_size * cfg.seq_len}
         return new, m
@@ -185,7 +193,8 @@ def main(argv=None):
     run.log(f"{len(blocks)} blocks: " + ", ".join(
         "+".join(f"h[{k}]" if isinstance(k, int) else k for k in keys) for keys in blocks))
     state = {"params": params, "inner": params,
-             "opt": [opt.init(get_block(params, keys)) for keys, opt in zip(blocks, opts)]}
+             "opt": [opt.init(get_block(params, keys)) for keys, opt in zip(blocks, opts)],
+             "lr_scale": jnp.float32(1)}
     if args.ema:
         state["ema"] = params
     run.train(state, make_step(args, cfg, opts, blocks),

@@ -14,6 +14,9 @@ on with --ls-batches). The inner iterate and the optimizer state carry over (war
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py with
 --gauss_newton=False):
+  - with --ls-batches > 0, a step that no eta > 0 of the line search improves (eta = 0 is
+    evaluated too) is rejected, as in gn_full.py: theta stays, every solve restarts from theta_t with fresh optimizer
+    states and half the inner lr (--no-reject: theirs, the best eta > 0 whatever it does);
   - the proximal term pulls toward theta_t: its gradient is +lam D. Theirs took the gradient with
     respect to theta_t, which gives -2 lam D / n_p (n_p: a leaf's size) and pushes away from
     theta_t; inert at lam = 0, which all their configs use;
@@ -25,7 +28,8 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_
 
 Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
 grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm |grad p(D0)| at the
-warm start (first inner micro-batch), eta, step_norm |eta* d|, inner_norm |d|, and the passes.
+warm start (first inner micro-batch), eta, step_norm |eta* d|, inner_norm |d|, the passes, and
+with a line search ls_loss, ls_loss_eta0 and rejected.
 """
 import sys
 
@@ -97,7 +101,7 @@ def make_step(args, cfg, opt):
             D = axpy(-1.0, theta_t, theta)
             loss0, _, grad = prox_model_grad(theta_t, D, b, cfg, args.prox_lam, args.split)
             updates, opt_state = opt.update(grad, opt_state, theta)
-            lr = data.inner_lr(args, s, k)
+            lr = data.inner_lr(args, s, k) * state["lr_scale"]
             theta = axpy(lr, updates, theta)
             jax.debug.callback(data.tick, k, N, "inner step")
             return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
@@ -106,23 +110,28 @@ def make_step(args, cfg, opt):
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
-        if n_ls:
-            losses = model.losses_along(theta_t, d, ls, etas, cfg, args.split,
-                                        lambda i, n: data.tick(i, n, "line-search eta"))
-            eta, m["ls_loss"] = etas[jnp.argmin(losses)], jnp.min(losses)
+        if n_ls:     # eta = 0 included: a step that no eta > 0 improves is rejected
+            eta, rejected, m["ls_loss"], m["ls_loss_eta0"], _ = model.line_search(
+                theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
+                reject=not args.no_reject)
+            m["rejected"] = rejected
         else:                                             # the paper's default: take the full step
-            eta = jnp.float32(1.0)
-        theta_next = axpy(eta, d, theta_t)
+            eta, rejected = jnp.float32(1.0), jnp.bool_(False)
+        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
-        new = {"params": theta_next, "inner": theta, "opt": opt_state}
+        else:      # a rejected step restarts the solve from theta_t with a fresh optimizer state
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
+            theta, opt_state = keep(theta_t, theta), keep(opt.init(theta_t), opt_state)
+        new = {"params": theta_next, "inner": theta, "opt": opt_state,
+               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
         if args.ema:
             new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
         g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
               "model_grad_norm": gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d),
               "inner_norm": optax.tree.norm(d),
-              "fwd_passes": N + 1 + args.ls_range * n_ls, "jvp_passes": N, "vjp_passes": N + 1,
+              "fwd_passes": N + 1 + (args.ls_range + 1) * n_ls, "jvp_passes": N, "vjp_passes": N + 1,
               "tokens_trained": N * args.batch_size * cfg.seq_len}
         return new, m
     return step
@@ -138,7 +147,7 @@ def main(argv=None):
     opt, labels = data.inner_optimizer(args, params)
     if args.inner_opt == "muon":
         run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
-    state = {"params": params, "inner": params, "opt": opt.init(params)}
+    state = {"params": params, "inner": params, "opt": opt.init(params), "lr_scale": jnp.float32(1)}
     if args.ema:
         state["ema"] = params
     run.train(state, make_step(args, cfg, opt), micro_per_step=args.inner_steps + args.ls_batches,

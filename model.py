@@ -193,7 +193,8 @@ def make_evaluate(cfg: Config, split=1, on_batch=None):
 
 def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
     """Mean loss and gradient over K stacked micro-batches (K, B, T), each in `split` chunks,
-    accumulated by lax.scan: memory is that of one chunk. on_micro(i, K) is a progress hook."""
+    accumulated by lax.scan: memory is that of one chunk. on_micro(i, K * split) is a progress
+    hook, called once per chunk."""
     K = batches["inputs"].shape[0]
     chunks = jax.tree.map(lambda a: split_micro(a, split), batches)
 
@@ -201,12 +202,23 @@ def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
         i, b = xs
         loss, g = jax.value_and_grad(loss_fn)(params, b, cfg)
         if on_micro is not None:
-            jax.debug.callback(on_micro, i // split, K)
+            jax.debug.callback(on_micro, i, K * split)
         return jax.tree.map(jnp.add, acc, (loss, g)), None
 
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
     (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
     return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)
+
+
+def line_search(theta, d, batches, etas, cfg: Config, split=1, on_eta=None, reject=True):
+    """eta* = the eta of `etas` with the lowest mean loss at theta + eta d on the batches. The loss
+    at eta = 0 (theta itself) is evaluated too: when no eta beats it the step is `rejected` and
+    eta* = 0 (with reject=False, the best eta is taken all the same). Returns eta*, rejected, the
+    best loss over etas, the loss at eta = 0, and the losses over etas."""
+    losses = losses_along(theta, d, batches, jnp.append(etas, 0.0), cfg, split, on_eta)
+    i = jnp.argmin(losses[:-1])
+    rejected = (losses[i] >= losses[-1]) & reject
+    return jnp.where(rejected, 0.0, etas[i]), rejected, losses[i], losses[-1], losses[:-1]
 
 
 def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):

@@ -9,7 +9,8 @@
 #                            GPUs/TPUs with C4 (DATA=dir of C4 shards); prints an estimate first
 #
 # Plan (quick and full), every method starting from one shared AdamW checkpoint as the paper does:
-#   1. start:     AdamW from scratch -> OUT/start/ckpt
+#   1. start:     quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
+#                 start (--start paper: 1000 AdamW steps, trained once and cached)
 #   2. sweeps:    short lr sweeps of AdamW, Muon, SOAP from the start (grids below); later runs
 #                 use each method's best lr (lowest final validation loss)
 #   3. fig1:      all six methods at the same large batch (K micro-batches per step)
@@ -58,10 +59,13 @@ EOF
 plan() {  # plan SIZE DATA K START_STEPS START_LR FIG1_BASE FIG1_GN FIG1_LW SWEEP BUDGET "BATCHES"
   local size=$1 data=$2 K=$3 start_steps=$4 start_lr=$5 base_steps=$6 gn_steps=$7 lw_steps=$8
   local sweep=$9 budget=${10} batches=${11}
-  local S="--size $size --data $data --init-from $out/start/ckpt"
+  local S="--size $size --data $data $EXTRA"
   mkdir -p "$out"
-  run "$out/start" adamw.py --size "$size" --data "$data" --grad-accum 1 --steps "$start_steps" \
-      --lr "$start_lr" --eval-every "$start_steps"
+  if [ "$start_steps" != builtin ]; then
+    run "$out/start" adamw.py --size "$size" --data "$data" --grad-accum 1 --steps "$start_steps" \
+        --lr "$start_lr" --eval-every "$start_steps"
+    S="$S --init-from $out/start/ckpt"
+  fi
   # 2. lr sweeps (short warmup: a fresh Adam state at a high lr wrecks a warm-started model)
   for lr in $SWEEP_ADAMW; do run "$out/sweep/adamw_$lr" adamw.py $S --grad-accum "$K" --steps "$sweep" \
       --lr "$lr" --schedule warmup_constant --warmup 2 --eval-every "$sweep"; done
@@ -110,22 +114,27 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick)
-    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.005 0.01 0.02" SWEEP_SOAP="1e-3 3e-3 1e-2"
+    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.005 0.01 0.02" SWEEP_SOAP="1e-3 3e-3 1e-2" EXTRA=""
     FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 8 micro-batches of 32 x 128 (32k tokens) per step; budget 64 micro-batches
     time plan small "${DATA:-bbc}" 8 150 3e-3 20 10 5 3 64 "2 8 32" ;;
   full)
     size=${SIZE:-45m}
     SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_SOAP="0.001 0.003 0.01" FIG2_GN=""
-    # the paper: 32 x 1024 micro-batches, 122 per step (~4M tokens), 1000 start steps
+    EXTRA="--dtype ${DTYPE:-bfloat16} --split ${SPLIT:-1}"
+    # the paper: 32 x 1024 micro-batches, 122 per step (~4M tokens), the built-in 1000-step start
     cat <<EOF
-full plan at $size: about 1000 start steps + 9 x 10 sweep steps + 3 x 227 baseline steps + 3 x 227 GN
-outer steps, at 122 micro-batches of 32 x 1024 tokens each (GN: + 122 line-search batches): roughly
-5e9 tokens for the baselines and 6e9 for the GN methods. On one H100 (paper: ~1.5x a training step
-per inner step) that is on the order of 100+ GPU-hours at 45m; 150m takes ~3x more. On this 2-core
-CPU one 45m outer step alone takes about 5 hours. DATA=${DATA:-bbc} (use a C4 directory).
+full plan at $size ($EXTRA), from the measured speed at 45m on one H100 in bf16: an AdamW step
+(122 x 32 x 1024 tokens) 4.07 s, a GN outer step 15.2 s, the shared start 49 s (Muon, SOAP,
+layerwise and prox-linear steps were not measured; layerwise ~ (L+2)/2 GN steps, prox-linear
+without line search ~ half of one):
+  start 1 min; sweeps 9 x 10 steps ~6 min; Figure 1: 3 x 227 baseline steps ~46 min, GN 227 x
+  15.2 s ~58 min, prox-linear ~30 min, layerwise ~3.4 h; Figures 2-3 (3904 micro-batches each
+  at 4 batch sizes) ~50 min; ablations 3 x 227 GN steps ~2.5 h: about 9 hours in all at 45m,
+  and ~3x that at 150m. On a 2-core CPU the start alone takes about a day and one 45m outer step
+  about 5 hours. DATA=${DATA:-bbc}: the scripts warn when it is read more than once (use C4).
 EOF
-    time plan "$size" "${DATA:-bbc}" 122 1000 0.01 227 227 227 10 3904 "16 61 122 244" ;;
+    time plan "$size" "${DATA:-bbc}" 122 builtin 0.01 227 227 227 10 3904 "16 61 122 244" ;;
   *)
     sed -n '2,20p' "$0"; exit 2 ;;
 esac
