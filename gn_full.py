@@ -1,8 +1,8 @@
 """Full Gauss-Newton: the paper's Algorithm 1 (inner solver + line search), and Hessian-free CG.
 
-GN split (the paper's setup; Martens 2010): logits z = f(theta; x) = model.forward, loss l = mean token
-CE. With J = dz/dtheta, p_t = softmax(z_t) and H_t = diag(p_t) - p_t p_t^T (the CE Hessian in
-logit space), the Gauss-Newton matrix over the N tokens of a batch is
+GN split (the paper's setup; Martens 2010): logits z = f(theta; x) = model.forward, loss l =
+mean token CE. With J = dz/dtheta, p_t = softmax(z_t) and H_t = diag(p_t) - p_t p_t^T (the CE
+Hessian in logit space), the Gauss-Newton matrix over the N tokens of a batch is
     G = (1/N) sum_t J_t^T H_t J_t,        G v = J^T [ (p * u - p (p^T u)) / N ],  u = J v,
 computed from one jax.linearize (J v) and its linear_transpose (J^T w), never materialised.
 
@@ -284,6 +284,7 @@ def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
 
 EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG solve
 
+
 def make_step(args, cfg, opt):
     N, n_ls = args.inner_steps, args.ls_batches
     etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
@@ -332,7 +333,8 @@ def make_step(args, cfg, opt):
                "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
         g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
-              "model_grad_norm": model_gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d)}
+              "model_grad_norm": model_gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d),
+              "inner_norm": optax.tree.norm(d)}
         if args.measure_exactness:
             m["exactness"], m["exactness_ref_residual"] = exactness(
                 theta_t, d, jax.tree.map(lambda a: a[0], inner))

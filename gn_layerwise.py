@@ -172,7 +172,8 @@ def make_step(args, cfg, opts, blocks):
         K = len(blocks)
         g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
         m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0) * state["lr_scale"],
-              "grad_norm": optax.tree.norm(g1), "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)),
+              "grad_norm": optax.tree.norm(g1),
+              "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)),
               "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d),
               "fwd_passes": K * N + 1 + (args.ls_range + 1) * n_ls, "jvp_passes": K * N,
               "vjp_passes": K * N + 1,

@@ -15,8 +15,8 @@ on with --ls-batches). The inner iterate and the optimizer state carry over (war
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py with
 --gauss_newton=False):
   - with --ls-batches > 0, a step that no eta > 0 of the line search improves (eta = 0 is
-    evaluated too) is rejected, as in gn_full.py: theta stays, every solve restarts from theta_t with fresh optimizer
-    states and half the inner lr (--no-reject: theirs, the best eta > 0 whatever it does);
+    evaluated too) is rejected, as in gn_full.py: theta stays, the solve restarts from theta_t
+    with a fresh optimizer state and half the inner lr (--no-reject: theirs, the best eta > 0);
   - the proximal term pulls toward theta_t: its gradient is +lam D. Theirs took the gradient with
     respect to theta_t, which gives -2 lam D / n_p (n_p: a leaf's size) and pushes away from
     theta_t; inert at lam = 0, which all their configs use;

@@ -1239,6 +1239,9 @@ def test_gn_step_rejects_a_catastrophe_and_restarts_the_solve(script):
     assert np.array_equal(flat(new["params"]), flat(params)) and np.array_equal(flat(new["inner"]), flat(params))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new["opt"]), jax.tree.leaves(opt_state)))
     assert float(new["lr_scale"]) == 0.5
+    first = jax.tree.map(lambda a: a[0], batches)         # grad_norm: |grad l(theta_t)|, first inner batch
+    np.testing.assert_allclose(float(m["grad_norm"]), tree_norm(jax.grad(model.loss_fn)(params, first, TINY)),
+                               rtol=1e-4)
     _, m2 = step(new, synthetic_batches(3, seed=1), 1)
     assert float(m2["lr"]) == pytest.approx(0.5 * float(data.inner_lr(args, 1, 0)))   # half the lr
     if script == "gn_full":      # the authors' behaviour: the best eta > 0 all the same
