@@ -665,6 +665,20 @@ def inner_optimizer(args, params):
     return optax.multi_transform({"adam": adamw, "muon": muon}, labels), labels
 
 
+def line_search(args, theta_t, d, ls, cfg, m):
+    """The GN scripts' line search on the fresh batches ls: eta* over (1/sqrt2)^i, i < --ls-range,
+    with eta = 0 evaluated too (model.line_search; --no-reject takes the best eta > 0 anyway).
+    Without line-search batches eta* = 1. Returns eta*, rejected and the losses over the grid,
+    and logs ls_loss, ls_loss_eta0 and rejected into m."""
+    if args.ls_batches == 0:
+        return jnp.float32(1.0), jnp.bool_(False), None
+    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
+    eta, m["rejected"], m["ls_loss"], m["ls_loss_eta0"], losses = model.line_search(
+        theta_t, d, ls, etas, cfg, args.split, lambda i, n: tick(i, n, "line-search eta"),
+        reject=not args.no_reject)
+    return eta, m["rejected"], losses
+
+
 def inner_lr(args, s, k):
     """The inner lr at inner step k of outer step s (0-based), from the global index s N + k
     (the authors' llama_train_gn.py, lr_sched; warmup counts outer steps, end lr 0)."""
@@ -834,6 +848,7 @@ class Run:
                             "checkpoint; pass --resume to start it over, or choose another --out")
         self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
         self.resume_hint = _START_HINT or "continue with --resume"
+        self.start = None                           # the paper start's checkpoint and key, if used
         self.uses_start = args.start == "paper" and not args.init_from
         # the paper start read START["batch_size"]-sequence micro-batches from the stream's head
         self.pos0 = -(-args.start_steps * START["batch_size"] // args.batch_size) if self.uses_start else 0
@@ -922,7 +937,6 @@ class Run:
 
     def init_params(self):
         shape = jax.eval_shape(lambda: model.init_params(self.cfg, jax.random.key(self.args.seed)))
-        self.start = None
         if self.args.init_from:
             params = load_checkpoint(self.args.init_from, {"params": shape}, keys=["params"])[0]["params"]
         elif self.uses_start and not self.resume:
@@ -983,7 +997,7 @@ class Run:
                 self.log(f"--resume: no checkpoint was ever written in {args.out}: starting the "
                          "run over (its metrics.jsonl is replaced)")
                 os.remove(self.metrics_path)
-            self.write_config({**(extra_config or {}), "start": getattr(self, "start", None)})
+            self.write_config({**(extra_config or {}), "start": self.start})
         # one placement for every leaf, kept by the step's out_shardings: no retrace at step 2
         where = state_sharding(state, self.mesh, args.fsdp)
         state = jax.device_put(state, where)

@@ -287,20 +287,8 @@ EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG
 
 def make_step(args, cfg, opt):
     N, n_ls = args.inner_steps, args.ls_batches
-    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
     tok = args.batch_size * cfg.seq_len
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
-
-    def select_eta(theta_t, d, ls, m):
-        """eta* on the fresh line-search batches, eta = 0 included (rejected: no eta > 0 beats it);
-        eta = 1 without line-search batches. Logs the best loss and the loss at theta_t."""
-        if n_ls == 0:
-            return jnp.float32(1.0), jnp.bool_(False), None
-        eta, rejected, m["ls_loss"], m["ls_loss_eta0"], losses = model.line_search(
-            theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
-            reject=not args.no_reject)
-        m["rejected"] = rejected
-        return eta, rejected, losses
 
     def inner_step(state, batches, s):
         theta_t = state["params"]
@@ -322,7 +310,7 @@ def make_step(args, cfg, opt):
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
-        eta, rejected, _ = select_eta(theta_t, d, ls, m)
+        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)   # rejected: eta = 0
         theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
@@ -371,7 +359,7 @@ def make_step(args, cfg, opt):
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
         m = {}
-        eta, rejected, losses = select_eta(theta, step, ls, m)
+        eta, rejected, losses = data.line_search(args, theta, step, ls, cfg, m)
         f0 = m["ls_loss_eta0"]                                               # f(0), from the grid
         # reduction ratio rho against the undamped GN model
         if args.lam_rule == "lm-eta":

@@ -124,7 +124,6 @@ def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", split=1):
 
 def make_step(args, cfg, opts, blocks):
     N, n_ls = args.inner_steps, args.ls_batches
-    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
 
     @jax.jit
     def step(state, batches, s):
@@ -151,13 +150,7 @@ def make_step(args, cfg, opts, blocks):
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
         m = {}
-        if n_ls:     # eta = 0 included: a step that no eta > 0 improves is rejected
-            eta, rejected, m["ls_loss"], m["ls_loss_eta0"], _ = model.line_search(
-                theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
-                reject=not args.no_reject)
-            m["rejected"] = rejected
-        else:
-            eta, rejected = jnp.float32(1.0), jnp.bool_(False)
+        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)   # rejected: eta = 0
         theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
         fresh = [opt.init(get_block(theta_next, keys)) for keys, opt in zip(blocks, opts)]
         if args.reset_start:

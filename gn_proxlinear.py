@@ -87,7 +87,6 @@ def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, split=1):
 
 def make_step(args, cfg, opt):
     N, n_ls = args.inner_steps, args.ls_batches
-    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
 
     @jax.jit
     def step(state, batches, s):
@@ -110,13 +109,8 @@ def make_step(args, cfg, opt):
             one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
         d = axpy(-1.0, theta_t, theta)
         m = {}
-        if n_ls:     # eta = 0 included: a step that no eta > 0 improves is rejected
-            eta, rejected, m["ls_loss"], m["ls_loss_eta0"], _ = model.line_search(
-                theta_t, d, ls, etas, cfg, args.split, lambda i, n: data.tick(i, n, "line-search eta"),
-                reject=not args.no_reject)
-            m["rejected"] = rejected
-        else:                                             # the paper's default: take the full step
-            eta, rejected = jnp.float32(1.0), jnp.bool_(False)
+        # eta = 1 without line-search batches, the paper's default here
+        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)
         theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
         if args.reset_start:
             theta, opt_state = theta_next, opt.init(theta_next)
