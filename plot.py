@@ -1,16 +1,26 @@
 """Figures and results.md from run directories: reads only config.json and metrics.jsonl.
 
-    python plot.py RESULTS_DIR [--target LOSS]
+    python plot.py RESULTS_DIR [--target LOSS] [--readme README.md]
+    python plot.py --pick WHAT ARGS...        (run.sh's choices: best, next-lr, lr, target, ...)
 
-RESULTS_DIR holds the layout that `run.sh quick|full` writes:
-  fig1/<method>/          every method from the shared start at one large batch  -> Figure 1
-  fig2/<method>_b<K>/     a fixed token budget at K micro-batches per step      -> Figures 2, 3
-  ablations/<name>/       GN variants                                           -> ablations.png
-The target loss is read from RESULTS_DIR/target.txt unless --target is given.
+RESULTS_DIR holds the layout that `run.sh quick|full` (and `run.sh seeds`) writes:
+  sweep/<method>_<lr>/       lr sweeps                                          -> sweeps.png
+  fig1/<method>/             every method from the shared start at K micro-batches -> Figure 1
+  fig2/<method>_b<b>/        a fixed micro-batch budget at b < K per step       -> Figures 2, 3
+  seeds/seed<s>/<method>/    Figure 1 again for seeds s = 1, 2                  -> error bars
+  ablations/<name>/          GN variants                                        -> ablations.png
+  oracle/                    oracle.py's table (quoted in results.md when present)
+It writes the figures and RESULTS_DIR/results.md.
+The target loss is RESULTS_DIR/target.txt (unrounded) unless --target is given. Steps to the
+target are counted two ways: `first` is the first evaluated step at or below it, `interp`
+interpolates the validation loss linearly between that evaluation and the one before (so a run
+that misses the target by 4e-5 at step 16 counts 16.0 instead of 17). Ratios use `interp`.
+Every number that results.md and the README's results section print comes from these files.
 """
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -22,17 +32,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The paper's steps to validation loss 3.25 (its Figure 1): GN 54, layerwise 78, SOAP 292,
 # Muon ~864 (40M-token batch), AdamW slower (no number).
-PAPER = {"gn_full": 54, "gn_layerwise": 78, "soap": 292, "muon": 864}
+PAPER = {"gn_full": "54", "gn_layerwise": "78", "soap": "292", "muon": "~864", "adamw": "more"}
 BASELINES = ("adamw", "muon", "soap")
+NAMES = {"adamw": "AdamW", "muon": "Muon", "soap": "SOAP", "gn_full": "GN full (Algorithm 1)",
+         "gn_layerwise": "GN layerwise", "gn_proxlinear": "GN prox-linear (line search)",
+         "gn_proxlinear_no_ls": "GN prox-linear (no line search)"}
 COLORS = {"adamw": "tab:gray", "muon": "tab:orange", "soap": "tab:green", "gn_full": "tab:blue",
-          "gn_layerwise": "tab:purple", "gn_proxlinear": "tab:red", "gn_cg": "tab:cyan"}
+          "gn_layerwise": "tab:purple", "gn_proxlinear": "tab:red", "gn_proxlinear_no_ls": "tab:pink"}
+PREAMBLE = ("# Results\n\nWritten by `python plot.py` from the config.json and metrics.jsonl files "
+            "beside this file; run.sh states the plan.\n\n")
+README_BEGIN, README_END = "<!-- results:begin (plot.py --readme) -->", "<!-- results:end -->"
 
 
+# ---------------------------------------------------------------- reading the logs
 def load(run_dir):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     conf = json.load(open(os.path.join(run_dir, "config.json")))
-    return {"name": os.path.basename(run_dir.rstrip("/")), "conf": conf, "rows": rows,
-            "val": [(r["step"], r["tokens"], r.get("elapsed", 0.0), r["val_loss"]) for r in rows if "val_loss" in r]}
+    a = conf["args"]
+    return {"name": os.path.basename(run_dir.rstrip("/")), "dir": run_dir, "conf": conf, "rows": rows,
+            "lr": a["lr"], "K": a.get("grad_accum") or a.get("inner_steps"),
+            "val": [(r["step"], r["tokens"], r.get("elapsed", 0.0), r["val_loss"])
+                    for r in rows if "val_loss" in r]}
 
 
 def runs(pattern):
@@ -40,76 +60,199 @@ def runs(pattern):
 
 
 def to_target(run, target):
-    """(steps, tokens, seconds) at the first evaluation with val_loss <= target, else None."""
-    for step, tokens, secs, v in run["val"]:
-        if v <= target:
-            return step, tokens, secs
+    """None if no evaluation reached `target`, else {first, interp}: each (step, tokens, seconds),
+    `first` at the first evaluation with val_loss <= target, `interp` linear in val_loss between
+    that evaluation and the previous one."""
+    prev = None
+    for point in run["val"]:
+        if point[3] <= target:
+            if prev is None or prev[3] == point[3]:
+                return {"first": point[:3], "interp": point[:3]}
+            w = (prev[3] - target) / (prev[3] - point[3])
+            return {"first": point[:3], "interp": tuple(p + w * (q - p) for p, q in zip(prev[:3], point[:3]))}
+        prev = point
     return None
 
 
-def curve(ax, run, x, label=None):
+def final(run):
+    return run["val"][-1]
+
+
+def target_of(results, override=None):
+    if override is not None:
+        return override
+    path = os.path.join(results, "target.txt")
+    if not os.path.exists(path):
+        print(f"error: no --target and no {path}; pass --target LOSS", file=sys.stderr)
+        sys.exit(2)
+    return float(open(path).read().split()[0])
+
+
+def rank_key(run, target):
+    """A sweep's ranking: fewest interpolated steps to the target, then the lowest final loss."""
+    hit = to_target(run, target) if target is not None else None
+    return (hit["interp"][0] if hit else math.inf, final(run)[3])
+
+
+# ---------------------------------------------------------------- run.sh's choices
+def pick(what, args):
+    if what == "lr":                                    # lr DIR
+        return repr(load(args[0])["lr"])
+    if what == "target":                                # target STEP DIR...: lowest val at STEP
+        step = int(args[0])
+        return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
+    target = None
+    if args[0] == "--target":
+        target, args = float(args[1]), args[2:]
+    rs = [load(d) for d in args]
+    if what == "best":                                  # best [--target T] DIR...: its directory
+        return min(rs, key=lambda r: rank_key(r, target))["dir"]
+    if what == "next-lr":                               # next-lr [--target T] DIR...: grid extension
+        lrs = sorted(r["lr"] for r in rs)
+        best = min(rs, key=lambda r: rank_key(r, target))["lr"]
+        if len(lrs) < 3 or lrs[0] < best < lrs[-1]:
+            return ""
+        return f"{best / 3:.3g}" if best == lrs[0] else f"{best * 3:.3g}"
+    if what == "reached":                               # reached --target T DIR: yes or no
+        return "yes" if to_target(rs[0], target) else "no"
+    if what == "two-best":                              # two-best --target T DIR...: method names
+        return " ".join(r["name"] for r in sorted(rs, key=lambda r: rank_key(r, target))[:2])
+    raise SystemExit(f"error: unknown --pick {what}")
+
+
+# ---------------------------------------------------------------- figures
+def curve(ax, run, x, color=None, label=None, **kw):
     i = {"step": 0, "tokens": 1, "time": 2}[x]
-    xs, ys = [p[i] for p in run["val"]], [p[3] for p in run["val"]]
-    ax.plot(xs, ys, "-o", ms=3, label=label or run["name"], color=COLORS.get(run["name"]))
+    ax.plot([p[i] for p in run["val"]], [p[3] for p in run["val"]], "-o", ms=3,
+            label=label or run["name"], color=color or COLORS.get(run["name"]), **kw)
 
 
-def figure1(results, target):
-    rs = runs(os.path.join(results, "fig1", "*"))
-    if not rs:
-        return []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+def style(ax, title, xlabel, ylabel="validation loss"):
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save(fig, results, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(results, name), dpi=110)
+    plt.close(fig)
+
+
+def seed_runs(results):
+    """{method: [run of seed 0 (fig1), seed 1, ...]} for the methods that have seed runs."""
+    out = {}
+    for d in sorted(glob.glob(os.path.join(results, "seeds", "seed*", "*", "metrics.jsonl"))):
+        r = load(os.path.dirname(d))
+        out.setdefault(r["name"], []).append(r)
+    fig1 = {r["name"]: r for r in runs(os.path.join(results, "fig1", "*"))}
+    return {m: [fig1[m]] + rs for m, rs in out.items() if m in fig1}
+
+
+def seed_stats(seeds, target):
+    """Per method: interpolated steps to target per seed (None: not reached); per seed, the
+    ratio best-baseline steps / GN steps."""
+    steps = {m: [(to_target(r, target) or {"interp": (None,)})["interp"][0] for r in rs]
+             for m, rs in seeds.items()}
+    ratios = []
+    if "gn_full" in steps:
+        for i, g in enumerate(steps["gn_full"]):
+            base = [steps[m][i] for m in BASELINES if m in steps and i < len(steps[m]) and steps[m][i]]
+            ratios.append(min(base) / g if base and g else None)
+    return steps, ratios
+
+
+def figure1(results, rs, target, seeds):
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     for ax, x, xl in zip(axes, ("step", "tokens", "time"),
-                         ("outer steps (GN) / optimizer steps", "tokens (incl. line search)", "wall-clock seconds")):
+                         ("optimizer / outer steps", "tokens (incl. line search)", "seconds in steps (incl. compilation)")):
         for r in rs:
             curve(ax, r, x)
-        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:.3f}")
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:.4f}")
         ax.set_xlabel(xl)
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Figure 1: iteration complexity from the shared AdamW start, same batch for every method")
-    fig.tight_layout()
-    fig.savefig(os.path.join(results, "fig1_iterations.png"), dpi=110)
-    plt.close(fig)
-    return rs
+    ax = axes[3]
+    steps, _ = seed_stats(seeds, target)
+    for i, (m, ss) in enumerate(sorted(steps.items())):
+        got = [s for s in ss if s is not None]
+        if got:
+            mean = sum(got) / len(got)
+            ax.bar(i, mean, color=COLORS.get(m), alpha=0.6,
+                   yerr=[[mean - min(got)], [max(got) - mean]], capsize=5)
+            ax.plot([i] * len(got), got, "ko", ms=4)
+        if len(got) < len(ss):
+            ax.annotate(f"{len(ss) - len(got)} not reached", (i, 0), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(steps)), [NAMES.get(m, m).split(" (")[0] for m in sorted(steps)], fontsize=8)
+    ax.set_ylabel("steps to target (interpolated)")
+    ax.set_title(f"over {max((len(s) for s in steps.values()), default=0)} seeds: mean, range, each seed")
+    ax.grid(alpha=0.3, axis="y")
+    K = rs[0]["K"] if rs else "?"
+    fig.suptitle(f"Figure 1: from the shared AdamW start, {K} micro-batches per step for every method")
+    save(fig, results, "fig1_iterations.png")
 
 
-def figures23(results, target):
-    rs = runs(os.path.join(results, "fig2", "*"))
+def sweeps(results):
     by = {}
-    for r in rs:
+    for r in runs(os.path.join(results, "sweep", "*")):
+        by.setdefault(r["name"].rsplit("_", 1)[0], []).append(r)
+    if not by:
+        return by
+    fig, axes = plt.subplots(1, len(by), figsize=(4.5 * len(by), 4), squeeze=False)
+    for ax, (m, rs) in zip(axes[0], sorted(by.items())):
+        for i, r in enumerate(sorted(rs, key=lambda r: r["lr"])):
+            curve(ax, r, "step", color=plt.cm.viridis(i / max(len(rs) - 1, 1)), label=f"lr {r['lr']:g}")
+        style(ax, f"{NAMES.get(m, m)} sweep", "step")
+    save(fig, results, "sweeps.png")
+    return by
+
+
+def figures23(results, fig1):
+    """Final loss at a fixed budget of micro-batches, and steps to a loss, per batch size. The
+    point at Figure 1's K is the Figure-1 run cut at the same budget."""
+    by = {}
+    budget = None
+    for r in runs(os.path.join(results, "fig2", "*")):
         m = re.match(r"(.+)_b(\d+)$", r["name"])
         if m:
-            tok = int(m.group(2)) * r["conf"]["tokens_per_micro_batch"]
-            by.setdefault(m.group(1), []).append((tok, r))
+            budget = r["conf"]["args"]["steps"] * r["K"]
+            by.setdefault(m.group(1), []).append((r["K"], r))
     if not by:
-        return by, None
-    # Figure 3's target: AdamW's own final loss at its middle batch size, so that the small
-    # budget of the quick mode still lets most runs reach it (the fig1 target may not be reached)
+        return by, None, None
+    for r in fig1:
+        if r["name"] in by and budget % r["K"] == 0 and r["K"] not in [b for b, _ in by[r["name"]]]:
+            cut = dict(r, val=[p for p in r["val"] if p[0] <= budget // r["K"]])
+            if cut["val"][-1][0] == budget // r["K"]:
+                by[r["name"]].append((r["K"], cut))
+    # Figure 3's loss: AdamW's own final loss at its middle batch size (reached by most runs)
     ref = sorted(by.get("adamw", next(iter(by.values()))), key=lambda p: p[0])
-    target = ref[len(ref) // 2][1]["val"][-1][3]
+    target3 = final(ref[len(ref) // 2][1])[3]
     fig, (a2, a3) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, pts in sorted(by.items()):
         pts.sort(key=lambda p: p[0])
-        a2.plot([t for t, _ in pts], [r["val"][-1][3] for _, r in pts], "-o", label=method,
-                color=COLORS.get(method))
-        reach = [(t, to_target(r, target)) for t, r in pts]
-        reach = [(t, s[0]) for t, s in reach if s]
-        if reach:
-            a3.plot(*zip(*reach), "-o", label=method, color=COLORS.get(method))
-    a2.set_title("Figure 2: final validation loss at a fixed token budget")
-    a3.set_title(f"Figure 3: steps to validation loss {target:.3f}\n(AdamW's fig-2 loss at its middle batch)")
-    for ax, yl in ((a2, "final validation loss"), (a3, "steps to target")):
+        tok = lambda r: r["K"] * r["conf"]["tokens_per_micro_batch"]
+        c = COLORS.get(method)
+        a2.plot([tok(r) for _, r in pts], [final(r)[3] for _, r in pts], "-o", label=method, color=c)
+        hit = [(tok(r), to_target(r, target3)) for _, r in pts]
+        xs = [t for t, h in hit if h]
+        a3.plot(xs, [h["interp"][0] for _, h in hit if h], "-o", label=method, color=c)
+        miss = [t for t, h in hit if not h]          # reached never: hollow marker at the top
+        if miss:
+            top = max([final(r)[0] for _, r in pts])
+            a3.plot(miss, [top] * len(miss), "o", mfc="none", color=c, ms=9,
+                    label=f"{method}: not reached in its budget")
+    a2.set_title(f"Figure 2: final validation loss at {budget} micro-batches")
+    a3.set_title(f"Figure 3: steps to validation loss {target3:.4f}\n(AdamW's Figure-2 loss at its middle batch)")
+    for ax, yl in ((a2, "final validation loss"), (a3, "steps to the loss (interpolated)")):
         ax.set_xscale("log")
         ax.set_xlabel("batch size (tokens per optimizer / outer step)")
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     a3.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(os.path.join(results, "fig2_fig3_batch_size.png"), dpi=110)
-    plt.close(fig)
-    return by, target
+    save(fig, results, "fig2_fig3_batch_size.png")
+    return by, target3, budget
 
 
 def ablations(results, target):
@@ -117,64 +260,187 @@ def ablations(results, target):
     if not rs:
         return rs
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rs:
-        curve(ax, r, "step")
+    for i, r in enumerate(rs):
+        curve(ax, r, "step", color=plt.cm.tab10(i))
     ax.axhline(target, color="k", ls="--", lw=1)
-    ax.set_xlabel("outer steps")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Ablations of full GN (from the shared start)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(results, "ablations.png"), dpi=110)
-    plt.close(fig)
+    style(ax, "Ablations of full GN (from the shared start)", "outer steps")
+    save(fig, results, "ablations.png")
     return rs
 
 
-def table(fig1, abl, target):
-    lines = ["| run | steps to target | tokens to target | wall time to target (s) | "
-             "best first-order steps / steps | paper: steps to 3.25 at 45M |", "|---|---|---|---|---|---|"]
-    hit = {r["name"]: to_target(r, target) for r in fig1 + abl}
-    best = min((hit[r["name"]][0] for r in fig1 if r["name"] in BASELINES and hit[r["name"]]),
-               default=None)
-    for r in fig1 + abl:
+# ---------------------------------------------------------------- tables and text
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def fig1_table(rs, target):
+    """Rows of Figure 1 and the best baseline's (steps, tokens, seconds) to the target."""
+    hit = {r["name"]: to_target(r, target) for r in rs}
+    base = [hit[m]["interp"] for m in BASELINES if hit.get(m)]
+    best = tuple(min(b[i] for b in base) for i in range(3)) if base else None
+    lines = ["| run | lr | steps to target: first eval / interpolated | tokens (interp.) | "
+             "seconds (interp.) | best baseline / run: steps, tokens, seconds | paper: steps to 3.25 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rs:
         h = hit[r["name"]]
-        last = r["val"][-1]
-        cells = ([str(h[0]), f"{h[1]:,}", f"{h[2]:.0f}", f"{best / h[0]:.2f}" if best else "-"] if h else
-                 [f"not reached in {last[0]} (final {last[3]:.3f})", "-", "-", "-"])
-        paper = PAPER.get(r["name"], "")
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {paper} |")
+        if h:
+            ratio = " / ".join(fmt(b / x) if x else "-" for b, x in zip(best, h["interp"])) if best else "-"
+            cells = [f"{h['first'][0]} / {h['interp'][0]:.2f}", f"{h['interp'][1]:,.0f}",
+                     f"{h['interp'][2]:.0f}", ratio]
+        else:
+            cells = [f"not reached in {final(r)[0]} (final {final(r)[3]:.4f})", "-", "-", "-"]
+        lines.append(f"| {NAMES.get(r['name'], r['name'])} | {r['lr']:g} | " + " | ".join(cells)
+                     + f" | {PAPER.get(r['name'], '')} |")
     return "\n".join(lines), hit, best
 
 
+def seeds_table(seeds, target):
+    steps, ratios = seed_stats(seeds, target)
+    if not steps:
+        return "", None
+    lines = ["| run | steps to target per seed (interpolated) | mean | range |", "|---|---|---|---|"]
+    for m, ss in sorted(steps.items()):
+        got = [s for s in ss if s is not None]
+        lines.append(f"| {NAMES.get(m, m)} | " + ", ".join(fmt(s) for s in ss) + " | "
+                     + (f"{sum(got) / len(got):.2f} | {min(got):.2f} - {max(got):.2f}" if got else "- | -")
+                     + " |")
+    got = [x for x in ratios if x]
+    stat = (sum(got) / len(got), min(got), max(got), len(got), len(ratios)) if got else None
+    if stat:
+        lines.append("| **best baseline / GN full** | " + ", ".join(fmt(x) for x in ratios)
+                     + f" | **{stat[0]:.2f}** | {stat[1]:.2f} - {stat[2]:.2f} |")
+    return "\n".join(lines), stat
+
+
+def summary(rs, hit, best, target, stat):
+    """The headline sentences, each computed from the logs."""
+    gn = hit.get("gn_full")
+    out = []
+    names = [m for m in BASELINES if hit.get(m)]
+    bname = min(names, key=lambda m: hit[m]["interp"][0]) if names else None
+    if gn and best:
+        r = [b / x for b, x in zip(best, gn["interp"])]
+        word = lambda x, what: f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
+        out.append(f"GN full reaches the target in {gn['interp'][0]:.2f} steps (interpolated; first "
+                   f"evaluation at or below it: step {gn['first'][0]}), the best first-order method "
+                   f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
+                   f"(line-search batches counted) and {word(r[2], 'seconds')} (the paper: 5.4x fewer "
+                   f"steps than SOAP, 292/54).")
+    elif best is None:
+        out.append(f"No first-order baseline reached {target:.4f}.")
+    if stat:
+        out.append(f"Over {stat[4]} seeds the ratio is {stat[0]:.2f} on average, range "
+                   f"{stat[1]:.2f} to {stat[2]:.2f}" + (f" ({stat[4] - stat[3]} seed(s) without a ratio: "
+                                                       "a run did not reach the target)" if stat[3] < stat[4] else "") + ".")
+    for r in rs:
+        if not hit[r["name"]]:
+            out.append(f"{NAMES.get(r['name'], r['name'])} does not reach the target in its "
+                       f"{final(r)[0]} steps (final {final(r)[3]:.4f}).")
+    return out
+
+
+def oracle_summary(results):
+    """The oracle gap in one paragraph, from oracle/oracle.jsonl: the range of f(u) per direction
+    and of the baselines' per-block f_k, over every point, batch and lam measured."""
+    path = os.path.join(results, "oracle", "oracle.jsonl")
+    if not os.path.exists(path):
+        return ""
+    rows = [json.loads(line) for line in open(path)]
+    rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+    f = lambda n: [r["dirs"][n]["f"] for r in rows if n in r["dirs"]]
+    fk = lambda n: [x for r in rows if n in r["dirs"] for x in r["dirs"][n]["f_k"]]
+    base = [m for m in BASELINES if f(m)]
+    return (f"Oracle gap (oracle.py, {len(rows)} measurements: steps {sorted({r['point'] for r in rows})} "
+            f"of the baselines' Figure-1 runs, lam {sorted({r['lam'] for r in rows})}, "
+            f"{len({r['batch'] for r in rows})} batches of {rows[0]['tokens']:,} tokens): the layerwise "
+            f"oracle keeps f(d_LW) = {rng(f('layerwise'))} of the full GN step's model decrease; the "
+            "baselines' next updates keep f(u) = " + ", ".join(f"{NAMES[m]} {rng(f(m))}" for m in base)
+            + ", and per block f_k = " + ", ".join(f"{NAMES[m]} {rng(fk(m))}" for m in base)
+            + f" of the layerwise oracle's; gn_full's own inner solve from a fresh state keeps "
+            f"f(d) = {rng(f('gn_inner'))}. CG residuals of d*: {rng([r['residual'] for r in rows])}.")
+
+
+def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds, readme):
+    md_table, hit, best = fig1_table(rs, target)
+    s_table, stat = seeds_table(seeds, target)
+    K = rs[0]["K"] if rs else None
+    tok = rs[0]["conf"]["tokens_per_micro_batch"] if rs else None
+    head = summary(rs, hit, best, target, stat)
+    parts = [f"Target validation loss: **{target!r}** (OUT/target.txt: the best baseline's loss at "
+             f"80% of its Figure-1 budget). Figure 1 runs {K} micro-batches of {tok:,} tokens per step."
+             if rs else "", " ".join(head), "![Figure 1](fig1_iterations.png)", md_table]
+    if s_table:
+        parts += ["Seeds (the start's init and the data order): seed 0 is the Figure-1 run.", s_table]
+    if sweep_by:
+        rows = []
+        for m, srs in sorted(sweep_by.items()):
+            srs = sorted(srs, key=lambda r: r["lr"])
+            bestr = min(srs, key=lambda r: rank_key(r, target if m.startswith("gn") else None))
+            rows.append(f"| {NAMES.get(m, m)} | " + ", ".join(
+                f"{'**' if r is bestr else ''}{r['lr']:g}: {final(r)[3]:.4f} at step {final(r)[0]}"
+                f"{'**' if r is bestr else ''}" for r in srs) + " |")
+        parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps (validation loss at the sweep's last step; GN sweeps stop at "
+                  "the target and are ranked by steps to it; best in bold):",
+                  "| method | lr: loss |\n|---|---|\n" + "\n".join(rows)]
+    if by:
+        rows = []
+        for method, pts in sorted(by.items()):
+            for b, r in sorted(pts, key=lambda p: p[0]):
+                h = to_target(r, target3)
+                rows.append(f"| {method} | {b} ({b * r['conf']['tokens_per_micro_batch']:,} tokens) | "
+                            f"{budget // b} | {final(r)[3]:.4f} | "
+                            + (f"{h['interp'][0]:.2f}" if h else f"not reached in {final(r)[0]}") + " |")
+        parts += [f"Figures 2-3: {budget} micro-batches at each batch size (the point at {K} is the "
+                  f"Figure-1 run cut at step {budget // K if K else '-'}); steps to {target3:.4f}, "
+                  "AdamW's own loss at its middle batch:", "![Figures 2-3](fig2_fig3_batch_size.png)",
+                  "| method | micro-batches per step | steps | final val | steps to the loss |\n"
+                  "|---|---|---|---|---|\n" + "\n".join(rows)]
+    if abl:
+        parts += ["![ablations](ablations.png)", "Ablations of GN full (same start, lr and batch as Figure 1):", "| variant | steps to "
+                  "target: first / interp. | final val (step) |\n|---|---|---|\n" + "\n".join(
+                      f"| {r['name']} | " + (f"{h['first'][0]} / {h['interp'][0]:.2f}" if (h := to_target(r, target))
+                                             else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) |"
+                      for r in abl)]
+    oracle = os.path.join(results, "oracle", "oracle.md")
+    if os.path.exists(oracle):
+        parts += ["## The oracle gap (oracle.py)", oracle_summary(results), "![oracle](oracle/oracle.png)",
+                  open(oracle).read().strip()]
+    text = "\n\n".join(p for p in parts if p) + "\n"
+    open(os.path.join(results, "results.md"), "w").write(PREAMBLE + text)
+    if readme:
+        src = open(readme).read()
+        if README_BEGIN not in src or README_END not in src:
+            print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
+            sys.exit(2)
+        a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
+        short = "\n\n".join([" ".join(head), md_table] + ([s_table] if s_table else [])
+                              + ([oracle_summary(results)] if os.path.exists(oracle) else []))
+        open(readme, "w").write(src[:a] + "\n" + short + "\n" + src[b:])
+    return text
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--pick"]:
+        print(pick(argv[1], argv[2:]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="the results directory written by run.sh")
-    p.add_argument("--target", type=float, default=None, help="target validation loss")
+    p.add_argument("--target", type=float, default=None, help="target validation loss (default: "
+                   "RESULTS/target.txt)")
+    p.add_argument("--readme", default=None, help="also rewrite the generated results section of "
+                   "this README (between its results:begin and results:end markers)")
     a = p.parse_args(argv)
-    tfile = os.path.join(a.results, "target.txt")
-    if a.target is None and not os.path.exists(tfile):
-        print(f"error: no --target and no {tfile}; pass --target LOSS", file=sys.stderr)
-        sys.exit(2)
-    target = a.target if a.target is not None else float(open(tfile).read().split()[0])
-    fig1 = figure1(a.results, target)
-    by, target3 = figures23(a.results, target)
+    target = target_of(a.results, a.target)
+    rs = runs(os.path.join(a.results, "fig1", "*"))
+    seeds = seed_runs(a.results)
+    if rs:
+        figure1(a.results, rs, target, seeds)
+    sweep_by = sweeps(a.results)
+    by, target3, budget = figures23(a.results, rs)
     abl = ablations(a.results, target)
-    md, hit, best = table(fig1, abl, target)
-    for method, pts in sorted(by.items()):
-        md += f"\n\nFigure 2-3, {method}: " + "; ".join(
-            f"batch {t:,} tokens: final {r['val'][-1][3]:.3f}, steps to {target3:.3f}: "
-            f"{(to_target(r, target3) or ['-'])[0]}" for t, r in sorted(pts, key=lambda p: p[0]))
-    out = os.path.join(a.results, "results_table.md")
-    open(out, "w").write(md + "\n")
-    print(md)
-    gn = hit.get("gn_full")
-    if gn and best:
-        print(f"\nGN full reached {target:.3f} in {gn[0]} outer steps; the best first-order baseline "
-              f"in {best}: {best / gn[0]:.2f}x fewer (the paper: 5.4x, 292/54 against SOAP)")
-    elif best is None:
-        print(f"\nno first-order baseline reached {target:.3f}")
+    print(write_results(a.results, target, rs, by, target3, budget, abl, sweep_by, seeds, a.readme))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -4,24 +4,33 @@
 #   ./run.sh test            the test suite (the README's test command)
 #   ./run.sh smoke [OUT]     every script for 2 steps on the tiny config, in seconds
 #   ./run.sh quick [OUT]     the paper's experiments at CPU scale (small config, embedded data):
-#                            under 60 minutes on 2 CPU cores; figures + results in OUT
+#                            figures + results in OUT (measured on 2 CPU cores: see README)
+#   ./run.sh seeds [OUT]     after quick, in its OUT: seeds 1-2 of Figure 1, the oracle gap, GN ablations
 #   ./run.sh full  [OUT]     the same plan at the paper's scale (45m; SIZE=150m for 150m) on
 #                            GPUs/TPUs with C4 (DATA=dir of C4 shards); prints an estimate first
 #
-# Plan (quick and full), every method starting from one shared AdamW checkpoint as the paper does:
-#   1. start:     quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
-#                 start (--start paper: 1000 AdamW steps, trained once and cached)
-#   2. sweeps:    short lr sweeps of AdamW, Muon, SOAP from the start (grids below); later runs
-#                 use each method's best lr (lowest final validation loss)
-#   3. fig1:      all six methods at the same large batch (K micro-batches per step)
-#   4. target:    the best baseline's validation loss at 80% of its fig1 budget (OUT/target.txt)
-#   5. fig2/3:    AdamW, SOAP and GN at a fixed token budget for several batch sizes
-#   6. ablations: GN without line search, without warm start, and with the CG solver
-#   7. plot.py:   figures (PNG) and OUT/results_table.md
+# Plan (quick and full), every method from one shared AdamW checkpoint as the paper does, at
+# K micro-batches per (outer) step, with no warmup for any method (the same policy for all):
+#   1. start:   quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
+#               start (--start paper: 1000 AdamW steps, trained once and cached)
+#   2. sweeps:  each baseline at 3 lrs for SWEEP steps, with the settings of its Figure-1 run; a
+#               best lr (lowest validation loss at step SWEEP) at the grid's edge extends the grid
+#               (x3 or /3, twice at most). Figure 1's baseline run is the best sweep run, resumed
+#               to BASE steps
+#   3. target:  the best baseline's validation loss at 80% of BASE (OUT/target.txt, unrounded)
+#   4. GN:      GN's inner lr swept the same way (3 lrs, SWEEP steps, stopping at the target;
+#               best = fewest steps to the target); layerwise and prox-linear (constant lr, with
+#               and without line search) at GN's lr until the target or GN_CAP steps
+#   5. fig2/3:  AdamW, SOAP and GN at BUDGET micro-batches for the smaller batch sizes (the
+#               Figure-1 runs give the point at K)
+#   6. plot.py: figures and OUT/results.md
+# ./run.sh seeds OUT (after quick) reruns the start, GN and the two best baselines for seeds 1
+# and 2 (Figure 1's error bars), measures the oracle gap (oracle.py: how much of the GN step
+# AdamW, Muon and SOAP capture) along the baselines' Figure-1 runs, and runs GN's ablations.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-}
-out=${2:-results/$mode}
+out=${2:-results/${mode/seeds/quick}}
 py=${PYTHON:-python}
 
 run() {  # run DIR SCRIPT ARGS...: skip runs that already finished (rerunning resumes the plan)
@@ -36,72 +45,101 @@ run() {  # run DIR SCRIPT ARGS...: skip runs that already finished (rerunning re
   touch "$dir/done"
 }
 
-best_lr() {  # best_lr DIR...: the --lr of the run with the lowest final validation loss
-  $py - "$@" <<'EOF'
-import json, sys
-def final(d):
-    return [json.loads(l) for l in open(d + "/metrics.jsonl") if "val_loss" in l][-1]["val_loss"]
-best = min(sys.argv[1:], key=final)
-print(json.load(open(best + "/config.json"))["args"]["lr"])
-EOF
-}
-
-target_loss() {  # target_loss STEP DIR...: the lowest validation loss at STEP among the runs
-  $py - "$@" <<'EOF'
-import json, sys
-step = int(sys.argv[1])
-vals = [r["val_loss"] for d in sys.argv[2:] for r in map(json.loads, open(d + "/metrics.jsonl"))
-        if r["step"] == step and "val_loss" in r]
-print(f"{min(vals):.4f}")
-EOF
-}
-
-plan() {  # plan SIZE DATA K START_STEPS START_LR FIG1_BASE FIG1_GN FIG1_LW SWEEP BUDGET "BATCHES"
-  local size=$1 data=$2 K=$3 start_steps=$4 start_lr=$5 base_steps=$6 gn_steps=$7 lw_steps=$8
-  local sweep=$9 budget=${10} batches=${11}
-  local S="--size $size --data $data $EXTRA"
-  mkdir -p "$out"
-  if [ "$start_steps" != builtin ]; then
-    run "$out/start" adamw.py --size "$size" --data "$data" --grad-accum 1 --steps "$start_steps" \
-        --lr "$start_lr" --eval-every "$start_steps"
-    S="$S --init-from $out/start/ckpt"
+extend() {  # extend DIR SCRIPT ARGS...: resume the finished run DIR with new ARGS (--steps)
+  local dir=$1; shift
+  if [ -f "$dir/extended" ]; then echo "== $dir: extended, skipped"; return; fi
+  echo "== $dir (resumed): $*"
+  if ! $py "$@" --out "$dir" --resume >> "$dir/stdout.log" 2>&1; then
+    tail -n 3 "$dir/stdout.log"; echo "run.sh: $dir failed; see $dir/stdout.log" >&2; exit 1
   fi
-  # 2. lr sweeps (short warmup: a fresh Adam state at a high lr wrecks a warm-started model)
-  for lr in $SWEEP_ADAMW; do run "$out/sweep/adamw_$lr" adamw.py $S --grad-accum "$K" --steps "$sweep" \
-      --lr "$lr" --schedule warmup_constant --warmup 2 --eval-every "$sweep"; done
-  for lr in $SWEEP_MUON; do run "$out/sweep/muon_$lr" muon.py $S --grad-accum "$K" --steps "$sweep" \
-      --lr "$lr" --schedule warmup_constant --warmup 2 --eval-every "$sweep"; done
-  for lr in $SWEEP_SOAP; do run "$out/sweep/soap_$lr" soap.py $S --grad-accum "$K" --steps "$sweep" \
-      --lr "$lr" --schedule warmup_constant --warmup 2 --eval-every "$sweep"; done
-  local lr_adamw lr_muon lr_soap
-  lr_adamw=$(best_lr "$out"/sweep/adamw_*); lr_muon=$(best_lr "$out"/sweep/muon_*)
-  lr_soap=$(best_lr "$out"/sweep/soap_*)
-  echo "best lr: adamw $lr_adamw, muon $lr_muon, soap $lr_soap" | tee "$out/best_lr.txt"
-  local W="--schedule warmup_constant --warmup 2 --eval-every 1"
-  # 3. Figure 1: every method at K micro-batches per (outer) step
-  run "$out/fig1/adamw" adamw.py $S --grad-accum "$K" --steps "$base_steps" --lr "$lr_adamw" $W
-  run "$out/fig1/muon" muon.py $S --grad-accum "$K" --steps "$base_steps" --lr "$lr_muon" $W
-  run "$out/fig1/soap" soap.py $S --grad-accum "$K" --steps "$base_steps" --lr "$lr_soap" $W
-  run "$out/fig1/gn_full" gn_full.py $S --inner-steps "$K" --steps "$gn_steps" --eval-every 1
-  run "$out/fig1/gn_proxlinear" gn_proxlinear.py $S --inner-steps "$K" --steps "$gn_steps" --eval-every 1
-  run "$out/fig1/gn_layerwise" gn_layerwise.py $S --inner-steps "$K" --steps "$lw_steps" --eval-every 1
-  # 4. the target: the best baseline's loss at 80% of its budget
-  local at=$(( base_steps * 8 / 10 ))
-  target_loss "$at" "$out"/fig1/{adamw,muon,soap} > "$out/target.txt"
-  echo "target loss $(cat "$out/target.txt"): the best baseline's validation loss at step $at of $base_steps"
-  # 5. Figures 2-3: a fixed budget of $budget micro-batches at several batch sizes
-  for b in $batches; do
-    local steps=$(( budget / b ))
-    run "$out/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --steps "$steps" --lr "$lr_adamw" $W
-    run "$out/fig2/soap_b$b" soap.py $S --grad-accum "$b" --steps "$steps" --lr "$lr_soap" $W
-    run "$out/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" --steps "$steps" --eval-every 1 $FIG2_GN
+  grep -E "^(done:|target loss)" "$dir/stdout.log" | tail -n 1 || true
+  touch "$dir/extended"
+}
+
+pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
+  $py plot.py --pick "$@"
+}
+
+sweep() {  # sweep NAME SCRIPT "LRS" ARGS...: the lr sweep of one method; prints the best run dir
+  local name=$1 script=$2 lrs=$3; shift 3   # (RANK="--target T": rank by steps to T first)
+  for lr in $lrs; do run "$out/sweep/${name}_$lr" "$script" "$@" --lr "$lr" >&2; done
+  for _ in 1 2; do  # a best lr at the grid's edge extends the grid
+    local next; next=$(pick next-lr ${RANK:-} "$out"/sweep/"${name}"_*)
+    [ -z "$next" ] && break
+    run "$out/sweep/${name}_$next" "$script" "$@" --lr "$next" >&2
   done
-  # 6. ablations of GN (fig1's gn_full is the reference)
-  mkdir -p "$out/ablations" && rm -rf "$out/ablations/gn_full" && cp -r "$out/fig1/gn_full" "$out/ablations/gn_full"
-  run "$out/ablations/gn_no_linesearch" gn_full.py $S --inner-steps "$K" --steps "$lw_steps" --ls-batches 0 --eval-every 1
-  run "$out/ablations/gn_reset_start" gn_full.py $S --inner-steps "$K" --steps "$lw_steps" --reset-start --eval-every 1
-  run "$out/ablations/gn_cg" gn_full.py $S --inner-steps "$K" --steps "$lw_steps" --solver cg --eval-every 1
-  # 7. figures and table
+  pick best ${RANK:-} "$out"/sweep/"${name}"_*
+}
+
+plan() {  # plan SIZE DATA K START_STEPS START_LR SWEEP BASE GN_CAP BUDGET "BATCHES" [SEED]
+  local size=$1 data=$2 K=$3 start_steps=$4 start_lr=$5 sweep_steps=$6 base=$7 cap=$8
+  local budget=$9 batches=${10} seed=${11:-0}
+  local S="--size $size --data $data --seed $seed $EXTRA" E="--eval-every 1"
+  local o=$out; [ "$seed" = 0 ] || o=$out/seeds/seed$seed
+  mkdir -p "$o"
+  if [ "$start_steps" != builtin ]; then
+    run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
+        --steps "$start_steps" --lr "$start_lr" --eval-every "$start_steps"
+    S="$S --init-from $o/start/ckpt"
+  fi
+  local B="--grad-accum $K --schedule constant"
+  if [ "$seed" != 0 ]; then  # seeds: Figure 1's lrs and target, GN and the two best baselines
+    local target; target=$(cat "$out/target.txt")
+    for m in $(pick two-best --target "$target" "$out"/fig1/{adamw,muon,soap}); do
+      run "$o/$m" "$m.py" $S $B --steps "$base" --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
+    done
+    run "$o/gn_full" gn_full.py $S --inner-steps "$K" --steps "$cap" --lr "$(pick lr "$out/fig1/gn_full")" \
+        $E --target-loss "$target"
+    return
+  fi
+  # 2. baseline sweeps; Figure 1 continues each best run
+  local m best
+  for m in adamw muon soap; do
+    local lrs=SWEEP_${m^^}
+    best=$(sweep "$m" "$m.py" "${!lrs}" $S $B --steps "$sweep_steps" $E)
+    if [ ! -d "$o/fig1/$m" ]; then mkdir -p "$o/fig1" && cp -r "$best" "$o/fig1/$m"; fi
+    extend "$o/fig1/$m" "$m.py" $S $B --steps "$base" --lr "$(pick lr "$best")" $E
+  done
+  # 3. the target: the best baseline's loss at 80% of its budget, unrounded
+  local at=$(( base * 8 / 10 ))
+  pick target "$at" "$o"/fig1/{adamw,muon,soap} > "$o/target.txt"
+  local target; target=$(cat "$o/target.txt")
+  echo "target loss $target: the best baseline's validation loss at step $at of $base"
+  # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
+  local G="--inner-steps $K $E --target-loss $target"
+  best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$sweep_steps")
+  if [ ! -d "$o/fig1/gn_full" ]; then cp -r "$best" "$o/fig1/gn_full"; fi
+  local lr_gn; lr_gn=$(pick lr "$best")
+  if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
+    extend "$o/fig1/gn_full" gn_full.py $S $G --steps "$cap" --lr "$lr_gn"
+  fi
+  run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G --steps "$cap" --lr "$lr_gn"
+  run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" \
+      --schedule constant --ls-batches 0
+  run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" --schedule constant \
+      --ls-batches 2
+  # 5. Figures 2-3: BUDGET micro-batches at the smaller batch sizes (Figure 1 is the point at K)
+  for b in $batches; do
+    local steps=$(( budget / b )) every=$(( budget / b / 8 > 1 ? budget / b / 8 : 1 ))
+    local F="--steps $steps --eval-every $every"
+    run "$o/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$o/fig1/adamw")"
+    run "$o/fig2/soap_b$b" soap.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$o/fig1/soap")"
+    run "$o/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" $F --lr "$lr_gn" $FIG2_GN
+  done
+  # 6. figures and results.md
+  $py plot.py "$o"
+}
+
+seeds() {  # the seeds and the GN ablations, after the main plan
+  local K=$1 cap=$2 target; shift 2
+  for s in 1 2; do plan "$@" "$s"; done
+  target=$(cat "$out/target.txt")
+  run "$out/oracle" oracle.py --results "$out" $ORACLE
+  local S="--size $1 --data $2 $EXTRA --init-from $out/start/ckpt --inner-steps $K"
+  S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
+  run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
+  run "$out/ablations/gn_reset_start" gn_full.py $S --reset-start
+  run "$out/ablations/gn_cg" gn_full.py $S --solver cg
   $py plot.py "$out"
 }
 
@@ -113,11 +151,14 @@ case "$mode" in
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
-  quick)
-    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.005 0.01 0.02" SWEEP_SOAP="1e-3 3e-3 1e-2" EXTRA=""
+  quick|seeds)
+    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="1e-3 3e-3 1e-2"
+    SWEEP_GN="1e-3 3e-3 1e-2" EXTRA="--batch-size 16" ORACLE="--lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
     FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
-    # small config, BBC; K = 8 micro-batches of 32 x 128 (32k tokens) per step; budget 64 micro-batches
-    time plan small "${DATA:-bbc}" 8 150 3e-3 20 10 5 3 64 "2 8 32" ;;
+    # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
+    # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 at 128 micro-batches
+    args=(small "${DATA:-bbc}" 32 150 3e-3 8 14 10 128 "2 8")
+    if [ "$mode" = quick ]; then time plan "${args[@]}"; else time seeds 32 10 "${args[@]}"; fi ;;
   full)
     size=${SIZE:-45m}
     SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_SOAP="0.001 0.003 0.01" FIG2_GN=""
@@ -134,7 +175,7 @@ without line search ~ half of one):
   and ~3x that at 150m. On a 2-core CPU the start alone takes about a day and one 45m outer step
   about 5 hours. DATA=${DATA:-bbc}: the scripts warn when it is read more than once (use C4).
 EOF
-    time plan "$size" "${DATA:-bbc}" 122 builtin 0.01 227 227 227 10 3904 "16 61 122 244" ;;
+    time plan "$size" "${DATA:-bbc}" 122 builtin 0.01 10 227 227 3904 "16 61 244" ;;
   *)
     sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -1463,6 +1463,51 @@ def test_exactness_against_a_dense_solve():
     np.testing.assert_allclose(float(m["exactness"]), q(d) / q(x_star), rtol=2e-3)
 
 
+def test_oracle_fractions_against_a_dense_G():
+    # oracle.measure against G = J^T H J and solves in numpy, on MICRO's 3 blocks (wte; h[0] with
+    # ln_f; lm_head): Delta, f, f_k and cos_k of random, descent, orthogonal and ascent directions
+    import oracle
+    p, flat, unravel, b, J, H = micro_problem(seed=5)
+    z = np.asarray(model.forward(p, b["inputs"], MICRO), np.float64).reshape(-1, MICRO.vocab)
+    pr = np.exp(z - z.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    g = J.T @ ((pr - np.eye(MICRO.vocab)[np.asarray(b["targets"]).reshape(-1)]).reshape(-1) / len(z))
+    lam, n = 1e-2, len(g)
+    A = J.T @ H @ J + lam * np.eye(n)
+    blocks = gn_layerwise.make_blocks(MICRO)
+    masks = [np.asarray(jax.flatten_util.ravel_pytree(oracle.embed(p, keys, jax.tree.map(
+        jnp.ones_like, gn_layerwise.get_block(p, keys))))[0]) != 0 for keys in blocks]
+    assert len(blocks) == 3 and np.all(sum(m.astype(int) for m in masks) == 1)   # a partition
+    delta = lambda u, A_, g_: (g_ @ u) ** 2 / (2 * u @ A_ @ u) if g_ @ u < 0 else 0.0
+    d_star = -np.linalg.solve(A, g)
+    d_lw = np.zeros(n)
+    for m in masks:
+        d_lw[m] = -np.linalg.solve(A[np.ix_(m, m)], g[m])
+    rng = np.random.default_rng(0)
+    u_rand = rng.normal(size=n)
+    u_desc = -g + 0.5 * np.linalg.norm(g) / np.sqrt(n) * rng.normal(size=n)
+    u_orth = u_rand - (u_rand @ g) / (g @ g) * g
+    dense = {"rand": u_rand, "desc": u_desc, "orth": u_orth, "ascent": g, "dstar": d_star}
+    dirs = {k: unravel(jnp.asarray(v, jnp.float32)) for k, v in dense.items()}
+    r = jax.jit(lambda: oracle.measure(p, jax.tree.map(lambda a: a[None], b), jnp.float32(lam), dirs,
+                                       MICRO, blocks, iters=400, tol=1e-6))()
+    assert float(r["residual"]) < 1e-4 and float(np.max(r["block_residual"])) < 1e-4
+    np.testing.assert_allclose(float(r["delta_star"]), 0.5 * g @ np.linalg.solve(A, g), rtol=1e-3)
+    dense["layerwise"] = d_lw
+    for k, u in dense.items():
+        got = r["dirs"][k]
+        np.testing.assert_allclose(float(got["f"]), delta(u, A, g) / delta(d_star, A, g), rtol=2e-3, atol=1e-6)
+        for i, m in enumerate(masks):
+            want = delta(u[m], A[np.ix_(m, m)], g[m]) / delta(d_lw[m], A[np.ix_(m, m)], g[m])
+            np.testing.assert_allclose(float(got["f_k"][i]), want, rtol=2e-3, atol=1e-6)
+            cos = u[m] @ d_star[m] / np.linalg.norm(u[m]) / np.linalg.norm(d_star[m])
+            np.testing.assert_allclose(float(got["cos_k"][i]), cos, rtol=2e-3, atol=1e-5)
+    assert abs(float(r["dirs"]["dstar"]["f"]) - 1) < 1e-3                    # f(d*) = 1
+    np.testing.assert_allclose(r["dirs"]["layerwise"]["f_k"], 1, rtol=1e-3)  # the oracle's own blocks
+    assert float(r["dirs"]["orth"]["f"]) < 1e-5 and float(r["dirs"]["ascent"]["f"]) == 0
+    assert 0.05 < float(r["dirs"]["desc"]["f"]) < 0.99 and float(r["dirs"]["layerwise"]["f"]) < 0.999
+
+
 def test_bf16_logits_are_accumulated_in_fp32():
     cfg = dataclasses.replace(TINY, dtype="bfloat16")
     p, b = tiny_params(), tiny_batch(4)
@@ -1824,3 +1869,66 @@ def test_bad_input_exit_code_of_a_real_process(tmp_path):
         rc, out, err = run_script("gn_full.py", "--size", "tiny", *argv)
         assert rc == 2 and needle in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+# ============================================================================ plot.py
+
+def fake_run(root, name, lr, vals, K=4, tok=1000, secs=2.0):
+    """A run directory as the scripts write it: config.json and metrics.jsonl with val_loss."""
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    json.dump({"args": {"lr": lr, "grad_accum": K, "steps": len(vals) - 1}, "tokens_per_micro_batch": tok},
+              open(os.path.join(d, "config.json"), "w"))
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for s, v in enumerate(vals):
+            f.write(json.dumps({"step": s, "tokens": s * K * tok, "elapsed": s * secs, "val_loss": v}) + "\n")
+    return d
+
+
+def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
+    import plot
+    # the audit's case: the target is a run's own loss at step 2, which a 4-decimal rounding missed
+    a = fake_run(tmp_path, "soap", 1e-3, [6.0, 5.6, 5.447140, 5.4])
+    b = fake_run(tmp_path, "adamw", 3e-3, [6.0, 5.8, 5.7, 5.6])
+    plot.main(["--pick", "target", "2", a, b])
+    target = float(capsys.readouterr().out)
+    assert target == np.float64(5.447140) and target != 5.4471           # unrounded (repr)
+    assert plot.to_target(plot.load(a), target)["first"] == (2, 8000, 4.0)
+    # between evaluations: linear in the loss, for steps, tokens and seconds alike
+    hit = plot.to_target(plot.load(a), 5.5)
+    assert hit["first"][0] == 2 and hit["interp"] == pytest.approx((1 + 0.1 / 0.15286, 4000 * (1 + 0.1 / 0.15286),
+                                                                    2 * (1 + 0.1 / 0.15286)), rel=1e-4)
+    assert plot.to_target(plot.load(b), target) is None
+    # the sweep's choices: best by final loss, the grid extended past an edge, never inside it
+    c = fake_run(tmp_path, "adamw_1e-2", 1e-2, [6.0, 5.9, 5.5, 5.3])
+    assert plot.pick("best", [a, b, c]) == c and plot.pick("next-lr", [a, b, c]) == "0.03"
+    assert plot.pick("next-lr", [a, c, b]) == "0.03" and plot.pick("next-lr", [b, a]) == ""
+    d = fake_run(tmp_path, "adamw_1e-4", 1e-4, [6.0, 5.9, 5.8, 5.7])
+    assert plot.pick("next-lr", [a, b, d]) == ""                         # best (1e-3) inside
+    # with a target, fewer steps to it beats a lower final loss
+    e = fake_run(tmp_path, "gn_fast", 3e-3, [6.0, 5.3])
+    assert plot.pick("best", ["--target", "5.5", e, c]) == e
+    assert plot.pick("two-best", ["--target", "5.5", e, c, b]) == "gn_fast adamw_1e-2"
+
+
+def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
+    import plot
+    R = str(tmp_path / "r")
+    fake_run(f"{R}/fig1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3])        # 5.5: step 3, interp 2.667
+    fake_run(f"{R}/fig1", "gn_full", 3e-3, [6.0, 5.6, 5.2])                 # 5.5: interp 1.25
+    fake_run(f"{R}/fig1", "adamw", 1e-3, [6.0, 5.9, 5.8, 5.7, 5.65])        # never
+    fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.7, 5.5])              # 2.0
+    fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                # 1.0
+    open(f"{R}/target.txt", "w").write("5.5\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{plot.README_BEGIN}\nold numbers\n{plot.README_END}\nrest\n")
+    plot.main([R, "--readme", str(readme)])
+    md = open(f"{R}/results.md").read()
+    assert md.count("| SOAP | 0.01 |") == 1 and md.count("| GN full (Algorithm 1) | 0.003 |") == 1
+    r0, r1 = (2 + 0.1 / 0.15) / 1.25, 2.0 / 1.0                              # per seed, by hand
+    assert f"**{r0:.2f}x fewer steps**" in md and "not reached in 4 (final 5.6500)" in md
+    assert f"**{(r0 + r1) / 2:.2f}** | {min(r0, r1):.2f} - {max(r0, r1):.2f}" in md
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert f"{r0:.2f}x fewer steps" in text
+    assert os.path.exists(f"{R}/fig1_iterations.png")
