@@ -28,7 +28,8 @@ definition); cos_k is the cosine of u_k and d*_k. Reported per direction u:
 
 Points: 0 is the shared start (RESULTS/start/ckpt, every method with a fresh optimizer state);
 p > 0 is each baseline at step p of its own Figure-1 trajectory: the checkpoint at step p of
-RESULTS/fig1/<method> or of the sweep run it continues (RESULTS/sweep/<method>_<lr>). Writes
+RESULTS/fig1/<method> or of the sweep run it continues (RESULTS/sweep/<method>_<lr>); run.sh
+keeps those at the sweep's last step (8) and the run's last (14), each with the one before. Writes
 OUT/oracle.jsonl (every number), OUT/oracle.md (tables) and OUT/oracle.png.
 """
 import argparse
@@ -107,9 +108,10 @@ def embed(theta, keys, u_k):
 
 
 def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol):
-    """f, f_k and cos_k of each direction in `dirs` (name -> pytree like theta) at theta on batch
-    ((K, B, T) micro-batches), with d* and d_LW solved by CG; also reports d_LW itself. Returns
-    {"delta_star", "residual", "block_residual", "dirs": {name: {"f", "f_k", "cos_k"}}}."""
+    """f, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
+    "layerwise"), at theta on a batch of (K, B, T) micro-batches; d* and each block of d_LW are
+    solved by CG. Returns {"delta_star": Delta(d*), "residual", "iters", "block_residual",
+    "dirs": {name: {"f", "f_k", "cos_k"}}}."""
     _, g, Gv = gn_full.gn_model(theta, batch, cfg)
     A = lambda v: axpy(lam, v, Gv(v))
     solve = lambda op, b: gn_full.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
@@ -121,7 +123,9 @@ def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol):
     for keys, (x, _) in zip(blocks, lw):
         d_lw = gn_layerwise.set_block(d_lw, keys, x)
     ref = delta(tdot(g, d_star), tdot(d_star, A(d_star)))
-    ref_k = [delta(tdot(get(g, keys), x), tdot(x, A_k[k](x))) for k, (keys, (x, _)) in enumerate(zip(blocks, lw))]
+    ref_k = [delta(tdot(get(g, keys), x), tdot(x, A_k[k](x)))
+             for k, (keys, (x, _)) in enumerate(zip(blocks, lw))]
+
     def stats(u):                  # one direction: f, f_k, cos_k (lax.map: compiled once)
         f_k, cos_k = [], []
         for k, keys in enumerate(blocks):

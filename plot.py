@@ -396,7 +396,8 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                   "| method | micro-batches per step | steps | final val | steps to the loss |\n"
                   "|---|---|---|---|---|\n" + "\n".join(rows)]
     if abl:
-        parts += ["![ablations](ablations.png)", "Ablations of GN full (same start, lr and batch as Figure 1):", "| variant | steps to "
+        parts += ["![ablations](ablations.png)", "Ablations of GN full (same start, lr, batch and target "
+                  "as Figure 1, whose table has GN full itself):", "| variant | steps to "
                   "target: first / interp. | final val (step) |\n|---|---|---|\n" + "\n".join(
                       f"| {r['name']} | " + (f"{h['first'][0]} / {h['interp'][0]:.2f}" if (h := to_target(r, target))
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) |"
