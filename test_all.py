@@ -725,7 +725,8 @@ def test_sigterm_within_a_long_step_checkpoints_at_once_and_resumes_exactly(tmp_
     step_time = full[2]["step_time"]
     p = start_script(*base, "--out", str(tmp_path / "cut"))
     lines = []
-    while not (lines and lines[-1].startswith("step 1/2")) and p.poll() is None:
+    # step 1's log line (its progress lines, printed on a slow machine, start "step 1/2 |" too)
+    while not (lines and lines[-1].startswith("step 1/2 | train")) and p.poll() is None:
         lines.append(p.stdout.readline())
     time.sleep(0.2 * step_time)                     # inside step 2
     t0 = time.time()
