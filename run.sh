@@ -153,7 +153,7 @@ case "$mode" in
     done ;;
   quick|seeds)
     SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="1e-3 3e-3 1e-2"
-    SWEEP_GN="1e-3 3e-3 1e-2" EXTRA="--batch-size 16" ORACLE="--lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
+    SWEEP_GN="1e-3 3e-3 1e-2" EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
     FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
     # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 at 128 micro-batches
@@ -169,9 +169,10 @@ full plan at $size ($EXTRA), from the measured speed at 45m on one H100 in bf16:
 (122 x 32 x 1024 tokens) 4.07 s, a GN outer step 15.2 s, the shared start 49 s (Muon, SOAP,
 layerwise and prox-linear steps were not measured; layerwise ~ (L+2)/2 GN steps, prox-linear
 without line search ~ half of one):
-  start 1 min; sweeps 9 x 10 steps ~6 min; Figure 1: 3 x 227 baseline steps ~46 min, GN 227 x
-  15.2 s ~58 min, prox-linear ~30 min, layerwise ~3.4 h; Figures 2-3 (3904 micro-batches each
-  at 4 batch sizes) ~50 min; ablations 3 x 227 GN steps ~2.5 h: about 9 hours in all at 45m,
+  start 1 min; baseline sweeps 9 x 10 steps ~6 min and their Figure-1 runs to 227 steps ~44 min;
+  GN's sweep 3 x 10 steps ~8 min and its Figure-1 run (227 x 15.2 s at most: it stops at the
+  target) ~1 h; prox-linear with and without line search ~1 h; layerwise ~3.4 h; Figures 2-3
+  (3904 micro-batches at 16, 61 and 244 per step) ~40 min: about 7 hours in all at 45m,
   and ~3x that at 150m. On a 2-core CPU the start alone takes about a day and one 45m outer step
   about 5 hours. DATA=${DATA:-bbc}: the scripts warn when it is read more than once (use C4).
 EOF
