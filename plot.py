@@ -10,6 +10,7 @@ RESULTS_DIR holds the layout that `run.sh quick|full` (and `run.sh seeds`) write
   seeds/seed<s>/<method>/    Figure 1 again for seeds s = 1, 2                  -> error bars
   ablations/<name>/          GN variants                                        -> ablations.png
   oracle/                    oracle.py's table (quoted in results.md when present)
+  exactness/<name>/          gn_full --measure-exactness runs (quoted when present)
 It writes the figures and RESULTS_DIR/results.md.
 The target loss is RESULTS_DIR/target.txt (unrounded) unless --target is given. Steps to the
 target are counted two ways: `first` is the first evaluated step at or below it, `interp`
@@ -260,8 +261,15 @@ def ablations(results, target):
     if not rs:
         return rs
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(rs):
-        curve(ax, r, "step", color=plt.cm.tab10(i))
+    gn = runs(os.path.join(results, "fig1", "gn_full"))       # the reference: GN full itself
+    for r in gn:
+        curve(ax, r, "step", color="k", label="gn_full (Figure 1)", lw=2)
+    v0 = max(r["val"][0][3] for r in rs + gn)                   # the shared start's loss
+    lo = min(min(p[3] for p in r["val"]) for r in rs + gn)
+    for i, r in enumerate(rs):                                  # a diverging run goes off scale
+        off = max(p[3] for p in r["val"]) > v0 + 0.1
+        curve(ax, r, "step", color=plt.cm.tab10(i), label=r["name"] + (" (off scale)" if off else ""))
+    ax.set_ylim(min(lo, target) - 0.05, v0 + 0.1)
     ax.axhline(target, color="k", ls="--", lw=1)
     style(ax, "Ablations of full GN (from the shared start)", "outer steps")
     save(fig, results, "ablations.png")
@@ -269,6 +277,15 @@ def ablations(results, target):
 
 
 # ---------------------------------------------------------------- tables and text
+def cg_summary(r):
+    """A CG run's iterations, relative residual and rho over its steps (ranges); '-' otherwise."""
+    cg = [row for row in r["rows"] if "cg_residual" in row]
+    if not cg:
+        return "-"
+    span = lambda k, f: f"{min(x[k] for x in cg):{f}} to {max(x[k] for x in cg):{f}}"
+    return f"{span('cg_iters', '.0f')}, {span('cg_residual', '.2f')}, {span('rho', '.2f')}"
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -360,6 +377,27 @@ def oracle_summary(results):
             f"f(d) = {rng(f('gn_inner'))}. CG residuals of d*: {rng([r['residual'] for r in rows])}.")
 
 
+def exactness_summary(results):
+    """How exact GN's inner solve is along a run, from exactness/<name>/ (gn_full
+    --measure-exactness): `exactness` per outer step and the reference solve's residual."""
+    out = []
+    for r in runs(os.path.join(results, "exactness", "*")):
+        ex = [(row["step"], row["exactness"], row["exactness_ref_residual"]) for row in r["rows"]
+              if "exactness" in row]
+        if not ex:
+            continue
+        c, e = r["conf"], [x[1] for x in ex]
+        res = [x[2] for x in ex]
+        out.append(f"Exactness of GN's inner solve along a run (gn_full --measure-exactness, size "
+                   f"{c['args']['size']}, {c['params']:,} parameters, {r['K']} inner steps of "
+                   f"{c['tokens_per_micro_batch']:,} tokens, lr {r['lr']:g}): the step's direction d keeps "
+                   f"q(d)/q(x*) = {min(e):.2g}-{max(e):.2g} (mean {sum(e) / len(e):.2g}) over outer steps "
+                   f"{ex[0][0]}-{ex[-1][0]} of the best decrease x* of the GN model of its first inner "
+                   f"micro-batch (lam 1e-6; per step: {', '.join(f'{x:.2g}' for x in e)}); the reference "
+                   f"CG solve reached relative residuals {min(res):.1e}-{max(res):.1e}.")
+    return " ".join(out)
+
+
 def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds, readme):
     md_table, hit, best = fig1_table(rs, target)
     s_table, stat = seeds_table(seeds, target)
@@ -397,15 +435,20 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                   "|---|---|---|---|---|\n" + "\n".join(rows)]
     if abl:
         parts += ["![ablations](ablations.png)", "Ablations of GN full (same start, lr, batch and target "
-                  "as Figure 1, whose table has GN full itself):", "| variant | steps to "
-                  "target: first / interp. | final val (step) |\n|---|---|---|\n" + "\n".join(
+                  "as Figure 1, whose table has GN full itself; CG: its iterations per step, its relative "
+                  "residual |r|/|b| and rho, the loss decrease over the CG model's, over its steps):",
+                  "| variant | steps to target: first / interp. | final val (step) | CG: iterations, "
+                  "residual, rho |\n|---|---|---|---|\n" + "\n".join(
                       f"| {r['name']} | " + (f"{h['first'][0]} / {h['interp'][0]:.2f}" if (h := to_target(r, target))
-                                             else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) |"
-                      for r in abl)]
+                                             else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
+                      + cg_summary(r) + " |" for r in abl)]
     oracle = os.path.join(results, "oracle", "oracle.md")
     if os.path.exists(oracle):
         parts += ["## The oracle gap (oracle.py)", oracle_summary(results), "![oracle](oracle/oracle.png)",
                   open(oracle).read().strip()]
+    exact = exactness_summary(results)
+    if exact:
+        parts += ["## Exactness of the inner solve (gn_full --measure-exactness)", exact]
     text = "\n\n".join(p for p in parts if p) + "\n"
     open(os.path.join(results, "results.md"), "w").write(PREAMBLE + text)
     if readme:
@@ -415,7 +458,8 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
         short = "\n\n".join([" ".join(head), md_table] + ([s_table] if s_table else [])
-                              + ([oracle_summary(results)] if os.path.exists(oracle) else []))
+                              + ([oracle_summary(results)] if os.path.exists(oracle) else [])
+                              + ([exact] if exact else []))
         open(readme, "w").write(src[:a] + "\n" + short + "\n" + src[b:])
     return text
 

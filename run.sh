@@ -5,7 +5,8 @@
 #   ./run.sh smoke [OUT]     every script for 2 steps on the tiny config, in seconds
 #   ./run.sh quick [OUT]     the paper's experiments at CPU scale (small config, embedded data):
 #                            figures + results in OUT (measured on 2 CPU cores: see README)
-#   ./run.sh seeds [OUT]     after quick, in its OUT: seeds 1-2 of Figure 1, the oracle gap, GN ablations
+#   ./run.sh seeds [OUT]     after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, the oracle
+#                            gap, GN ablations, the inner solve's exactness along a run
 #   ./run.sh full  [OUT]     the same plan at the paper's scale (45m; SIZE=150m for 150m) on
 #                            GPUs/TPUs with C4 (DATA=dir of C4 shards); prints an estimate first
 #
@@ -22,11 +23,12 @@
 #               best = fewest steps to the target); layerwise and prox-linear (constant lr, with
 #               and without line search) at GN's lr until the target or GN_CAP steps
 #   5. fig2/3:  AdamW, SOAP and GN at BUDGET micro-batches for the smaller batch sizes (the
-#               Figure-1 runs give the point at K)
+#               Figure-1 runs give the point at K); quick leaves them to the seeds mode
 #   6. plot.py: figures and OUT/results.md
-# ./run.sh seeds OUT (after quick) reruns the start, GN and the two best baselines for seeds 1
-# and 2 (Figure 1's error bars), measures the oracle gap (oracle.py: how much of the GN step
-# AdamW, Muon and SOAP capture) along the baselines' Figure-1 runs, and runs GN's ablations.
+# ./run.sh seeds OUT (after quick) runs Figures 2-3, reruns the start, GN and the two best
+# baselines for seeds 1 and 2 (Figure 1's error bars), measures the oracle gap (oracle.py: how
+# much of the GN step AdamW, Muon and SOAP capture) along the baselines' Figure-1 runs, runs
+# GN's ablations, and measures the exactness of GN's inner solve along a run.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-}
@@ -118,20 +120,26 @@ plan() {  # plan SIZE DATA K START_STEPS START_LR SWEEP BASE GN_CAP BUDGET "BATC
       --schedule constant --ls-batches 0
   run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" --schedule constant \
       --ls-batches 2
-  # 5. Figures 2-3: BUDGET micro-batches at the smaller batch sizes (Figure 1 is the point at K)
-  for b in $batches; do
-    local steps=$(( budget / b )) every=$(( budget / b / 8 > 1 ? budget / b / 8 : 1 ))
-    local F="--steps $steps --eval-every $every"
-    run "$o/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$o/fig1/adamw")"
-    run "$o/fig2/soap_b$b" soap.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$o/fig1/soap")"
-    run "$o/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" $F --lr "$lr_gn" $FIG2_GN
-  done
+  # 5. Figures 2-3 (quick: in the seeds mode, which keeps quick within an hour)
+  [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S" "$budget" "$batches"
   # 6. figures and results.md
   $py plot.py "$o"
 }
 
-seeds() {  # the seeds and the GN ablations, after the main plan
+batch_sizes() {  # batch_sizes S BUDGET "BATCHES": Figures 2-3, AdamW, SOAP and GN at Figure 1's
+  local S=$1 budget=$2 b                  # lrs, BUDGET micro-batches at each smaller batch size
+  for b in $3; do                         # (the Figure-1 runs give the point at K)
+    local steps=$(( budget / b )) every=$(( budget / b / 8 > 1 ? budget / b / 8 : 1 ))
+    local F="--steps $steps --eval-every $every"
+    run "$out/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$out/fig1/adamw")"
+    run "$out/fig2/soap_b$b" soap.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$out/fig1/soap")"
+    run "$out/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" $F --lr "$(pick lr "$out/fig1/gn_full")" $FIG2_GN
+  done
+}
+
+seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap and GN's ablations
   local K=$1 cap=$2 target; shift 2
+  batch_sizes "--size $1 --data $2 --seed 0 $EXTRA --init-from $out/start/ckpt" "$9" "${10}"
   for s in 1 2; do plan "$@" "$s"; done
   target=$(cat "$out/target.txt")
   run "$out/oracle" oracle.py --results "$out" $ORACLE
@@ -140,6 +148,15 @@ seeds() {  # the seeds and the GN ablations, after the main plan
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
   run "$out/ablations/gn_reset_start" gn_full.py $S --reset-start
   run "$out/ablations/gn_cg" gn_full.py $S --solver cg
+  # CG with 4x the curvature data and 2x the iterations (160 G v micro-batch products per step,
+  # 5x those of GN's 32 inner steps; about 2 minutes per step here, hence 6 steps)
+  run "$out/ablations/gn_cg_curv8_iters20" gn_full.py $S --solver cg --curvature-batches 8 \
+      --cg-iters 20 --steps 6
+  # exactness along a run (--measure-exactness) at tiny: its reference solve, up to 2000 CG
+  # iterations, would take up to 15 minutes per outer step at small (bench.py: 0.87 s per CG
+  # iteration on 32 x 128 tokens, so about 0.44 s on a 16 x 128 micro-batch)
+  run "$out/exactness/tiny" gn_full.py --size tiny --data "$2" --inner-steps "$K" --steps "$cap" \
+      --eval-every 1 --measure-exactness
   $py plot.py "$out"
 }
 
@@ -152,11 +169,14 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick|seeds)
-    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="1e-3 3e-3 1e-2"
-    SWEEP_GN="1e-3 3e-3 1e-2" EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
+    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2"
+    SWEEP_GN="3e-3 1e-2 3e-2" FIG2_LATER=1 EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
     FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
-    # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 at 128 micro-batches
+    # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at
+    # 128 micro-batches. The grids are centred on the best lrs that a first run of this plan
+    # found after extending them (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2): the plan still
+    # checks that each best lies inside its grid, and no time goes to extensions
     args=(small "${DATA:-bbc}" 32 150 3e-3 8 14 10 128 "2 8")
     if [ "$mode" = quick ]; then time plan "${args[@]}"; else time seeds 32 10 "${args[@]}"; fi ;;
   full)

@@ -1921,6 +1921,19 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.7, 5.5])              # 2.0
     fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                # 1.0
     open(f"{R}/target.txt", "w").write("5.5\n")
+    ex = f"{R}/exactness/tiny"                                              # --measure-exactness
+    os.makedirs(ex)
+    json.dump({"args": {"size": "tiny", "lr": 3e-3, "inner_steps": 32}, "params": 1000,
+               "tokens_per_micro_batch": 128}, open(f"{ex}/config.json", "w"))
+    with open(f"{ex}/metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "tokens": 0, "val_loss": 6.0}) + "\n")
+        for s, (e, res) in enumerate([(0.6, 1e-4), (0.2, 3e-3)], 1):
+            f.write(json.dumps({"step": s, "tokens": s * 4096, "val_loss": 5.9, "exactness": e,
+                                "exactness_ref_residual": res}) + "\n")
+    cg = fake_run(f"{R}/ablations", "gn_cg", 3e-3, [6.0, 5.8, 5.6])          # CG's diagnostics
+    with open(f"{cg}/metrics.jsonl", "a") as f:
+        for s, (res, rho) in enumerate([(0.62, 0.09), (1.25, -0.15)], 1):
+            f.write(json.dumps({"step": s, "cg_iters": 10, "cg_residual": res, "rho": rho}) + "\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{plot.README_BEGIN}\nold numbers\n{plot.README_END}\nrest\n")
     plot.main([R, "--readme", str(readme)])
@@ -1932,4 +1945,7 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps" in text
+    assert "| gn_cg | not reached | 5.6000 (2) | 10 to 10, 0.62 to 1.25, -0.15 to 0.09 |" in md
+    exact = "q(d)/q(x*) = 0.2-0.6 (mean 0.4) over outer steps 1-2"
+    assert exact in md and exact in text and "residuals 1.0e-04-3.0e-03" in md
     assert os.path.exists(f"{R}/fig1_iterations.png")
