@@ -137,7 +137,7 @@ batch_sizes() {  # batch_sizes S BUDGET "BATCHES": Figures 2-3, AdamW, SOAP and 
   done
 }
 
-seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap and GN's ablations
+seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's ablations, exactness
   local K=$1 cap=$2 target; shift 2
   batch_sizes "--size $1 --data $2 --seed 0 $EXTRA --init-from $out/start/ckpt" "$9" "${10}"
   for s in 1 2; do plan "$@" "$s"; done
