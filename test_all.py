@@ -1741,10 +1741,9 @@ def test_gn_layerwise_run_and_exact_resume(tmp_path):
 # ============================================================================ scale-out and robustness
 
 DIST_DRIVER = r"""
-import sys, gn_full
-for name, mod, extra in [("cg", gn_full, ["--solver", "cg"])]:   # the loop and data of every script
-    mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/{name}",
-              *extra, *sys.argv[2:]])
+import sys, gn_full       # CG: the loop, data and line search of every script (adamw's, the inner solver's)
+gn_full.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/cg",
+              "--solver", "cg", *sys.argv[2:]])
 """
 
 
@@ -1768,13 +1767,12 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "step 2/2" in outs[0][0] and "step" not in outs[1][0]         # process 0 logs alone
-    for name in ("cg",):     # (adamw and the inner solver share CG's data, line search and loop)
-        assert json.load(open(tmp_path / "two" / name / "config.json"))["processes"] == 2
-        one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / "two" / name)
-        assert [r["step"] for r in two] == [0, 1, 2]
-        for key in ("train_loss", "val_loss"):
-            a = [r[key] for r in one if key in r]
-            np.testing.assert_allclose([r[key] for r in two if key in r], a, rtol=2e-5, err_msg=name)
+    assert json.load(open(tmp_path / "two" / "cg" / "config.json"))["processes"] == 2
+    one, two = read_metrics(tmp_path / "one" / "cg"), read_metrics(tmp_path / "two" / "cg")
+    assert [r["step"] for r in two] == [0, 1, 2]
+    for key in ("train_loss", "val_loss"):
+        a = [r[key] for r in one if key in r]
+        np.testing.assert_allclose([r[key] for r in two if key in r], a, rtol=2e-5, err_msg=key)
 
 
 FSDP_DRIVER = r"""
