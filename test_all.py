@@ -1,6 +1,6 @@
 """All tests, grouped by file. Maths is checked against dense references on tiny problems.
 
-Run: python -m pytest -q test_all.py   (about 9 minutes on 2 CPU cores, compilation cache cold)
+Run: python -m pytest -q test_all.py   (9 to 10 minutes on 2 CPU cores, compilation cache cold)
 """
 import argparse
 import gzip
