@@ -46,7 +46,8 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-def make_optimizer(args):
+def make_optimizer(args, params=None):
+    """AdamW after the global-norm clip, and its lr schedule (params: unused, as the other scripts')."""
     lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
     clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
     return optax.chain(clip, optax.adamw(lr, args.b1, args.b2, args.eps, weight_decay=args.wd)), lr
@@ -54,11 +55,14 @@ def make_optimizer(args):
 
 # ============================================================================ step
 
-def make_step(cfg, opt, lr, split):
+def make_step(args, cfg):
+    """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
+    opt, lr = make_optimizer(args, data.param_shapes(cfg))
+
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, split, on_micro=data.tick)
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=data.tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
@@ -68,14 +72,16 @@ def make_step(cfg, opt, lr, split):
 
 # ============================================================================ loop
 
+def init_state(args, cfg, params):
+    return {"params": params, "opt": make_optimizer(args, params)[0].init(params)}
+
+
 def main(argv=None):
     args = parse(argv)
     cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
-    opt, lr = make_optimizer(args)
-    state = {"params": params, "opt": opt.init(params)}
-    run.train(state, make_step(cfg, opt, lr, args.split), micro_per_step=args.grad_accum)
+    run.train(init_state(args, cfg, params), make_step(args, cfg))
 
 
 if __name__ == "__main__":

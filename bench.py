@@ -19,6 +19,7 @@ steps    each script's jitted step as its main() builds it (parse, state, make_s
 loop     adamw.main for 6 steps: its step_time and whole loop iteration against the tight loop.
 scaling  adamw and gn_full steps on 1, 2 and 4 simulated CPU devices (subprocesses), placed as Run.
 util45m  45m forward+backward on --batch-45m x 1024, and its parts, against the matmul peak.
+         (util45m, memory and rss run at --big, 45m by default; --big tiny is their smoke test)
 memory   45m steps at the paper's 32 x 1024 micro-batch, one micro-batch per phase (CG with the
          paper's 50 iterations), never run: XLA's memory analysis of the compiled step; the
          smallest --split under --limit, and the largest micro-batch at --split 1.
@@ -112,31 +113,14 @@ def token_batches(cfg, batch_size, k):
 
 
 def build(name, flags):
-    """Script `name`'s jitted step as its main() builds it, from the script's own parse(flags).
-    Returns cfg, the step, init (params -> initial state) and the micro-batches of one call."""
+    """Script `name`'s jitted step as its main() builds it, from the script's own parse(flags),
+    make_step and init_state. Returns cfg, the step, init (params -> initial state) and the
+    micro-batches of one call."""
     script = SCRIPTS[name][0]
     args = script.parse(flags.split())
     cfg = data.model_config(args)
-    shape = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    if script in (adamw, muon, soap):
-        opt, lr = script.make_optimizer(args, shape) if script is soap else script.make_optimizer(args)
-        init = lambda p: {"params": p, "opt": opt.init(p)}
-        return cfg, script.make_step(cfg, opt, lr, args.split), init, args.grad_accum
-    micro = args.inner_steps + args.ls_batches
-    if script is gn_layerwise:
-        blocks = gn_layerwise.make_blocks(cfg)
-        opts = [data.inner_optimizer(args, gn_layerwise.get_block(shape, k))[0] for k in blocks]
-        init = lambda p: {"params": p, "inner": p,
-                          "opt": [o.init(gn_layerwise.get_block(p, k)) for k, o in zip(blocks, opts)],
-                          "lr_scale": jnp.float32(1)}
-        return cfg, gn_layerwise.make_step(args, cfg, opts, blocks), init, micro
-    if script is gn_full and args.solver == "cg":
-        init = lambda p: {"params": p, "lam": jnp.float32(args.lam),
-                          "delta": jax.tree.map(jnp.zeros_like, p)}
-        return cfg, gn_full.make_step(args, cfg, None), init, micro
-    opt = data.inner_optimizer(args, shape)[0]
-    init = lambda p: {"params": p, "inner": p, "opt": opt.init(p), "lr_scale": jnp.float32(1)}
-    return cfg, script.make_step(args, cfg, opt), init, micro
+    micro = getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
+    return cfg, script.make_step(args, cfg), lambda p: script.init_state(args, cfg, p), micro
 
 
 def compiled_step(name, flags, batch_size, mesh):
@@ -162,8 +146,8 @@ def peak_bytes(compiled):
             - m.alias_size_in_bytes)
 
 
-def memory_flags(name, batch_size, split):
-    return f"--size 45m --batch-size {batch_size} --split {split} " + SCRIPTS[name][1].format(K=1, cg=50)
+def memory_flags(name, batch_size, split, size="45m"):
+    return f"--size {size} --batch-size {batch_size} --split {split} " + SCRIPTS[name][1].format(K=1, cg=50)
 
 
 # ============================================================================ sections
@@ -188,7 +172,7 @@ def blocks(a):
     def cg(params, b, v, tol):
         """One linearisation, then 3 CG iterations at tol 0, or 1 at tol inf (it stops at once)."""
         _, g, Gv = gn_full.gn_model(params, b, cfg)
-        return gn_full.cg(lambda u: gn_full.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
+        return gn_full.cg(lambda u: model.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
 
     peak, peak_flops = matmul_peak()
     say(f"blocks: compiling, then {a.repeats} rounds")
@@ -309,7 +293,7 @@ def scaling(a):
 
 
 def util45m(a):
-    cfg = model.CONFIGS["45m"]
+    cfg = model.CONFIGS[a.big]
     B, T, d, L = a.batch_45m, cfg.seq_len, cfg.d, cfg.n_layers
     params = model.init_params(cfg, jax.random.key(0))
     b = jax.tree.map(lambda x: jnp.asarray(x[0]), token_batches(cfg, B, 1))
@@ -319,11 +303,11 @@ def util45m(a):
     blocks = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.hidden(p, x, cfg), r)))
     attn = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.attention(p, x, cfg), r), (0, 1)))
     peak, peak_flops = matmul_peak()
-    say(f"util45m: 45m fwd+bwd on {B} x {T}, compiling, then {a.repeats} rounds")
+    say(f"util45m: {a.big} fwd+bwd on {B} x {T}, compiling, then {a.repeats} rounds")
     t = next(rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
                    "blocks": lambda: blocks(params, b["inputs"]), "attn": lambda: attn(params["h"][0], h)},
                     a.repeats))
-    lines = [f"| 45m, {B} x {T} tokens | time (s) | model GFLOP/s | % of matmul peak |", "|---|---|---|---|",
+    lines = [f"| {a.big}, {B} x {T} tokens | time (s) | model GFLOP/s | % of matmul peak |", "|---|---|---|---|",
              f"| matmul peak: 4096^2 fp32 jnp.dot | {t['peak']:.3f} | {peak_flops / t['peak'] / 1e9:.0f} "
              "| 100 |"]
     for name, k, flops in [("fwd+bwd: value_and_grad of the loss", "grad", train_flops(cfg)),
@@ -337,47 +321,48 @@ def util45m(a):
     return lines
 
 
-def analysed_gib(name, batch_size, split):
-    """The 45m step's peak memory by XLA's analysis of its compiled form, from abstract inputs."""
-    cfg, step, init, micro = build(name, memory_flags(name, batch_size, split))
+def analysed_gib(name, batch_size, split, size="45m"):
+    """The step's peak memory by XLA's analysis of its compiled form, from abstract inputs."""
+    cfg, step, init, micro = build(name, memory_flags(name, batch_size, split, size))
     state = jax.eval_shape(lambda: init(model.init_params(cfg, jax.random.key(0))))
     tok = jax.ShapeDtypeStruct((micro, batch_size, cfg.seq_len), jnp.int32)
     return peak_bytes(step.lower(state, {"inputs": tok, "targets": tok}, 0).compile()) / 2 ** 30
 
 
 def memory(a):
-    lines = [f"| step (45m, 32 x 1024, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
-             f"fits {a.limit:g} GiB at 32 x 1024 with | largest micro-batch at --split 1 |",
+    T = model.CONFIGS[a.big].seq_len
+    lines = [f"| step ({a.big}, 32 x {T}, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
+             f"fits {a.limit:g} GiB at 32 x {T} with | largest micro-batch at --split 1 |",
              "|---|---|---|---|---|"]
-    for name in SCRIPTS:
+    for name in [n for n in a.steps.split(",") if n in SCRIPTS]:      # the scripts of --steps
         say(f"memory: {name}")
-        gib = {s: analysed_gib(name, 32, s) for s in (4, 1)}
+        gib = {s: analysed_gib(name, 32, s, a.big) for s in (4, 1)}
         fit, s = next((s for s in (1, 4) if gib[s] <= a.limit), None), 4
         while fit is None and s < 32 and gib[s] < 0.9 * gib[1]:    # while splitting still helps
             s *= 2
-            gib[s] = analysed_gib(name, 32, s)
+            gib[s] = analysed_gib(name, 32, s, a.big)
             fit = s if gib[s] <= a.limit else None
         largest = 32 if gib[1] <= a.limit else next(
-            (b for b in (16, 8, 4, 2, 1) if analysed_gib(name, b, 1) <= a.limit), 0)
+            (b for b in (16, 8, 4, 2, 1) if analysed_gib(name, b, 1, a.big) <= a.limit), 0)
         fits = f"--split {fit} ({gib[fit]:.1f} GiB)" if fit else f"none (--split {s}: {gib[s]:.1f} GiB)"
-        lines.append(f"| {name} | {gib[4]:.1f} | {gib[1]:.1f} | {fits} | {largest} x 1024 |")
+        lines.append(f"| {name} | {gib[4]:.1f} | {gib[1]:.1f} | {fits} | {largest} x {T} |")
     return lines
 
 
 def rss(a):
-    say("rss: a subprocess runs the 45m gn_full step at 32 x 1024, --split 4 (minutes)")
-    out = subprocess.run([sys.executable, __file__, "--rss-worker"], stdout=subprocess.PIPE, text=True,
-                         check=True).stdout
+    say(f"rss: a subprocess runs the {a.big} gn_full step at 32 x T, --split 4 (minutes at 45m)")
+    out = subprocess.run([sys.executable, __file__, "--rss-worker", "--big", a.big], stdout=subprocess.PIPE,
+                         text=True, check=True).stdout
     r = json.loads(out.splitlines()[-1])
     own = r["peak"] - r["before"] + r["args"]       # the step's own peak, its arguments included
-    return [f"45m gn_full step at 32 x 1024, --split 4, 1 inner step, 1 line-search batch: XLA's analysis "
+    return [f"{a.big} gn_full step at 32 x T, --split 4, 1 inner step, 1 line-search batch: XLA's analysis "
             f"{r['analysis']:.2f} GiB; the process's RSS {r['before']:.2f} GiB before the step (runtime, "
             f"params, state, batches), peak {r['peak']:.2f} GiB; the step's own peak (peak - before + "
             f"arguments) {own:.2f} GiB = **{100 * (own / r['analysis'] - 1):+.0f}%** over the analysis."]
 
 
-def rss_worker():
-    cfg, step, init, micro = build("gn_full", memory_flags("gn_full", 32, 4))
+def rss_worker(size):
+    cfg, step, init, micro = build("gn_full", memory_flags("gn_full", 32, 4, size))
     state = init(model.init_params(cfg, jax.random.key(0)))
     batches = jax.tree.map(jnp.asarray, token_batches(cfg, 32, micro))
     compiled = step.lower(state, batches, 0).compile()
@@ -395,9 +380,9 @@ SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
             "steps": ("Each script's step", lambda a: steps_table(steps(a, a.steps.split(",")))),
             "loop": ("Script-loop overhead", loop),
             "scaling": ("Device scaling (simulated CPU devices)", scaling),
-            "util45m": ("45m hardware utilisation", util45m),
-            "memory": ("45m memory without running (XLA's compiled memory analysis)", memory),
-            "rss": ("45m memory analysis against a real run", rss)}
+            "util45m": ("Hardware utilisation at --big (45m)", util45m),
+            "memory": ("Memory at --big (45m) without running (XLA's compiled memory analysis)", memory),
+            "rss": ("Memory analysis at --big (45m) against a real run", rss)}
 
 
 def main(argv=None):
@@ -410,8 +395,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=data.pos_int, default=3, help="timed rounds (3)")
     p.add_argument("--sections", default="blocks,steps,loop,scaling",
                    help=f"comma-separated, of {', '.join(SECTIONS)} (default blocks,steps,loop,scaling)")
-    p.add_argument("--steps", default="gradient,bare," + ",".join(SCRIPTS), help="the steps section's rows")
-    p.add_argument("--batch-45m", type=data.pos_int, default=4, help="util45m: sequences of 1024 (4)")
+    p.add_argument("--steps", default="gradient,bare," + ",".join(SCRIPTS),
+                   help="the steps section's rows (and the memory section's scripts)")
+    p.add_argument("--batch-45m", type=data.pos_int, default=4, help="util45m: sequences of T (4)")
+    p.add_argument("--big", default="45m", choices=sorted(model.CONFIGS),
+                   help="the config of the util45m, memory and rss sections (45m; tiny: a smoke test)")
     p.add_argument("--limit", type=float, default=20.0, help="memory: GiB a step's analysis may take (20: "
                    "23.5 GiB less ~1 GiB of runtime and the analysis' ~10%% underestimate, see rss)")
     p.add_argument("--json", action="store_true", help="print only the steps section's numbers, as JSON")
@@ -419,7 +407,7 @@ def main(argv=None):
     p.add_argument("--out", default="", help="also write the tables to this file")
     a = p.parse_args(argv)
     if a.rss_worker:
-        return rss_worker()
+        return rss_worker(a.big)
     if a.json:                                      # the scaling section's subprocesses
         return print(json.dumps(steps(a, a.steps.split(","))))
     if unknown := set(a.sections.split(",")) - set(SECTIONS):

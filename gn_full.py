@@ -1,10 +1,10 @@
-"""Full Gauss-Newton: the paper's Algorithm 1 (inner solver + line search), and Hessian-free CG.
+"""Full Gauss-Newton: the paper's Algorithm 1 (an inner solver on the GN model + line search),
+and Hessian-free CG on the same model.
 
 GN split (the paper's setup; Martens 2010): logits z = f(theta; x) = model.forward, loss l =
-mean token CE. With J = dz/dtheta, p_t = softmax(z_t) and H_t = diag(p_t) - p_t p_t^T (the CE
-Hessian in logit space), the Gauss-Newton matrix over the N tokens of a batch is
-    G = (1/N) sum_t J_t^T H_t J_t,        G v = J^T [ (p * u - p (p^T u)) / N ],  u = J v,
-computed from one jax.linearize (J v) and its linear_transpose (J^T w), never materialised.
+mean token CE. With J = dz/dtheta and H = d2l/dz2 (model.ce_hvp_logits), the Gauss-Newton
+matrix over a batch is G = J^T H J, applied as G v = J^T H (J v) from one jax.linearize (J v)
+and its linear_transpose (J^T w), never materialised.
 
 --solver inner (Algorithm 1, the paper's method; the authors' llama_train_gn.py). At theta_t:
     q_k(D) = l(z0) + g0^T J D + 1/2 (J D)^T H0 (J D),   z0 = f(theta_t; x_k), D = theta - theta_t
@@ -14,39 +14,10 @@ computed from one jax.linearize (J v) and its linear_transpose (J^T w), never ma
     theta_{t+1} = theta_t + eta* d;  the inner iterate theta and the optimizer state carry over.
 --solver cg (Hessian-free; Martens 2010 §4, Martens & Sutskever 2012; this project's addition):
     solve (G + lam I) delta = -g by CG from 0.95 delta_prev (Martens' stopping rule), g on the
-    outer batch and G on --curvature-batches of it (one stored linearisation; with --split > 1,
-    re-linearised chunk by chunk in each product to bound memory); backtrack over the stored CG
-    iterates, then the same line search. Damping: rho = (L(theta + delta) - L(theta)) /
-    (q(delta) - q(0)) on the line-search batches, q the undamped GN model. Measured on small
-    from one AdamW start (val 5.678; G on 64 sequences, 10 CG iterations), val loss after 4
-    outer steps:
-        lm, lam0 0.05 (Martens' rule)   5.582   rho 0.17-0.25 < 1/4: lam x3.4 by step 4 (x11 by 8)
-        lm-eta / lm-rayleigh            5.582   same as lm (eta* = 1; bounds never active)
-        lm-loose / fixed lam 0.05       5.574   lam held at 0.05
-        fixed lam 0.01 (the default)    5.554   eta* = 0.5 every step; rho ~ 0 at eta = 1
-    The model over-predicts the decrease on a small curvature batch, so any LM rule keeps
-    raising lam and the steps shrink; a fixed, small lam with the line search choosing eta does
-    better. Algorithm 1 reached 5.575 at step 4 (5.387 at 10).
-
-Metrics (metrics.jsonl), beyond those of every script:
-    train_loss       l(theta_t), mean over the step's inner (cg: outer) micro-batches
-    grad_norm        |grad l(theta_t)|: inner, on the first inner micro-batch (one gradient: the
-                     mean over all N would cost N more backward passes); cg, over the outer batch
-    model_grad_norm  inner: |grad q(D0)|, the GN model's gradient at the warm start D0 of the
-                     inner solve, first inner micro-batch
-    model_change     q(eta* d) - l(z0), the GN model's predicted change of the loss for the step
-                     taken, mean over the inner (cg: outer) micro-batches; negative: a predicted
-                     decrease. model_change_d: the same at the unscaled d. At evaluation steps
-                     only (--eval-every), as it costs one forward + JVP per micro-batch (28% of
-                     a small step, measured), which fwd_passes does not count
-    eta, step_norm   the line search's eta* and |eta* d|; inner_norm |d|
-    ls_loss, ls_loss_eta0   the line search's best loss over eta > 0, and its loss at theta_t
-    rejected         1 when no eta > 0 beat eta = 0: the step was not taken (eta = 0)
-    exactness        --measure-exactness: (q(d) - l(z0)) / (q(x*) - l(z0)) on the first inner
-                     micro-batch, x* a CG solve with lam 1e-6 run to a relative residual of 1e-4
-                     (or 2000 iterations); exactness_ref_residual is the residual it reached
-    cg: lam, rho, cg_iters, cg_residual (|r|/|b|), phi (CG's quadratic at the solution)
-    fwd/jvp/vjp_passes  micro-batch passes of the network that run in the step
+    outer batch and G on --curvature-batches of it; backtrack over the stored CG iterates, then
+    the same line search. Damping: fixed, or Levenberg-Marquardt on rho = (L(theta + delta) -
+    L(theta)) / (q(delta) - q(0)), q the undamped GN model (README: which measured better).
+The metrics each logs are listed in the README ("Metrics").
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py):
   - the line search also evaluates eta = 0 on its batches; a step that no eta > 0 improves is
@@ -74,6 +45,7 @@ import optax
 
 import data
 import model
+from model import axpy, tdot
 
 # ============================================================================ config
 
@@ -96,14 +68,16 @@ def parse(argv=None):
       choices=["inner", "cg"])
     data.gn_flags(p)
     f("--cg-iters", 50, "cg: maximum CG iterations", {"small": 10, "tiny": 5}, type=data.pos_int)
-    f("--lam", 0.01, "cg: damping lambda (its initial value under an lm rule)", type=data.pos_float)
-    f("--lam-rule", "fixed", "cg: lambda adaptation: fixed (measured best, see the docstring), lm "
-      "(Levenberg-Marquardt on rho: x3/2 below 1/4, x2/3 above 3/4), lm-eta (rho at the chosen "
-      "eta), lm-loose (thresholds 0.1/0.5), lm-rayleigh (lm within [1e-2, 1] x g'Gg/g'g)",
-      choices=["fixed", "lm", "lm-eta", "lm-loose", "lm-rayleigh"])
+    f("--lam", 0.01, "cg: damping lambda (its initial value under lm)", type=data.pos_float)
+    f("--lam-rule", "fixed", "cg: lambda adaptation: fixed (measured best, see the README), or lm "
+      "(Levenberg-Marquardt on rho: x3/2 below 1/4, x2/3 above 3/4)", choices=["fixed", "lm"])
     f("--curvature-batches", 1, "cg: micro-batches of the outer batch used for G (0: all); G's "
       "linearisation keeps all their residuals in memory", {"small": 2, "tiny": 0},
       type=data.nonneg_int)
+    p.add_argument("--model-change", action="store_true",
+                   help="at evaluation steps, log model_change and model_change_d, the GN model's "
+                        "predicted change of the loss for the step taken and for the unscaled d "
+                        "(one forward + JVP per inner micro-batch, 28%% of a small step: a diagnostic)")
     p.add_argument("--measure-exactness", action="store_true",
                    help="inner: log `exactness`, the GN-model decrease of d over that of a CG "
                         "solve run to relative residual 1e-4 (or 2000 iterations), on the first "
@@ -116,21 +90,66 @@ def parse(argv=None):
     return args
 
 
-# ============================================================================ maths
+# ============================================================================ Algorithm 1
 
-tdot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
+def quad_model_grad(theta_t, D, batch, cfg, split=1):
+    """Algorithm 1's inner gradient on one micro-batch: grad q(D) = J^T (g0 + H0 J D), and l(z0).
+    The micro-batch is processed in `split` equal chunks (means of means). Only model.hidden is
+    linearised: the head z = h W of model.forward is differentiated by hand, its JVP dh W + h dW as
+    one matmul [dh, h] [W; dW]. Measured by bench.py (small): 1.1-1.2 gradients per call, against
+    1.6-1.8 when linearising model.forward whole (same maths)."""
+    without_head = lambda t: {k: a for k, a in t.items() if k != "lm_head"}
+    body = without_head(theta_t)
+
+    def chunk(xy):
+        x, y = xy
+        h0, jvp = jax.linearize(lambda p: model.hidden(p, x, cfg), body)
+        vjp = jax.linear_transpose(jvp, body)
+        W, dW = theta_t["lm_head"].astype(h0.dtype), D["lm_head"].astype(h0.dtype)
+        z0 = model.head(h0, W)                                            # fp32 logits
+        u = model.head(jnp.concatenate([jvp(without_head(D)), h0], -1), jnp.concatenate([W, dW]))
+        logp = jax.nn.log_softmax(z0, -1)        # one pass over the logits serves l, g0 and H0
+        p = jnp.exp(logp)
+        w = model.ce_grad_logits(p, y, y.size) + model.ce_hvp_logits(p, u, y.size)   # g0 + H0 u
+        loss = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
+        w = w.astype(h0.dtype)
+        head = jnp.einsum("btd,btv->dv", h0, w).astype(theta_t["lm_head"].dtype)
+        return loss, vjp(w @ W.T)[0] | {"lm_head": head}
+    out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
+    return jax.tree.map(lambda a: jnp.mean(a, 0), out)
 
 
-def ce_grad_logits(p_BTV, y_BT, N):
-    """dl/dz for l = (1/N) sum CE, from p = softmax(z): (p - onehot(y)) / N."""
-    return (p_BTV - jax.nn.one_hot(y_BT, p_BTV.shape[-1])) / N
+def make_inner_step(args, cfg):
+    """One outer step of Algorithm 1: N inner steps on the GN model at theta_t, each on a fresh
+    micro-batch, then the line search on its own fresh micro-batches."""
+    N = args.inner_steps
+    opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
+
+    @jax.jit
+    def step(state, batches, s):
+        theta_t = state["params"]
+        inner, ls = data.split_step_batches(batches, N)
+
+        grad_q = lambda theta, b: quad_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.split)
+        (theta, opt_state), (loss0, model_gnorm, lr) = model.inner_solve(
+            grad_q, opt, state["inner"], state["opt"], inner,
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.INNER_TICK)
+        d = axpy(-1.0, theta_t, theta)
+        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+                                             not args.no_reject, data.LS_TICK)    # rejected: eta = 0
+        new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
+        if args.measure_exactness:
+            m["exactness"], m["exactness_ref_residual"] = exactness(
+                theta_t, d, jax.tree.map(lambda a: a[0], inner), cfg)
+        n_ls = ls["inputs"].shape[0]
+        return data.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
+                                   jvp=N, vjp=N + 1, inner=inner, d=d)
+    return step
 
 
-def ce_hvp_logits(p_BTV, u_BTV, N):
-    """H u per token, written out: (diag(p) - p p^T) u / N = (p * u - p (p^T u)) / N."""
-    return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / N
 
+# ============================================================================ Hessian-free CG (this project's addition)
 
 def gn_model(params, batch, cfg, split=1):
     """Linearise f once at params on a batch of (B, T) or stacked (K, B, T) micro-batches.
@@ -149,7 +168,7 @@ def gn_model(params, batch, cfg, split=1):
         def Gv(v):
             def chunk(acc, xy):
                 z0, jvp = jax.linearize(lambda p: model.forward(p, xy[0], cfg), params)
-                w = ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), N)
+                w = model.ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), N)
                 return axpy(1.0, jax.linear_transpose(jvp, params)(w)[0], acc), None
             return jax.lax.scan(chunk, jax.tree.map(jnp.zeros_like, v), (xs, ys))[0]
         return loss, g, Gv
@@ -157,85 +176,9 @@ def gn_model(params, batch, cfg, split=1):
     z0, jvp = jax.linearize(f, params)                     # z0: (K, B, T, V)
     vjp = jax.linear_transpose(jvp, params)
     p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
-    g = vjp(ce_grad_logits(p0, y, N))[0]
-    Gv = lambda v: vjp(ce_hvp_logits(p0, jvp(v), N))[0]
+    g = vjp(model.ce_grad_logits(p0, y, N))[0]
+    Gv = lambda v: vjp(model.ce_hvp_logits(p0, jvp(v), N))[0]
     return model.cross_entropy(z0, y), g, Gv
-
-
-def ggn_vp(params, batch, v, cfg):
-    """G v on one batch (the one-shot form; gn_model serves many products per linearisation)."""
-    return gn_model(params, batch, cfg)[2](v)
-
-
-def quad_model_grad(theta_t, D, batch, cfg, split=1):
-    """Algorithm 1's inner gradient on one micro-batch: grad q(D) = J^T (g0 + H0 J D), with
-    l(z0) and q(D) - l(z0). The micro-batch is processed in `split` equal chunks (sums of means).
-    Only model.hidden is linearised: the head z = h W of model.forward is differentiated by hand,
-    its JVP dh W + h dW as one matmul [dh, h] [W; dW]. Measured by bench.py (small): 1.1-1.2 gradients
-    per call, against 1.6-1.8 when linearising model.forward whole (same maths)."""
-    without_head = lambda t: {k: a for k, a in t.items() if k != "lm_head"}
-    body = without_head(theta_t)
-
-    def chunk(xy):
-        x, y = xy
-        h0, jvp = jax.linearize(lambda p: model.hidden(p, x, cfg), body)
-        vjp = jax.linear_transpose(jvp, body)
-        W, dW = theta_t["lm_head"].astype(h0.dtype), D["lm_head"].astype(h0.dtype)
-        z0 = model.head(h0, W)                                            # fp32 logits
-        u = model.head(jnp.concatenate([jvp(without_head(D)), h0], -1), jnp.concatenate([W, dW]))
-        logp = jax.nn.log_softmax(z0, -1)        # one pass over the logits serves l, g0 and H0
-        p = jnp.exp(logp)
-        w = ce_grad_logits(p, y, y.size) + ce_hvp_logits(p, u, y.size)       # g0 + H0 u
-        u_y = jnp.take_along_axis(u, y[..., None], -1)
-        pu = jnp.sum(p * u, -1)
-        dq = (jnp.sum(pu) - jnp.sum(u_y) + 0.5 * (jnp.sum(p * u * u) - jnp.sum(pu * pu))) / y.size
-        loss = -jnp.mean(jnp.take_along_axis(logp, y[..., None], -1))
-        w = w.astype(h0.dtype)
-        head = jnp.einsum("btd,btv->dv", h0, w).astype(theta_t["lm_head"].dtype)
-        return loss, dq, vjp(w @ W.T)[0] | {"lm_head": head}
-    out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
-    return jax.tree.map(lambda a: jnp.mean(a, 0), out)
-
-
-def model_change_coeffs(theta_t, d, batches, cfg, split=1):
-    """The GN model along a direction d, averaged over K stacked micro-batches: with u_k = J_k d,
-        a = mean_k g0_k^T u_k,   b = mean_k u_k^T H0_k u_k,   q(eta d) - l(z0) = eta a + eta^2/2 b.
-    One forward + JVP per micro-batch (jax.jvp: no residuals kept, no VJP)."""
-    def chunk(xy):
-        x, y = xy
-        z0, u = jax.jvp(lambda p: model.forward(p, x, cfg), (theta_t,), (d,))
-        p = jax.nn.softmax(z0, -1)
-        a = jnp.sum(ce_grad_logits(p, y, y.size) * u)
-        b = jnp.sum(ce_hvp_logits(p, u, y.size) * u)
-        return a, b
-    xs, ys = (model.split_micro(batches[k], split) for k in ("inputs", "targets"))
-    a, b = jax.lax.map(chunk, (xs, ys))
-    return jnp.mean(a), jnp.mean(b)
-
-
-def lm_damping(lam, rho, lo=0.25, hi=0.75):
-    """Levenberg-Marquardt (Martens 2010 §4.1): a model that over-predicts the decrease (rho < lo)
-    gets more damping, x3/2; one that predicts well (rho > hi) gets less, x2/3."""
-    return jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
-
-
-def backtrack(f, delta, stash, n_stored):
-    """Martens 2010 §4.6: start from the last CG iterate delta and walk back over the stored ones
-    (stash[n_stored-1], ..., stash[0]) while the loss f keeps falling; the walk stops at the first
-    iterate that does not improve. Returns the best iterate, its loss and the iterates evaluated."""
-    cand = lambda j: jax.tree.map(lambda st: st[j], stash)
-
-    def back(c):
-        j, best, f_best, _ = c
-        x = cand(j)
-        f_j = f(x)
-        better = f_j < f_best
-        return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), x, best),
-                jnp.minimum(f_j, f_best), better)
-    f_full = f(delta)
-    j_end, step, f_step, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
-                                                (n_stored - 1, delta, f_full, True))
-    return step, f_step, f_full, n_stored - 1 - j_end
 
 
 def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
@@ -280,67 +223,40 @@ def cg(matvec, b, x0, max_iters=50, tol=1e-6, eps=5e-4, store_at=()):
     return s["x"], dict(iters=s["i"], residual=jnp.sqrt(s["rr"] / bb), phi=s["hist"], stash=s["stash"])
 
 
-# ============================================================================ step
+def backtrack(f, delta, stash, n_stored):
+    """Martens 2010 §4.6: start from the last CG iterate delta and walk back over the stored ones
+    (stash[n_stored-1], ..., stash[0]) while the loss f keeps falling; the walk stops at the first
+    iterate that does not improve. Returns the best iterate, its loss and the iterates evaluated."""
+    cand = lambda j: jax.tree.map(lambda st: st[j], stash)
 
-EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG solve
+    def back(c):
+        j, best, f_best, _ = c
+        x = cand(j)
+        f_j = f(x)
+        better = f_j < f_best
+        return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), x, best),
+                jnp.minimum(f_j, f_best), better)
+    f_full = f(delta)
+    j_end, step, f_step, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
+                                                (n_stored - 1, delta, f_full, True))
+    return step, f_step, f_full, n_stored - 1 - j_end
 
 
-def make_step(args, cfg, opt):
-    N, n_ls = args.inner_steps, args.ls_batches
-    tok = args.batch_size * cfg.seq_len
+def lm_damping(lam, rho, lo=0.25, hi=0.75):
+    """Levenberg-Marquardt (Martens 2010 §4.1): a model that over-predicts the decrease (rho < lo)
+    gets more damping, x3/2; one that predicts well (rho > hi) gets less, x2/3."""
+    return jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
+
+
+def make_cg_step(args, cfg):
+    """One outer step of Hessian-free GN: CG on (G + lam I) delta = -g, backtracking, line search."""
+    N = args.inner_steps
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
 
-    def inner_step(state, batches, s):
-        theta_t = state["params"]
-        inner = jax.tree.map(lambda a: a[:N], batches)
-        ls = jax.tree.map(lambda a: a[N:], batches)
-
-        def one(carry, xs):
-            theta, opt_state = carry
-            k, b = xs
-            D = axpy(-1.0, theta_t, theta)
-            loss0, _, grad = quad_model_grad(theta_t, D, b, cfg, args.split)
-            updates, opt_state = opt.update(grad, opt_state, theta)
-            lr = data.inner_lr(args, s, k) * state["lr_scale"]
-            theta = axpy(lr, updates, theta)
-            jax.debug.callback(data.tick, k, N, "inner step")
-            return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
-
-        (theta, opt_state), (loss0, model_gnorm, lr) = jax.lax.scan(
-            one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
-        d = axpy(-1.0, theta_t, theta)
-        m = {}
-        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)   # rejected: eta = 0
-        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
-        if args.reset_start:
-            theta, opt_state = theta_next, opt.init(theta_next)
-        else:      # a rejected step restarts the solve from theta_t with a fresh optimizer state
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
-            theta, opt_state = keep(theta_t, theta), keep(opt.init(theta_t), opt_state)
-        new = {"params": theta_next, "inner": theta, "opt": opt_state,   # inner: theta-hat, unscaled
-               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
-        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
-        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
-              "model_grad_norm": model_gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d),
-              "inner_norm": optax.tree.norm(d)}
-        if args.measure_exactness:
-            m["exactness"], m["exactness_ref_residual"] = exactness(
-                theta_t, d, jax.tree.map(lambda a: a[0], inner))
-        return new, m, (N + 1 + (args.ls_range + 1) * n_ls, N, N + 1)   # fwd, JVP, VJP passes
-
-    def exactness(theta_t, d, b):
-        """GN-model decrease of d over that of a reference CG solve (lam 1e-6) on the same batch,
-        run to a relative residual of EXACT_TOL or EXACT_ITERS iterations; returns both."""
-        _, g, Gv = gn_model(theta_t, b, cfg)
-        q = lambda x: tdot(g, x) + 0.5 * tdot(x, Gv(x))
-        x, info = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
-                     jax.tree.map(jnp.zeros_like, g), max_iters=EXACT_ITERS, tol=EXACT_TOL, eps=0.0)
-        return q(d) / q(x), info["residual"]
-
-    def cg_step(state, batches, s):
+    @jax.jit
+    def step(state, batches, s):
         theta, lam = state["params"], state["lam"]
-        outer = jax.tree.map(lambda a: a[:N], batches)
-        ls = jax.tree.map(lambda a: a[N:], batches)
+        outer, ls = data.split_step_batches(batches, N)
         Kc = args.curvature_batches or N
         loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg, args.split)
         if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
@@ -358,21 +274,10 @@ def make_step(args, cfg, opt):
             lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
-        m = {}
-        eta, rejected, losses = data.line_search(args, theta, step, ls, cfg, m)
-        f0 = m["ls_loss_eta0"]                                               # f(0), from the grid
-        # reduction ratio rho against the undamped GN model
-        if args.lam_rule == "lm-eta":
-            e = eta * tdot(step, delta) / jnp.maximum(dd, 1e-30)             # step = e delta
-            rho = (jnp.min(losses) - f0) / (e * gd + 0.5 * e * e * dGd)
-        else:
-            rho = (f_full - f0) / (gd + 0.5 * dGd)
-        new_lam = lm_damping(lam, rho, *((0.1, 0.5) if args.lam_rule == "lm-loose" else ()))
-        if args.lam_rule == "lm-rayleigh":
-            rq = tdot(g, Gv(g)) / tdot(g, g)
-            new_lam = jnp.clip(new_lam, 1e-2 * rq, rq)
-        if args.lam_rule == "fixed":
-            new_lam = lam
+        eta, rejected, m = model.line_search(theta, step, ls, cfg, args.ls_range, args.split,
+                                             not args.no_reject, data.LS_TICK)
+        rho = (f_full - m["ls_loss_eta0"]) / (gd + 0.5 * dGd)     # against the undamped GN model
+        new_lam = lm_damping(lam, rho) if args.lam_rule == "lm" else lam
         # a rejected step: theta stays, CG restarts from 0 with twice the damping
         new = {"params": axpy(eta, step, theta), "lam": jnp.where(rejected, 2 * lam, new_lam),
                "delta": jax.tree.map(lambda a: jnp.where(rejected, 0.0, a), delta)}
@@ -381,30 +286,49 @@ def make_step(args, cfg, opt):
               "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(step)}
         n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid + f(0), f(delta), back
         grad_passes = N if Kc < N else 0
-        products = info["iters"] + (args.lam_rule == "lm-rayleigh")          # G v products
+        products = info["iters"]                                          # G v products
         # forward passes that run: the stored linearisation of the Kc curvature batches (with
         # --split > 1 none is stored and gn_model's own gradient is dead code when Kc < N),
         # the gradient, the line search, and with --split > 1 one re-linearisation per product
         lin = 0 if args.split > 1 and Kc < N else Kc
         refwd = products * Kc if args.split > 1 else 0
-        return new, m, (lin + grad_passes + n_ls_fwd + refwd, products * Kc,
-                        (grad_passes or Kc) + products * Kc)
-
-    solve = inner_step if args.solver == "inner" else cg_step
-
-    @jax.jit
-    def step(state, batches, s):
-        new, m, (fwd, jvp, vjp) = solve(state, batches, s)
-        if args.ema:
-            new["ema"] = axpy(args.ema, axpy(-1.0, new["params"], state["ema"]), new["params"])
-        m.update(fwd_passes=fwd, jvp_passes=jvp, vjp_passes=vjp, tokens_trained=N * tok)
-        return new, m
+        return data.finish_gn_step(args, cfg, state, new, m, fwd=lin + grad_passes + n_ls_fwd + refwd,
+                                   jvp=products * Kc, vjp=(grad_passes or Kc) + products * Kc)
     return step
 
 
+# ============================================================================ diagnostics
+
+EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG solve
+
+
+def exactness(theta_t, d, b, cfg):
+    """GN-model decrease of d over that of a reference CG solve (lam 1e-6) on the same batch,
+    run to a relative residual of EXACT_TOL or EXACT_ITERS iterations; returns both."""
+    _, g, Gv = gn_model(theta_t, b, cfg)
+    q = lambda x: tdot(g, x) + 0.5 * tdot(x, Gv(x))
+    x, info = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
+                 jax.tree.map(jnp.zeros_like, g), max_iters=EXACT_ITERS, tol=EXACT_TOL, eps=0.0)
+    return q(d) / q(x), info["residual"]
+
+
+def model_change_coeffs(theta_t, d, batches, cfg, split=1):
+    """The GN model along a direction d, averaged over K stacked micro-batches: with u_k = J_k d,
+        a = mean_k g0_k^T u_k,   b = mean_k u_k^T H0_k u_k,   q(eta d) - l(z0) = eta a + eta^2/2 b.
+    One forward + JVP per micro-batch (jax.jvp: no residuals kept, no VJP)."""
+    def chunk(xy):
+        x, y = xy
+        z0, u = jax.jvp(lambda p: model.forward(p, x, cfg), (theta_t,), (d,))
+        p = jax.nn.softmax(z0, -1)
+        return jnp.sum(model.ce_grad_logits(p, y, y.size) * u), jnp.sum(model.ce_hvp_logits(p, u, y.size) * u)
+    xs, ys = (model.split_micro(batches[k], split) for k in ("inputs", "targets"))
+    a, b = jax.lax.map(chunk, (xs, ys))
+    return jnp.mean(a), jnp.mean(b)
+
+
 def make_diagnose(args, cfg):
-    """At evaluation steps: the GN model's predicted change of the loss, on the step's inner
-    (cg: outer) micro-batches, for the step taken eta* d and for the unscaled d."""
+    """--model-change: at evaluation steps, the GN model's predicted change of the loss, on the
+    step's inner (cg: outer) micro-batches, for the step taken eta* d and for the unscaled d."""
     @jax.jit
     def coeffs(old, new, batches):
         taken = axpy(-1.0, old["params"], new["params"])                   # eta* d
@@ -422,29 +346,33 @@ def make_diagnose(args, cfg):
 
 # ============================================================================ loop
 
+def init_state(args, cfg, params):
+    """The state at step 0. inner: theta_t, the inner iterate and its optimizer state, the lr
+    scale (halved at each rejection); cg: theta_t, lambda and CG's warm start delta."""
+    if args.solver == "inner":
+        state = {"params": params, "inner": params, "opt": data.inner_optimizer(args, params)[0].init(params),
+                 "lr_scale": jnp.float32(1)}
+    else:
+        state = {"params": params, "lam": jnp.float32(args.lam), "delta": jax.tree.map(jnp.zeros_like, params)}
+    return state | ({"ema": params} if args.ema else {})
+
+
+def make_step(args, cfg):
+    return (make_inner_step if args.solver == "inner" else make_cg_step)(args, cfg)
+
+
 def main(argv=None):
     args = parse(argv)
     cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
-    if args.solver == "inner":
-        opt, labels = data.inner_optimizer(args, params)
-        if args.inner_opt == "muon":
-            run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
-        state = {"params": params, "inner": params, "opt": opt.init(params), "lr_scale": jnp.float32(1)}
-    else:
-        opt = None
-        if args.split > 1:
-            run.log(f"cg: --split {args.split}: each G v product re-linearises the curvature "
-                    "batches chunk by chunk (one more forward per product; memory of one chunk)")
-        state = {"params": params, "lam": jnp.float32(args.lam),
-                 "delta": jax.tree.map(jnp.zeros_like, params)}
-    if args.ema:
-        state["ema"] = params
-    run.train(state, make_step(args, cfg, opt), micro_per_step=args.inner_steps + args.ls_batches,
-              diagnose=make_diagnose(args, cfg),
-              extra_config={"tokens_per_outer_step": (args.inner_steps + args.ls_batches)
-                            * args.batch_size * cfg.seq_len})
+    if args.solver == "inner" and args.inner_opt == "muon":
+        run.log("inner-optimizer routing:\n" + data.routing_table(data.inner_optimizer(args, params)[1], params))
+    if args.solver == "cg" and args.split > 1:
+        run.log(f"cg: --split {args.split}: each G v product re-linearises the curvature "
+                "batches chunk by chunk (one more forward per product; memory of one chunk)")
+    run.train(init_state(args, cfg, params), make_step(args, cfg),
+              diagnose=make_diagnose(args, cfg) if args.model_change else None)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,15 @@ grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm the 
 K blocks' model gradients at their warm starts (first inner micro-batch), eta, step_norm
 |eta* d|, inner_norm |d|, ls_loss, ls_loss_eta0, rejected, and the passes of the network.
 """
+import functools
 import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import data
 import model
+from model import axpy
 
 # ============================================================================ config
 
@@ -61,9 +62,6 @@ def parse(argv=None):
 
 
 # ============================================================================ maths
-
-axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
-
 
 def make_blocks(cfg):
     """The K = L + 2 blocks, each a tuple of exact keys: names, or i for params["h"][i]."""
@@ -96,25 +94,17 @@ def block_linearize(theta_t, keys, x, cfg):
     return z0, jvp, lambda w: vjp(w)[0]
 
 
-def block_ggn_vp(theta_t, keys, batch, v_k, cfg):
-    """G_kk v_k = J_k^T H0 J_k v_k / N: the block's diagonal block of the GGN times v_k."""
-    z0, jvp, vjp = block_linearize(theta_t, keys, batch["inputs"], cfg)
-    p, u = jax.nn.softmax(z0, -1), jvp(v_k)
-    return vjp((p * u - p * jnp.sum(p * u, -1, keepdims=True)) / batch["targets"].size)
-
-
 def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", split=1):
     """One block's inner gradient on one micro-batch, with l(z0); chunked in `split` rows."""
     def chunk(xy):
         x, y = xy
         z0, jvp, vjp = block_linearize(theta_t, keys, x, cfg)
         u, N = jvp(D_k), y.size
-        onehot = jax.nn.one_hot(y, z0.shape[-1])
         if objective == "gn":                  # g0 + H0 u
             p = jax.nn.softmax(z0, -1)
-            w = (p - onehot + p * u - p * jnp.sum(p * u, -1, keepdims=True)) / N
+            w = model.ce_grad_logits(p, y, N) + model.ce_hvp_logits(p, u, N)
         else:                                  # dl/dz at the linearised logits z0 + u
-            w = (jax.nn.softmax(z0 + u, -1) - onehot) / N
+            w = model.ce_grad_logits(jax.nn.softmax(z0 + u, -1), y, N)
         return model.cross_entropy(z0, y), vjp(w)
     loss0, g = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
     return jnp.mean(loss0), jax.tree.map(lambda a: jnp.mean(a, 0), g)
@@ -122,60 +112,53 @@ def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", split=1):
 
 # ============================================================================ step
 
-def make_step(args, cfg, opts, blocks):
-    N, n_ls = args.inner_steps, args.ls_batches
+def make_step(args, cfg, blocks=None):
+    """One outer step: each block's N inner steps on the same N fresh micro-batches, all at
+    theta_t, then one line search on the merged direction. blocks: make_blocks(cfg) by default."""
+    N = args.inner_steps
+    blocks = blocks or make_blocks(cfg)
+    shapes = data.param_shapes(cfg)
+    opts = [data.inner_optimizer(args, get_block(shapes, keys))[0] for keys in blocks]
 
     @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
-        inner = jax.tree.map(lambda a: a[:N], batches)
-        ls = jax.tree.map(lambda a: a[N:], batches)
+        inner, ls = data.split_step_batches(batches, N)
         phi_all, opt_states, loss0, gnorms = state["inner"], [], None, []   # phi: unscaled
         for keys, opt, opt_state in zip(blocks, opts, state["opt"]):   # K sub-problems, same data
-
-            def one(carry, xs, keys=keys, opt=opt):
-                phi, opt_state = carry
-                k, b = xs
-                D_k = axpy(-1.0, get_block(theta_t, keys), phi)
-                loss, grad = block_inner_grad(theta_t, keys, D_k, b, cfg, args.objective, args.split)
-                updates, opt_state = opt.update(grad, opt_state, phi)
-                phi = axpy(data.inner_lr(args, s, k) * state["lr_scale"], updates, phi)
-                jax.debug.callback(data.tick, k, N, f"block {keys} inner step")
-                return (phi, opt_state), (loss, optax.tree.norm(grad))
-
-            (phi, opt_state), (loss0, gnorm) = jax.lax.scan(
-                one, (get_block(phi_all, keys), opt_state), (jnp.arange(N), inner))
+            grad_k = lambda phi, b, keys=keys: block_inner_grad(
+                theta_t, keys, axpy(-1.0, get_block(theta_t, keys), phi), b, cfg, args.objective, args.split)
+            (phi, opt_state), (loss0, gnorm, _) = model.inner_solve(
+                grad_k, opt, get_block(phi_all, keys), opt_state, inner,
+                lambda k: data.inner_lr(args, s, k) * state["lr_scale"],
+                functools.partial(data.tick, what=f"block {keys} inner step"))
             phi_all = set_block(phi_all, keys, phi)
             opt_states.append(opt_state)
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
-        m = {}
-        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)   # rejected: eta = 0
-        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
-        fresh = [opt.init(get_block(theta_next, keys)) for keys, opt in zip(blocks, opts)]
-        if args.reset_start:
-            phi_all, opt_states = theta_next, fresh
-        else:      # a rejected step restarts every block's solve from theta_t, fresh states
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
-            phi_all, opt_states = keep(theta_t, phi_all), keep(fresh, opt_states)
-        new = {"params": theta_next, "inner": phi_all, "opt": opt_states,
-               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
-        if args.ema:
-            new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
-        K = len(blocks)
-        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+                                             not args.no_reject, data.LS_TICK)    # rejected: eta = 0
+        fresh = lambda th: [opt.init(get_block(th, keys)) for keys, opt in zip(blocks, opts)]
+        new = data.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
+        K, n_ls = len(blocks), ls["inputs"].shape[0]
         m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0) * state["lr_scale"],
-              "grad_norm": optax.tree.norm(g1),
-              "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)),
-              "eta": eta, "step_norm": eta * optax.tree.norm(d), "inner_norm": optax.tree.norm(d),
-              "fwd_passes": K * N + 1 + (args.ls_range + 1) * n_ls, "jvp_passes": K * N,
-              "vjp_passes": K * N + 1,
-              "tokens_trained": N * args.batch_size * cfg.seq_len}
-        return new, m
+              "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)), "eta": eta}
+        return data.finish_gn_step(args, cfg, state, new, m, fwd=K * N + 1 + (args.ls_range + 1) * n_ls,
+                                   jvp=K * N, vjp=K * N + 1, inner=inner, d=d)
     return step
 
 
+
 # ============================================================================ loop
+
+def init_state(args, cfg, params, blocks=None):
+    """theta_t, the merged inner iterate, each block's optimizer state, the lr scale."""
+    blocks = blocks or make_blocks(cfg)
+    opt_states = [data.inner_optimizer(args, get_block(params, keys))[0].init(get_block(params, keys))
+                  for keys in blocks]
+    state = {"params": params, "inner": params, "opt": opt_states, "lr_scale": jnp.float32(1)}
+    return state | ({"ema": params} if args.ema else {})
+
 
 def main(argv=None):
     args = parse(argv)
@@ -183,18 +166,10 @@ def main(argv=None):
     run = data.Run(args, cfg)
     params = run.init_params()
     blocks = make_blocks(cfg)
-    opts = [data.inner_optimizer(args, get_block(params, keys))[0] for keys in blocks]
     run.log(f"{len(blocks)} blocks: " + ", ".join(
         "+".join(f"h[{k}]" if isinstance(k, int) else k for k in keys) for keys in blocks))
-    state = {"params": params, "inner": params,
-             "opt": [opt.init(get_block(params, keys)) for keys, opt in zip(blocks, opts)],
-             "lr_scale": jnp.float32(1)}
-    if args.ema:
-        state["ema"] = params
-    run.train(state, make_step(args, cfg, opts, blocks),
-              micro_per_step=args.inner_steps + args.ls_batches,
-              extra_config={"tokens_per_outer_step": (args.inner_steps + args.ls_batches)
-                            * args.batch_size * cfg.seq_len, "blocks": [list(b) for b in blocks]})
+    run.train(init_state(args, cfg, params), make_step(args, cfg),
+              extra_config={"blocks": [list(b) for b in blocks]})
 
 
 if __name__ == "__main__":

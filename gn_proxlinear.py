@@ -35,10 +35,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import data
 import model
+from model import axpy
 
 # ============================================================================ config
 
@@ -64,89 +64,68 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
-
-
 def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, split=1):
-    """Algorithm 2's inner gradient on one micro-batch: grad p(D) = J^T dl/dz (z0 + J D) + lam D.
-    Also returns l(z0), the true loss at theta_t, and p(D). Chunked in `split` rows as gn_full."""
+    """Algorithm 2's inner gradient on one micro-batch: grad p(D) = J^T dl/dz (z0 + J D) + lam D,
+    and l(z0), the true loss at theta_t. Chunked in `split` rows as gn_full."""
     def chunk(xy):
         x, y = xy
         z0, jvp = jax.linearize(lambda p: model.forward(p, x, cfg), theta_t)
         vjp = jax.linear_transpose(jvp, theta_t)
         z = z0 + jvp(D)                                   # the linearised logits
-        dl_dz = (jax.nn.softmax(z, -1) - jax.nn.one_hot(y, z.shape[-1])) / y.size
-        return model.cross_entropy(z0, y), model.cross_entropy(z, y), vjp(dl_dz)[0]
-    loss0, loss_lin, g = jax.tree.map(lambda a: jnp.mean(a, 0), jax.lax.map(
+        return model.cross_entropy(z0, y), vjp(model.ce_grad_logits(jax.nn.softmax(z, -1), y, y.size))[0]
+    loss0, g = jax.tree.map(lambda a: jnp.mean(a, 0), jax.lax.map(
         chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets"))))
-    prox = 0.5 * lam * sum(jnp.vdot(a, a) for a in jax.tree.leaves(D))
-    return loss0, loss_lin + prox, axpy(lam, D, g)
+    return loss0, axpy(lam, D, g)
 
 
 # ============================================================================ step
 
-def make_step(args, cfg, opt):
-    N, n_ls = args.inner_steps, args.ls_batches
+def make_step(args, cfg):
+    """One outer step: N inner steps on the prox-linear model at theta_t, then eta* = 1 (or the
+    line search with --ls-batches)."""
+    N = args.inner_steps
+    opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
 
     @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
-        inner = jax.tree.map(lambda a: a[:N], batches)
-        ls = jax.tree.map(lambda a: a[N:], batches)
+        inner, ls = data.split_step_batches(batches, N)
 
-        def one(carry, xs):
-            theta, opt_state = carry
-            k, b = xs
-            D = axpy(-1.0, theta_t, theta)
-            loss0, _, grad = prox_model_grad(theta_t, D, b, cfg, args.prox_lam, args.split)
-            updates, opt_state = opt.update(grad, opt_state, theta)
-            lr = data.inner_lr(args, s, k) * state["lr_scale"]
-            theta = axpy(lr, updates, theta)
-            jax.debug.callback(data.tick, k, N, "inner step")
-            return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
-
-        (theta, opt_state), (loss0, gnorm, lr) = jax.lax.scan(
-            one, (state["inner"], state["opt"]), (jnp.arange(N), inner))
+        grad_p = lambda theta, b: prox_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.prox_lam,
+                                                  args.split)
+        (theta, opt_state), (loss0, gnorm, lr) = model.inner_solve(
+            grad_p, opt, state["inner"], state["opt"], inner,
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.INNER_TICK)
         d = axpy(-1.0, theta_t, theta)
-        m = {}
         # eta = 1 without line-search batches, the paper's default here
-        eta, rejected, _ = data.line_search(args, theta_t, d, ls, cfg, m)
-        theta_next = axpy(eta, d, theta_t)                                # theta_t if rejected
-        if args.reset_start:
-            theta, opt_state = theta_next, opt.init(theta_next)
-        else:      # a rejected step restarts the solve from theta_t with a fresh optimizer state
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
-            theta, opt_state = keep(theta_t, theta), keep(opt.init(theta_t), opt_state)
-        new = {"params": theta_next, "inner": theta, "opt": opt_state,
-               "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
-        if args.ema:
-            new["ema"] = axpy(args.ema, axpy(-1.0, theta_next, state["ema"]), theta_next)
-        g1 = model.mean_loss_and_grad(theta_t, jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
-        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "grad_norm": optax.tree.norm(g1),
-              "model_grad_norm": gnorm[0], "eta": eta, "step_norm": eta * optax.tree.norm(d),
-              "inner_norm": optax.tree.norm(d),
-              "fwd_passes": N + 1 + (args.ls_range + 1) * n_ls, "jvp_passes": N, "vjp_passes": N + 1,
-              "tokens_trained": N * args.batch_size * cfg.seq_len}
-        return new, m
+        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+                                             not args.no_reject, data.LS_TICK)
+        new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
+        n_ls = ls["inputs"].shape[0]
+        return data.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
+                                   jvp=N, vjp=N + 1, inner=inner, d=d)
     return step
 
 
+
 # ============================================================================ loop
+
+def init_state(args, cfg, params):
+    """theta_t, the inner iterate and its optimizer state, the lr scale (halved at a rejection)."""
+    state = {"params": params, "inner": params, "opt": data.inner_optimizer(args, params)[0].init(params),
+             "lr_scale": jnp.float32(1)}
+    return state | ({"ema": params} if args.ema else {})
+
 
 def main(argv=None):
     args = parse(argv)
     cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
-    opt, labels = data.inner_optimizer(args, params)
     if args.inner_opt == "muon":
-        run.log("inner-optimizer routing:\n" + data.routing_table(labels, params))
-    state = {"params": params, "inner": params, "opt": opt.init(params), "lr_scale": jnp.float32(1)}
-    if args.ema:
-        state["ema"] = params
-    run.train(state, make_step(args, cfg, opt), micro_per_step=args.inner_steps + args.ls_batches,
-              extra_config={"tokens_per_outer_step": (args.inner_steps + args.ls_batches)
-                            * args.batch_size * cfg.seq_len})
+        run.log("inner-optimizer routing:\n" + data.routing_table(data.inner_optimizer(args, params)[1], params))
+    run.train(init_state(args, cfg, params), make_step(args, cfg))
 
 
 if __name__ == "__main__":

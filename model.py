@@ -17,12 +17,17 @@ padding mask every sequence has T tokens, so the two are identical.
 
 Parameter paths are stable: params["wte"], params["h"][i] (one dict per block, with its own
 norms), params["ln_f"], params["lm_head"]. Layerwise GN selects blocks by these exact keys.
+
+Below f and l, the maths the methods share (each once, here): l's gradient and Hessian-vector
+product in logit space, vectors as pytrees (tdot, axpy), means over chunked micro-batches, the
+GN family's inner solve (N optimizer steps on a model of the loss) and its line search.
 """
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +163,28 @@ def loss_fn(params, batch, cfg: Config):
     return cross_entropy(forward(params, batch["inputs"], cfg), batch["targets"])
 
 
+# ----------------------------------------------------------------------------- l in logit space
+# The GN family's maths: with p = softmax(z) per token and N tokens, l = (1/N) sum CE has
+#     dl/dz = (p - onehot(y)) / N,     d2l/dz2 = H = (diag(p) - p p^T) / N  (per token).
+
+def ce_grad_logits(p_BTV, y_BT, N):
+    """dl/dz for l = (1/N) sum CE, from p = softmax(z): (p - onehot(y)) / N."""
+    return (p_BTV - jax.nn.one_hot(y_BT, p_BTV.shape[-1])) / N
+
+
+def ce_hvp_logits(p_BTV, u_BTV, N):
+    """H u per token, written out: (diag(p) - p p^T) u / N = (p * u - p (p^T u)) / N."""
+    return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / N
+
+
+# ----------------------------------------------------------------------------- vectors as pytrees
+
+tdot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + y
+
+
+# ----------------------------------------------------------------------------- many micro-batches
+
 def split_rows(x_BT, split):
     """(B, ...) -> (split, B/split, ...), chunk j holding rows j, j+split, ...: memory is bounded
     by one chunk, and each chunk keeps the batch's sharding (B/split rows over the devices)."""
@@ -174,21 +201,6 @@ def mean_loss(params, batch, cfg: Config, split=1):
     """loss_fn computed in `split` equal chunks of rows: the same mean, less memory."""
     chunks = jax.tree.map(lambda a: split_rows(a, split), batch)
     return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, cfg), chunks))
-
-
-def make_evaluate(cfg: Config, split=1, on_batch=None):
-    """A jitted evaluate(params, val_KBT) -> mean CE over the K fixed validation batches."""
-    @jax.jit
-    def evaluate(params, val):
-        K = val["inputs"].shape[0]
-
-        def one(xs):
-            i, b = xs
-            if on_batch is not None:
-                jax.debug.callback(on_batch, i, K)
-            return mean_loss(params, b, cfg, split)
-        return jnp.mean(jax.lax.map(one, (jnp.arange(K), val)))
-    return evaluate
 
 
 def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
@@ -210,19 +222,33 @@ def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
     return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)
 
 
-def line_search(theta, d, batches, etas, cfg: Config, split=1, on_eta=None, reject=True):
-    """eta* = the eta of `etas` with the lowest mean loss at theta + eta d on the batches. The loss
-    at eta = 0 (theta itself) is evaluated too: when no eta beats it the step is `rejected` and
-    eta* = 0 (with reject=False, the best eta is taken all the same). Returns eta*, rejected, the
-    best loss over etas, the loss at eta = 0, and the losses over etas."""
-    losses = losses_along(theta, d, batches, jnp.append(etas, 0.0), cfg, split, on_eta)
-    i = jnp.argmin(losses[:-1])
-    rejected = (losses[i] >= losses[-1]) & reject
-    return jnp.where(rejected, 0.0, etas[i]), rejected, losses[i], losses[-1], losses[:-1]
+# ----------------------------------------------------------------------------- the GN family's inner solve
 
+def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None):
+    """N inner steps (the paper's Algorithms 1 and 2, and each layerwise block): at step k, on
+    micro-batch k of the N stacked `batches`, model_grad(theta, batch_k) -> (l(z0), gradient of
+    the method's model of the loss at theta); the optax `opt` turns it into an update at unit lr,
+    scaled by lr_of(k). Returns the final (theta, opt_state), and per step l(z0), the model
+    gradient's norm and the lr."""
+    N = batches["inputs"].shape[0]
+
+    def one(carry, xs):
+        theta, opt_state = carry
+        k, b = xs
+        loss0, grad = model_grad(theta, b)
+        updates, opt_state = opt.update(grad, opt_state, theta)
+        lr = lr_of(k)
+        theta = axpy(lr, updates, theta)
+        if on_step is not None:
+            jax.debug.callback(on_step, k, N)
+        return (theta, opt_state), (loss0, optax.tree.norm(grad), lr)
+    return jax.lax.scan(one, (theta, opt_state), (jnp.arange(N), batches))
+
+
+# ----------------------------------------------------------------------------- the line search
 
 def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
-    """The line search's evaluations: mean loss at theta + eta d over K stacked batches, per eta."""
+    """Mean loss at theta + eta d over K stacked batches, for each eta of etas."""
     def loss_at(xs):
         i, eta = xs
         if on_eta is not None:
@@ -230,3 +256,20 @@ def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
         th = jax.tree.map(lambda a, b: a + eta * b, theta, d)
         return jnp.mean(jax.lax.map(lambda b: mean_loss(th, b, cfg, split), batches))
     return jax.lax.map(loss_at, (jnp.arange(len(etas)), etas))
+
+
+def line_search(theta, d, batches, cfg: Config, ls_range, split=1, reject=True, on_eta=None):
+    """The GN family's line search (the authors' llama_train_gn.py, ls_range): eta* = the eta in
+    (1/sqrt2)^i, i < ls_range, with the lowest mean loss at theta + eta d on the K stacked fresh
+    batches. eta = 0 (theta itself) is evaluated too: when no eta > 0 beats it the step is
+    rejected and eta* = 0 (reject=False: the best eta > 0 all the same, the authors' behaviour).
+    With K = 0 batches there is no search: eta* = 1. Returns eta*, rejected and the metrics
+    ls_loss (the best loss over eta > 0), ls_loss_eta0 (the loss at theta) and rejected."""
+    if batches["inputs"].shape[0] == 0:
+        return jnp.float32(1.0), jnp.bool_(False), {}
+    etas = jnp.array([2 ** (-i / 2) for i in range(ls_range)] + [0.0], jnp.float32)
+    losses = losses_along(theta, d, batches, etas, cfg, split, on_eta)
+    i = jnp.argmin(losses[:-1])
+    rejected = (losses[i] >= losses[-1]) & reject
+    return (jnp.where(rejected, 0.0, etas[i]), rejected,
+            {"ls_loss": losses[i], "ls_loss_eta0": losses[-1], "rejected": rejected})

@@ -64,43 +64,29 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)   # Newton-Schulz quintic (a, b, c)
-NS_STEPS = 5
-DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)  # W stored (in, out)
-
-
-def path_str(path):
-    return jax.tree_util.keystr(path, simple=True, separator=".")
+def make_optimizer(args, params):
+    """Muon on the blocks' matrices, AdamW (its own lr, --adam-lr) on the rest (data.muon_adamw,
+    shared with the GN scripts' inner optimizer), and the lr schedule."""
+    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
+    adam_lr = data.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
+    return data.muon_adamw(params, lr, adam_lr, args.beta, args.b1, args.b2, args.eps, args.wd, args.clip)[0], lr
 
 
 def labels(params):
     """'muon' for a 2-D matrix inside a block params["h"][i]; 'adam' for wte, lm_head, 1-D leaves."""
-    out = jax.tree_util.tree_map_with_path(data.muon_label, params)
-    got = jax.tree.leaves(out)
-    assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got
-    return out
-
-
-def make_optimizer(args):
-    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
-    adam_lr = data.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
-    clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
-    # Only "muon" leaves reach optax's muon, all of them 2-D, so its own aux Adam receives nothing.
-    muon = optax.contrib.muon(lr, NS_COEFFS, NS_STEPS, beta=args.beta, weight_decay=0.0, nesterov=True,
-                              muon_weight_dimension_numbers=DIMS)
-    adam = optax.adamw(adam_lr, args.b1, args.b2, args.eps, weight_decay=args.wd)
-    opt = optax.multi_transform({"muon": optax.chain(clip(), muon), "adam": optax.chain(clip(), adam)},
-                                labels)
-    return opt, lr
+    return jax.tree_util.tree_map_with_path(data.muon_label, params)
 
 
 # ============================================================================ step
 
-def make_step(cfg, opt, lr, split):
+def make_step(args, cfg):
+    """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
+    opt, lr = make_optimizer(args, data.param_shapes(cfg))
+
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, split, on_micro=data.tick)
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=data.tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
@@ -110,15 +96,17 @@ def make_step(cfg, opt, lr, split):
 
 # ============================================================================ loop
 
+def init_state(args, cfg, params):
+    return {"params": params, "opt": make_optimizer(args, params)[0].init(params)}
+
+
 def main(argv=None):
     args = parse(argv)
     cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
     run.log("routing:\n" + data.routing_table(labels(params), params))
-    opt, lr = make_optimizer(args)
-    state = {"params": params, "opt": opt.init(params)}
-    run.train(state, make_step(cfg, opt, lr, args.split), micro_per_step=args.grad_accum)
+    run.train(init_state(args, cfg, params), make_step(args, cfg))
 
 
 if __name__ == "__main__":

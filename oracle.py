@@ -93,7 +93,7 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-tdot, axpy = gn_full.tdot, gn_full.axpy
+tdot, axpy = model.tdot, model.axpy
 zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
 
 
@@ -151,8 +151,9 @@ def run_args(results, name):
 def method_state(results, m, point, params0):
     """(params, optimizer, optimizer state) of baseline m at step `point` of its Figure-1 run."""
     args = run_args(results, m)
-    opt = METHODS[m].make_optimizer(*((args, params0) if m == "soap" else (args,)))[0]
-    template = {"params": params0, "opt": opt.init(params0)}
+    cfg = data.model_config(args)
+    opt = METHODS[m].make_optimizer(args, params0)[0]
+    template = METHODS[m].init_state(args, cfg, params0)
     if point == 0:
         return params0, opt, template["opt"]
     lr = args.lr
@@ -182,13 +183,11 @@ def make_gn_inner(results, cfg, params):
     Figure 1's settings, from theta with a fresh optimizer state, its N inner steps cycling over
     the K micro-batches of the measured batch (so that d solves the same model as d*)."""
     args = argparse.Namespace(**dict(vars(run_args(results, "gn_full")), ls_batches=0))  # eta = 1
-    opt = data.inner_optimizer(args, params)[0]
-    step = gn_full.make_step(args, cfg, opt)
+    step = gn_full.make_step(args, cfg)
 
     def direction(theta, batch):
         idx = jnp.arange(args.inner_steps) % batch["inputs"].shape[0]
-        state = {"params": theta, "inner": theta, "opt": opt.init(theta), "lr_scale": jnp.float32(1)}
-        new, _ = step(state, jax.tree.map(lambda a: a[idx], batch), 0)
+        new, _ = step(gn_full.init_state(args, cfg, theta), jax.tree.map(lambda a: a[idx], batch), 0)
         return axpy(-1.0, theta, new["inner"])
     return direction
 

@@ -91,7 +91,7 @@ plan() {  # plan SIZE DATA K START_STEPS START_LR SWEEP BASE GN_CAP BUDGET "BATC
       run "$o/$m" "$m.py" $S $B --steps "$base" --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
     done
     run "$o/gn_full" gn_full.py $S --inner-steps "$K" --steps "$cap" --lr "$(pick lr "$out/fig1/gn_full")" \
-        $E --target-loss "$target"
+        $E --target-loss "$target" --model-change
     return
   fi
   # 2. baseline sweeps; Figure 1 continues each best run
@@ -109,11 +109,11 @@ plan() {  # plan SIZE DATA K START_STEPS START_LR SWEEP BASE GN_CAP BUDGET "BATC
   echo "target loss $target: the best baseline's validation loss at step $at of $base"
   # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
   local G="--inner-steps $K $E --target-loss $target"
-  best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$sweep_steps")
+  best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$sweep_steps" --model-change)
   if [ ! -d "$o/fig1/gn_full" ]; then cp -r "$best" "$o/fig1/gn_full"; fi
   local lr_gn; lr_gn=$(pick lr "$best")
   if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
-    extend "$o/fig1/gn_full" gn_full.py $S $G --steps "$cap" --lr "$lr_gn"
+    extend "$o/fig1/gn_full" gn_full.py $S $G --steps "$cap" --lr "$lr_gn" --model-change
   fi
   run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G --steps "$cap" --lr "$lr_gn"
   run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" \
