@@ -911,8 +911,11 @@ def tick(i, n, what="micro-batch chunk"):
               flush=True)
 
 
-LS_TICK = functools.partial(tick, what="line-search eta")       # the GN scripts' progress phases
-INNER_TICK = functools.partial(tick, what="inner step")
+def ticker(args, what):
+    """The progress hook of a phase of a step (tick), or None at tiny: a tiny step takes
+    milliseconds, and a compiled step without host callbacks goes into JAX's persistent
+    compilation cache (the tests' subprocesses then compile it once)."""
+    return None if args.size == "tiny" else functools.partial(tick, what=what)
 
 # the paper's shared start: adamw.py's paper defaults on one 32-sequence micro-batch per step
 START = {"batch_size": 32, "grad_accum": 1, "lr": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
@@ -967,7 +970,7 @@ class Run:
                                            process_rows(self.eval_batch_size)), self.mesh, 1)
         # eval batches are chunked to ~8k tokens of logits at a time (128 x 1024 at V=32000 is 17 GB)
         split = math.gcd(self.eval_batch_size, max(1, self.eval_batch_size * cfg.seq_len // 8192))
-        self.evaluate = make_evaluate(cfg, split, lambda i, n: tick(i, n, "eval batch"))
+        self.evaluate = make_evaluate(cfg, split, ticker(args, "eval batch"))
         self.tokens_per_micro = args.batch_size * cfg.seq_len
 
     def guard_data(self, n_train, n_val):

@@ -133,10 +133,10 @@ def make_inner_step(args, cfg):
         grad_q = lambda theta, b: quad_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.split)
         (theta, opt_state), (loss0, model_gnorm, lr) = model.inner_solve(
             grad_q, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.INNER_TICK)
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.ticker(args, "inner step"))
         d = axpy(-1.0, theta_t, theta)
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.LS_TICK)    # rejected: eta = 0
+                                             not args.no_reject, data.ticker(args, "line-search eta"))    # rejected: eta = 0
         new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
         if args.measure_exactness:
@@ -275,7 +275,7 @@ def make_cg_step(args, cfg):
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
         eta, rejected, m = model.line_search(theta, step, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.LS_TICK)
+                                             not args.no_reject, data.ticker(args, "line-search eta"))
         rho = (f_full - m["ls_loss_eta0"]) / (gd + 0.5 * dGd)     # against the undamped GN model
         new_lam = lm_damping(lam, rho) if args.lam_rule == "lm" else lam
         # a rejected step: theta stays, CG restarts from 0 with twice the damping

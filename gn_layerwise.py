@@ -29,7 +29,6 @@ grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm the 
 K blocks' model gradients at their warm starts (first inner micro-batch), eta, step_norm
 |eta* d|, inner_norm |d|, ls_loss, ls_loss_eta0, rejected, and the passes of the network.
 """
-import functools
 import sys
 
 import jax
@@ -131,13 +130,13 @@ def make_step(args, cfg, blocks=None):
             (phi, opt_state), (loss0, gnorm, _) = model.inner_solve(
                 grad_k, opt, get_block(phi_all, keys), opt_state, inner,
                 lambda k: data.inner_lr(args, s, k) * state["lr_scale"],
-                functools.partial(data.tick, what=f"block {keys} inner step"))
+                data.ticker(args, f"block {keys} inner step"))
             phi_all = set_block(phi_all, keys, phi)
             opt_states.append(opt_state)
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.LS_TICK)    # rejected: eta = 0
+                                             not args.no_reject, data.ticker(args, "line-search eta"))    # rejected: eta = 0
         fresh = lambda th: [opt.init(get_block(th, keys)) for keys, opt in zip(blocks, opts)]
         new = data.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
         K, n_ls = len(blocks), ls["inputs"].shape[0]

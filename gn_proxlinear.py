@@ -95,11 +95,11 @@ def make_step(args, cfg):
                                                   args.split)
         (theta, opt_state), (loss0, gnorm, lr) = model.inner_solve(
             grad_p, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.INNER_TICK)
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.ticker(args, "inner step"))
         d = axpy(-1.0, theta_t, theta)
         # eta = 1 without line-search batches, the paper's default here
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.LS_TICK)
+                                             not args.no_reject, data.ticker(args, "line-search eta"))
         new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
         n_ls = ls["inputs"].shape[0]

@@ -86,7 +86,7 @@ def make_step(args, cfg):
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=data.tick)
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=data.ticker(args, "micro-batch chunk"))
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
