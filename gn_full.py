@@ -124,6 +124,7 @@ def make_inner_step(args, cfg):
     micro-batch, then the line search on its own fresh micro-batches."""
     N = args.inner_steps
     opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
+    inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
@@ -133,10 +134,10 @@ def make_inner_step(args, cfg):
         grad_q = lambda theta, b: quad_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.split)
         (theta, opt_state), (loss0, model_gnorm, lr) = model.inner_solve(
             grad_q, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.ticker(args, "inner step"))
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.ticker(args, "line-search eta"))    # rejected: eta = 0
+                                             not args.no_reject, ls_tick)    # rejected: eta = 0
         new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
         if args.measure_exactness:
@@ -252,6 +253,7 @@ def make_cg_step(args, cfg):
     """One outer step of Hessian-free GN: CG on (G + lam I) delta = -g, backtracking, line search."""
     N = args.inner_steps
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
+    ls_tick = data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
@@ -275,7 +277,7 @@ def make_cg_step(args, cfg):
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
         step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
         eta, rejected, m = model.line_search(theta, step, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.ticker(args, "line-search eta"))
+                                             not args.no_reject, ls_tick)
         rho = (f_full - m["ls_loss_eta0"]) / (gd + 0.5 * dGd)     # against the undamped GN model
         new_lam = lm_damping(lam, rho) if args.lam_rule == "lm" else lam
         # a rejected step: theta stays, CG restarts from 0 with twice the damping

@@ -118,6 +118,7 @@ def make_step(args, cfg, blocks=None):
     blocks = blocks or make_blocks(cfg)
     shapes = data.param_shapes(cfg)
     opts = [data.inner_optimizer(args, get_block(shapes, keys))[0] for keys in blocks]
+    ls_tick = data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
@@ -136,7 +137,7 @@ def make_step(args, cfg, blocks=None):
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.ticker(args, "line-search eta"))    # rejected: eta = 0
+                                             not args.no_reject, ls_tick)    # rejected: eta = 0
         fresh = lambda th: [opt.init(get_block(th, keys)) for keys, opt in zip(blocks, opts)]
         new = data.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
         K, n_ls = len(blocks), ls["inputs"].shape[0]

@@ -85,6 +85,7 @@ def make_step(args, cfg):
     line search with --ls-batches)."""
     N = args.inner_steps
     opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
+    inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
@@ -95,11 +96,11 @@ def make_step(args, cfg):
                                                   args.split)
         (theta, opt_state), (loss0, gnorm, lr) = model.inner_solve(
             grad_p, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], data.ticker(args, "inner step"))
+            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
         # eta = 1 without line-search batches, the paper's default here
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
-                                             not args.no_reject, data.ticker(args, "line-search eta"))
+                                             not args.no_reject, ls_tick)
         new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
         n_ls = ls["inputs"].shape[0]

@@ -223,11 +223,12 @@ def make_optimizer(args, params):
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
     opt, lr = make_optimizer(args, data.param_shapes(cfg))
+    tick = data.ticker(args, "micro-batch chunk")
 
     @jax.jit
     def step(state, batches, t):
         params = state["params"]
-        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=data.ticker(args, "micro-batch chunk"))
+        loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=tick)
         updates, opt_state = opt.update(g, state["opt"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
