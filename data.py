@@ -1294,5 +1294,6 @@ def run_child(argv, env):
         for sig, h in old.items():
             signal.signal(sig, h)
 
+
 if __name__ == "__main__":
     main_guard(_cli)
