@@ -119,8 +119,7 @@ def build(name, flags):
     script = SCRIPTS[name][0]
     args = script.parse(flags.split())
     cfg = data.model_config(args)
-    micro = getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
-    return cfg, script.make_step(args, cfg), lambda p: script.init_state(args, cfg, p), micro
+    return cfg, script.make_step(args, cfg), lambda p: script.init_state(args, cfg, p), data.micro_per_step(args)
 
 
 def compiled_step(name, flags, batch_size, mesh):

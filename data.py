@@ -755,6 +755,12 @@ def param_shapes(cfg):
     return jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
 
 
+def micro_per_step(args):
+    """Micro-batches a step reads: the baselines' gradient accumulation, or a GN step's inner (cg:
+    outer) micro-batches and its line-search ones."""
+    return getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
+
+
 def split_step_batches(batches, N):
     """A GN step's (N + n_ls, B, T) micro-batches: the first N for the inner solve (cg: the
     outer batch), the n_ls after them, fresh, for the line search."""
@@ -955,9 +961,7 @@ class Run:
                             else "continue with --resume")
         self.start = None                           # the paper start's checkpoint and key, if used
         self.uses_start = args.start == "paper" and not args.init_from
-        # micro-batches per step: the baselines' gradient accumulation, or a GN step's inner
-        # (cg: outer) micro-batches and its line-search ones
-        self.micro_per_step = getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
+        self.micro_per_step = micro_per_step(args)
         # the paper start read START["batch_size"]-sequence micro-batches from the stream's head
         self.pos0 = -(-args.start_steps * START["batch_size"] // args.batch_size) if self.uses_start else 0
         cache = args.cache_dir or None
@@ -1070,8 +1074,7 @@ class Run:
     def write_config(self, extra):
         vs = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "optax", "numpy", "tiktoken")}
         conf = {"args": vars(self.args), "model": dataclasses.asdict(self.cfg),
-                "params": model.param_count(jax.eval_shape(
-                    lambda: model.init_params(self.cfg, jax.random.key(0)))),
+                "params": model.param_count(param_shapes(self.cfg)),
                 "tokens_per_micro_batch": self.tokens_per_micro,
                 "tokens_per_step": self.micro_per_step * self.tokens_per_micro,
                 "eval": {"batches": self.eval_batches, "batch_size": self.eval_batch_size},
