@@ -4,8 +4,9 @@ One optimizer step on K = --grad-accum micro-batches x_k (the authors' llama_tra
     g     = clip( (1/K) sum_k grad l(f(theta; x_k)), c )         global-norm clip, c = --clip
     m     = b1 m + (1 - b1) g,     v = b2 v + (1 - b2) g^2
     theta = theta - lr_t ( m_hat / (sqrt(v_hat) + eps) + wd theta )   decoupled decay, every leaf
-Paper defaults (45m): lr 0.01 constant, b1 0.9, b2 0.95, eps 1e-8, wd 0, clip 1, 32 x 122
-micro-batches (~4M tokens) per step, 227 steps.
+Paper defaults (45m, the templates): lr 0.01 constant, b1 0.9, b2 0.95, eps 1e-8, wd 0, clip 1,
+32 x 122 micro-batches (~4M tokens) per step, 227 steps. At 150m, Figure 1's 40M tokens per step
+(305 x 128 x 1024); --help gives each default's source.
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train.py):
   - gradients are accumulated by lax.scan inside one jitted step rather than optax.MultiSteps,
@@ -23,23 +24,24 @@ import model
 
 # ============================================================================ config
 
-# Each flag: (paper default used for 45m/150m, {size: CPU preset}).
+# Each flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES).
 DEFAULTS = {
-    "grad_accum": (122, {"small": 8, "tiny": 2}),
-    "steps": (227, {"small": 30, "tiny": 4}),
-    "lr": (0.01, {"small": 1e-3, "tiny": 3e-3}),
-    "schedule": ("constant", {}),
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
+    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 305}, ("T", "R")),   # 150m: 305 x 128 x 1024 = 40M
+    "steps": (227, {"small": 30, "tiny": 4, "150m": 1500}, ("T", "O")),
+    "lr": (0.01, {"small": 1e-3, "tiny": 3e-3, "150m": 0.003}, ("T", "O")),  # 150m: the start's lr
+    "schedule": ("constant", {}, ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}),
-    "eval_every": (1, {"small": 5, "tiny": 2}),
+    "wd": (0.0, {}, ("T", "O")),
+    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    p.flag("--b1", 0.9, "Adam beta1", type=data.unit_float)
-    p.flag("--b2", 0.95, "Adam beta2", type=data.unit_float)
+    p.flag("--b1", 0.9, "Adam beta1", src=("T", "O"), type=data.unit_float)
+    p.flag("--b2", 0.95, "Adam beta2", src=("T", "O"), type=data.unit_float)
     p.flag("--eps", 1e-8, "Adam epsilon", type=data.pos_float)
     return data.parse_common(p, argv, "adamw")
 

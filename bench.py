@@ -20,9 +20,10 @@ loop     adamw.main for 6 steps: its step_time and whole loop iteration against 
 scaling  adamw and gn_full steps on 1, 2 and 4 simulated CPU devices (subprocesses), placed as Run.
 util45m  45m forward+backward on --batch-45m x 1024, and its parts, against the matmul peak.
          (util45m, memory and rss run at --big, 45m by default; --big tiny is their smoke test)
-memory   45m steps at the paper's 32 x 1024 micro-batch, one micro-batch per phase (CG with the
-         paper's 50 iterations), never run: XLA's memory analysis of the compiled step; the
-         smallest --split under --limit, and the largest micro-batch at --split 1.
+memory   45m steps at --batch-size x 1024 (the paper's 32; Figure 1's 128 at --big 150m), one
+         micro-batch per phase (CG with the paper's 50 iterations), never run: XLA's memory
+         analysis of the compiled step; the smallest --split under --limit, and the largest
+         micro-batch at --split 1.
 rss      one real execution of the 45m gn_full step of `memory` (a subprocess): its peak RSS.
 
 Model flops per token: fp32 matmuls, 2 per multiply-add (not norms, softmax, gelu). With N = L
@@ -70,6 +71,7 @@ SCRIPTS = {  # step: (script, its flags; {K} micro-batches per phase, {cg} CG it
     "gn_layerwise": (gn_layerwise, "--inner-steps {K} --ls-batches 1"),
     "gn_proxlinear": (gn_proxlinear, "--inner-steps {K}"),       # the paper's default: no line search
 }
+METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear)}
 T_START = time.perf_counter()
 
 
@@ -329,20 +331,20 @@ def analysed_gib(name, batch_size, split, size="45m"):
 
 
 def memory(a):
-    T = model.CONFIGS[a.big].seq_len
-    lines = [f"| step ({a.big}, 32 x {T}, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
-             f"fits {a.limit:g} GiB at 32 x {T} with | largest micro-batch at --split 1 |",
+    T, B = model.CONFIGS[a.big].seq_len, a.batch_size
+    lines = [f"| step ({a.big}, {B} x {T}, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
+             f"fits {a.limit:g} GiB at {B} x {T} with | largest micro-batch at --split 1 |",
              "|---|---|---|---|---|"]
     for name in [n for n in a.steps.split(",") if n in SCRIPTS]:      # the scripts of --steps
         say(f"memory: {name}")
-        gib = {s: analysed_gib(name, 32, s, a.big) for s in (4, 1)}
+        gib = {s: analysed_gib(name, B, s, a.big) for s in (4, 1)}
         fit, s = next((s for s in (1, 4) if gib[s] <= a.limit), None), 4
-        while fit is None and s < 32 and gib[s] < 0.9 * gib[1]:    # while splitting still helps
+        while fit is None and s < B and gib[s] < 0.9 * gib[1]:     # while splitting still helps
             s *= 2
-            gib[s] = analysed_gib(name, 32, s, a.big)
+            gib[s] = analysed_gib(name, B, s, a.big)
             fit = s if gib[s] <= a.limit else None
-        largest = 32 if gib[1] <= a.limit else next(
-            (b for b in (16, 8, 4, 2, 1) if analysed_gib(name, b, 1, a.big) <= a.limit), 0)
+        largest = B if gib[1] <= a.limit else next(
+            (b for b in (64, 32, 16, 8, 4, 2, 1) if b < B and analysed_gib(name, b, 1, a.big) <= a.limit), 0)
         fits = f"--split {fit} ({gib[fit]:.1f} GiB)" if fit else f"none (--split {s}: {gib[s]:.1f} GiB)"
         lines.append(f"| {name} | {gib[4]:.1f} | {gib[1]:.1f} | {fits} | {largest} x {T} |")
     return lines
@@ -384,6 +386,90 @@ SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
             "rss": ("Memory analysis at --big (45m) against a real run", rss)}
 
 
+# ---------------------------------------------------------------- plan: the cost of run.sh full
+
+# Measured on one H100 80GB at 45m, 32 x 1024 micro-batches (the README's H100 table): an AdamW step
+# (122 gradients) 4.07 s in bf16 and 7.32 s in TF32; `--sections blocks` in TF32: an inner step
+# of Algorithm 1 costs 1.72 gradients, a line-search (or eval) forward 0.36.
+H100_TOKENS_PER_S = {"bfloat16": 3_997_696 / 4.07, "tf32": 3_997_696 / 7.32}
+INNER, FORWARD = 1.72, 0.36
+C4_TRAIN_TOKENS = data.C4_TOTALS["train"] * 150e6   # ~150M GPT-2 tokens a shard (data.py's estimate)
+
+
+def run_cost(script, argv, done_steps=0):
+    """(steps, train tokens, line-search tokens, gradient-equivalents) of one planned run of
+    `script` with argv (its lr and target do not change the cost and are dropped), after step
+    done_steps (an extension), and the start it would train first (or None)."""
+    drop = {i + d for i, x in enumerate(argv) if x in ("--lr", "--target-loss") for d in (0, 1)}
+    args = METHODS[script].parse([x for i, x in enumerate(argv) if i not in drop])
+    cfg = data.model_config(args)
+    T, steps = cfg.seq_len, args.steps - done_steps
+    tok = args.batch_size * T                                   # tokens per micro-batch
+    if script in ("adamw", "muon", "soap"):
+        train, ls, grads = args.grad_accum * tok, 0, args.grad_accum * tok
+    else:
+        blocks = (cfg.n_layers + 2) / 2 if script == "gn_layerwise" else 1    # see the docstring
+        train, ls = args.inner_steps * tok, args.ls_batches * tok
+        grads = train * INNER * blocks + ls * (args.ls_range + 1) * FORWARD
+    evals = steps // args.eval_every * args.eval_batches * args.eval_batch_size * T * FORWARD
+    start = None
+    if args.start == "paper" and not args.init_from:
+        st = data.start_settings(args.size)
+        start = ((args.size, args.seed, args.dtype, args.start_steps),
+                 args.start_steps * st["batch_size"] * T)
+    return steps, steps * train, steps * ls, steps * grads + evals, cfg, args.dtype, start
+
+
+def plan(path):
+    """The table of run.sh full --dry-run: every planned run (lines FIGURE<TAB>DIR<TAB>SCRIPT
+    ARGS) with its tokens, passes of C4 and estimated H100-hours, and the totals per figure."""
+    rows, totals, starts = [], {}, {}
+    ref = train_flops(model.CONFIGS["45m"])
+
+    def add(fig, tokens, hours):
+        t, h = totals.get(fig, (0, 0))
+        totals[fig] = (t + tokens, h + hours)
+    for line in open(path):
+        fig, run, command = line.rstrip("\n").split("\t")
+        script, *argv = command.split()
+        done = int(run.split("from step ")[1].rstrip(")")) if "from step " in run else 0
+        steps, train, ls, grads, cfg, dtype, start = run_cost(script.removesuffix(".py"), argv, done)
+        rate = H100_TOKENS_PER_S.get(dtype, H100_TOKENS_PER_S["tf32"]) * ref / train_flops(cfg)
+        if start and start[0] not in starts:                    # the shared start, trained once
+            starts[start[0]] = True
+            h = start[1] / rate / 3600
+            st = data.start_settings(start[0][0])
+            rows.append(("start", "the cache's shared start", f"adamw.py, data.py's start at {start[0][0]}: "
+                         f"{start[0][3]} steps of {st['batch_size']} x {cfg.seq_len}, lr {st['lr']}",
+                         start[1], 0, h, start[0][3]))
+            add("start", start[1], h)
+        h = grads / rate / 3600
+        rows.append((fig, run, f"{script} {' '.join(argv)}", train, ls, h, steps))
+        add(fig, train + ls, h)
+    out = ["| figure | run | command | steps | tokens: train + line search | passes of C4 | est. H100-hours |",
+           "|---|---|---|---|---|---|---|"]
+    for fig, run, command, train, ls, h, steps in rows:
+        out.append(f"| {fig} | {run} | `{command}` | {steps} | {train / 1e9:.2f}B + {ls / 1e9:.2f}B | "
+                   f"{(train + ls) / C4_TRAIN_TOKENS:.3f} | {h:,.1f} |")
+    out += ["", "| figure | tokens read | est. H100-hours | on 1 H100 | on 8 H100s |", "|---|---|---|---|---|"]
+    everything = tuple(map(sum, zip(*totals.values())))
+    for fig, (t, h) in [*totals.items(), ("all", everything)]:
+        out.append(f"| {fig} | {t / 1e9:,.1f}B | {h:,.0f} | {h / 24:,.1f} days | {h / 8:,.1f} h "
+                   f"({h / 8 / 24:,.1f} days) |")
+    out += ["", "An estimate, not a measurement. Measured on one H100 at 45m (the README): an AdamW "
+            f"step's {H100_TOKENS_PER_S['bfloat16']:,.0f} tokens/s in bf16 and "
+            f"{H100_TOKENS_PER_S['tf32']:,.0f} in TF32 (float32 at full precision was not measured: "
+            "taken as TF32, an underestimate); an inner step of Algorithm 1 1.72 gradients and a "
+            "forward 0.36 (TF32). Extrapolated: other sizes by model flops per token (bench.py's "
+            "formula, the same utilisation), layerwise GN as (L+2)/2 GN inner steps (bench.py at "
+            "small: 8.59 against gn_full's 3.49 gradients a step), prox-linear's inner step as GN's, "
+            "Muon and SOAP as AdamW, a sweep's grid extensions (up to 2 runs each) left out, runs "
+            "that stop at the target counted to their cap, and 8 GPUs as 8x one (data parallel, "
+            "not measured). Passes: tokens read over C4 en's train split (~154B tokens); with the "
+            "default DATA=bbc (1.2M tokens) the scripts warn that they read it over and over."]
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", choices=sorted(model.CONFIGS), help="config (default small)")
@@ -404,7 +490,11 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print only the steps section's numbers, as JSON")
     p.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="also write the tables to this file")
+    p.add_argument("--plan", default="", help="print the estimated cost of the runs listed in this file "
+                   "(what ./run.sh full --dry-run writes) instead of measuring")
     a = p.parse_args(argv)
+    if a.plan:
+        return print(plan(a.plan))
     if a.rss_worker:
         return rss_worker(a.big)
     if a.json:                                      # the scaling section's subprocesses

@@ -53,6 +53,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -540,84 +541,131 @@ nonneg_float = _typed(float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
 unit_float = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+SOURCES = {  # where a paper-size default comes from (--help tags each value with one)
+    "T": "the authors' templates, natalieabreu/full-gauss-newton templates/gn-template.sbatch and "
+         "adam-template.sbatch (45M, 122 x 32 x 1024 = 4M tokens per step)",
+    "A": "the authors' code where a template leaves a flag at its default (llama_train_gn.py, "
+         "llama_train_gn_layerwise.py, optimizers.py)",
+    "F": "Figure 1 at 150M as the README of the fork gmbabreu/full-gauss-newton runs it (\"150M "
+         "AdamW Warmup Run\", \"150M Full Gauss-Newton Run\": 1831 x 128 x 1024 = 240M tokens "
+         "per GN step)",
+    "R": "an ICLR 2026 reviewer of the paper (OpenReview): in Figure 1 GN's batch is 240M tokens, "
+         "AdamW's and Muon's 40M",
+    "P": "the paper (arXiv 2510.09378)",
+    "G": "GN's value at this size (gn_full.py): no source gives this method's",
+    "O": "our choice: no source gives it",
+}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and per-size defaults.
 
-    `flag(name, default, help, presets={"small": ...})` records the paper default (used for 45m and
-    150m) and CPU presets; `parse()` fills each flag the user did not pass from its size's value.
+    `flag(name, default, help, presets={"small": ...}, src=("T", "F"))` records the default (the
+    paper's 45m value) and presets for other sizes, with the sources of the 45m and 150m values
+    (SOURCES); `parse()` fills each flag the user did not pass from its size's value.
     """
 
     def __init__(self, doc="", **kw):
         kw.setdefault("description", doc.split("\n\n")[0])
         kw.setdefault("allow_abbrev", False)      # --step 3 must not silently mean --steps 3
         super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-        self.defaults_by_size = {}
+        self.defaults_by_size, self.sources = {}, {}
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
-    def flag(self, name, default, help, presets=None, **kw):
-        presets = presets or {}
-        shown = ", ".join([f"{default}"] + [f"{k}: {v}" for k, v in presets.items()])
-        if kw.get("action") in ("store_true", "store_false"):
-            self.add_argument(name, help=help, **kw)
-            return
-        # an empty default means something the help text itself says
-        self.add_argument(name, default=None, help=f"{help} (default {shown})" if shown else help, **kw)
-        self.defaults_by_size[name.lstrip("-").replace("-", "_")] = (default, presets)
+    def flag(self, name, default, help, presets=None, src=None, **kw):
+        presets = dict(presets or {})
+        dest = name.lstrip("-").replace("-", "_")
+        if src:                                   # a paper-size value: --help shows its source
+            presets.setdefault("150m", default)
+            self.sources[dest] = dict(zip(("45m", "150m"), src))
+            self.epilog = "sources of the paper-size defaults:\n" + "\n".join(
+                textwrap.fill(v, 100, break_on_hyphens=False, initial_indent=f"  [{k}] ", subsequent_indent="      ")
+                for k, v in SOURCES.items())
+        action = self.add_argument(name, default=None, help=help, **kw)
+        self.defaults_by_size[dest] = (default, presets, action, help)
 
     def parse(self, argv=None):
+        # --help leads each flag's defaults with the value at the --size asked for
+        size = self._size_arg(sys.argv[1:] if argv is None else list(argv))
+        for dest, (default, presets, action, help) in self.defaults_by_size.items():
+            tag = lambda k: f" [{self.sources[dest][k]}]" if k in self.sources.get(dest, {}) else ""
+            value = lambda k: presets.get(k, default)
+            others = [f"{k}: {value(k)}{tag(k)}" for k in ("45m", *presets) if k != size]
+            if default == "" and not presets:     # the help text itself says what empty means
+                continue
+            action.help = f"{help} (default {value(size)}{tag(size)} at --size {size}" + (
+                f"; {', '.join(others)})" if others else ")")
         args = self.parse_args(argv)
         args.explicit = sorted(d for d in self.defaults_by_size if getattr(args, d) is not None)
-        for dest, (default, presets) in self.defaults_by_size.items():
+        for dest, (default, presets, _, _) in self.defaults_by_size.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, presets.get(args.size, default))
         return args
 
+    @staticmethod
+    def _size_arg(argv):
+        for i, x in enumerate(argv):
+            if x == "--size" and i + 1 < len(argv):
+                return argv[i + 1]
+            if x.startswith("--size="):
+                return x.split("=", 1)[1]
+        return "small"
+
 
 def common_flags(parser, d):
-    """The flags every method script shares. d maps flag -> (paper default, {size: preset})."""
+    """The flags every method script shares. d maps flag -> (45m default, {size: preset}[, the
+    sources of the 45m and 150m values])."""
     f = parser.flag
     parser.add_argument("--size", default="small", choices=sorted(model.CONFIGS),
                         help="model config (default small; 45m and 150m are the paper's)")
     f("--data", "bbc", "`bbc` (embedded BBC news), or a directory of C4 shards or .txt files", type=str)
     f("--order", "stream", "batch order: the paper's unshuffled stream, or random windows",
       {"small": "random", "tiny": "random"}, choices=["stream", "random"])
-    f("--batch-size", 32, "sequences per micro-batch", {"small": 32, "tiny": 8}, type=pos_int)
+    f("--batch-size", d["batch_size"][0], "sequences per micro-batch", *d["batch_size"][1:], type=pos_int)
     f("--split", 1, "compute each micro-batch (and eval batch) in this many chunks of rows to bound "
-      "memory; the maths is unchanged (45m/150m presets fit 24 GiB; use 1 on an 80 GB GPU)",
-      {"45m": 4, "150m": 8}, type=pos_int)
+      "memory; the maths is unchanged (the 45m preset fits 24 GiB; 150m's 128 x 1024 micro-batch "
+      "fits an 80 GB GPU: bench.py's memory section gives the smallest for a limit)",
+      {"45m": 4, "150m": 16}, src=("O", "O"), type=pos_int)
     if d["grad_accum"]:
-        f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", d["grad_accum"][1],
+        f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", *d["grad_accum"][1:],
           type=pos_int)
-    f("--steps", d["steps"][0], "optimizer (outer) steps", d["steps"][1], type=pos_int)
-    f("--lr", d["lr"][0], "peak learning rate", d["lr"][1], type=pos_float)
-    f("--schedule", d["schedule"][0], "learning-rate schedule", d["schedule"][1], choices=d["schedules"])
-    f("--warmup", 0, "warmup steps", type=nonneg_int)
-    f("--wd", d["wd"][0], "decoupled weight decay", d["wd"][1], type=nonneg_float)
-    f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", type=nonneg_float)
+    f("--steps", d["steps"][0], "optimizer (outer) steps", *d["steps"][1:], type=pos_int)
+    f("--lr", d["lr"][0], "peak learning rate", *d["lr"][1:], type=pos_float)
+    f("--schedule", d["schedule"][0], "learning-rate schedule", *d["schedule"][1:], choices=d["schedules"])
+    f("--warmup", 0, "warmup steps: the baselines' linear from 0 (the authors' init_lr), the GN "
+      "scripts' in outer steps from 0.1 lr (as theirs)", type=nonneg_int)
+    f("--wd", d["wd"][0], "decoupled weight decay", *d["wd"][1:], type=nonneg_float)
+    f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", src=("T", "F"), type=nonneg_float)
     f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
-    f("--dtype", "float32", "float32: every matmul at full fp32 precision on every backend "
-      "(JAX would otherwise run fp32 matmuls as TF32 on NVIDIA GPUs and as one bf16 pass on "
-      "TPUs), for the maths and small runs; bfloat16: the fast accelerator path, bf16 matmuls "
-      "with the logits accumulated in fp32 (params, optimizer state, norms, softmax and CG "
-      "vectors stay fp32)", choices=["float32", "bfloat16"])
+    f("--dtype", "tf32", "tf32: fp32 params and activations at JAX's default matmul precision, "
+      "what the authors ran as --dtype=fp32: TF32 matmuls on NVIDIA GPUs (one bf16 pass on TPUs; "
+      "full fp32 on CPUs); at 45m on an H100 an AdamW step took 1.8x bf16's time. float32: every "
+      "matmul at full fp32 precision on every backend (G v then symmetric to fp32 round-off, "
+      "as CG assumes), for the maths, the tests and CPU runs; slower than tf32 on GPUs. bfloat16: "
+      "the fast accelerator path, bf16 matmuls with the logits accumulated in fp32 (params, "
+      "optimizer state, norms, softmax and CG vectors stay fp32)",
+      {"small": "float32", "tiny": "float32"}, src=("T", "F"), choices=["tf32", "float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true",
                         help="recompute each block in the backward/transpose pass (less memory, as "
                              "the authors' nothing_saveable remat)")
-    f("--eval-every", d["eval_every"][0], "evaluate every this many steps", d["eval_every"][1], type=pos_int)
+    f("--eval-every", d["eval_every"][0], "evaluate every this many steps", *d["eval_every"][1:], type=pos_int)
     f("--eval-batches", 100, "fixed validation batches (each --eval-batch-size x T)",
-      {"small": 8, "tiny": 2}, type=pos_int)
-    f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8}, type=pos_int)
+      {"small": 8, "tiny": 2, "150m": 50}, src=("T", "F"), type=pos_int)
+    f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8},
+      src=("T", "F"), type=pos_int)
     f("--target-loss", 0.0, "stop once the validation loss is at or below this (0: never)",
       type=nonneg_float)
     f("--start", "paper", "the starting point. paper: the paper's shared AdamW checkpoint, "
-      "--start-steps AdamW steps of one 32-sequence micro-batch at adamw.py's paper defaults (lr "
-      "0.01, constant), trained by adamw.py once on first need and cached under the token cache "
-      "by everything that determines it; the run then reads the data after the start's. none: "
-      "the seeded random init", {"small": "none", "tiny": "none"}, choices=["paper", "none"])
-    f("--start-steps", 1000, "AdamW steps of --start paper", type=pos_int)
+      "--start-steps AdamW steps of one 32-sequence micro-batch (45m: lr 0.01 constant [T]; 150m: "
+      "lr 0.003, linear warmup from 0 over 457 steps, then constant [F]; both b1 0.9, b2 0.95, "
+      "wd 0), trained by adamw.py once on first need and cached under the token cache by "
+      "everything that determines it; the run then reads the data after the start's. none: the "
+      "seeded random init", {"small": "none", "tiny": "none"}, choices=["paper", "none"])
+    f("--start-steps", 1000, "AdamW steps of --start paper (45m: 32.8M tokens; 150m: 150M, 5%% of "
+      "a 3B-token Chinchilla budget)", {"150m": 4578}, src=("T", "F"), type=pos_int)
     f("--init-from", "", "start from the params of this checkpoint, with a fresh optimizer state "
       "(default: none; overrides --start)", type=str)
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
@@ -636,13 +684,15 @@ def common_flags(parser, d):
 
 def model_config(args):
     """The model config of --size, with the --dtype compute precision and --remat."""
-    return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
+    dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"        # tf32: fp32 arrays
+    return dataclasses.replace(model.CONFIGS[args.size], dtype=dtype, remat=args.remat)
 
 
 def parse_common(parser, argv, method):
     args = parser.parse(argv)
     args.method = method
-    # --dtype float32 means fp32: the GGN products must be symmetric to fp32 round-off for CG
+    # --dtype float32 means fp32: the GGN products must be symmetric to fp32 round-off for CG;
+    # tf32 and bfloat16 leave JAX's default precision (TF32 for fp32 matmuls on NVIDIA GPUs)
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else None)
     args.out = args.out or os.path.join("runs", f"{method}-{args.size}")
     init_distributed(args.distributed)
@@ -656,12 +706,13 @@ def parse_common(parser, argv, method):
 # ============================================================================ schedules and optimizers
 
 def make_schedule(kind, lr, warmup, steps):
-    """The baselines' lr schedules, indexed by optimizer step (not micro-step)."""
+    """The baselines' lr schedules, indexed by optimizer step (not micro-step); warmups start at
+    0, the authors' init_lr (optimizers.py: constant_with_warmup, cosine)."""
     if kind == "constant":
         return optax.constant_schedule(lr)
     if kind == "warmup_constant":
-        return optax.linear_schedule(0.1 * lr, lr, max(warmup, 1))
-    return optax.warmup_cosine_decay_schedule(0.1 * lr, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
+        return optax.linear_schedule(0.0, lr, max(warmup, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
 
 
 def muon_label(path, leaf):
@@ -701,20 +752,26 @@ def routing_table(labels, params):
 
 # ============================================================================ the GN scripts' shared pieces
 
-def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"small": 7})):
-    """The flags of the GN scripts' inner solver (Algorithm 1 and its variants)."""
+def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A", "A")),
+             ls_range=(5, {"small": 7, "150m": 10}, ("T", "F"))):
+    """The flags of the GN scripts' inner solver (Algorithm 1 and its variants). The authors' line
+    search draws as many fresh micro-batches as the inner solve (llama_train_gn.py): ls_batches."""
     f = parser.flag
     f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
-      {"small": 8, "tiny": 2}, type=pos_int)
+      {"small": 8, "tiny": 2, "150m": 1831}, src=("T", "F"), type=pos_int)
     f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
-      {"small": "adamw", "tiny": "adamw"}, choices=["muon", "adamw"])
-    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", type=unit_float)
-    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", type=unit_float)
-    f("--beta", 0.95, "Muon momentum of the inner optimizer", type=unit_float)
+      {"small": "adamw", "tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
+    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", src=("T", "F"), type=unit_float)
+    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", src=("T", "F"), type=unit_float)
+    f("--beta", 0.95, "Muon momentum of the inner optimizer (optax's default, which theirs keeps)",
+      src=("A", "A"), type=unit_float)
     f("--ls-batches", ls_batches[0], "fresh micro-batches for the line search (0: none, eta = 1)",
-      ls_batches[1], type=nonneg_int)
-    f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", ls_range[1],
+      *ls_batches[1:], type=nonneg_int)
+    f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", *ls_range[1:],
       type=pos_int)
+    f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 run set total_steps=500000 and "
+      "stopped at the target: its lr stayed within 1e-5 of the peak for the 54 steps it took",
+      {"150m": 500000}, src=("A", "F"), type=nonneg_int)
     parser.add_argument("--reset-start", action="store_true",
                         help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
     parser.add_argument("--no-reject", action="store_true",
@@ -722,7 +779,8 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1}), ls_range=(5, {"s
                              "= 0, also evaluated) is lower: the authors' behaviour. By default "
                              "such a step is rejected: theta stays, and the next solve restarts "
                              "from theta_t with a fresh optimizer state and half the inner lr")
-    f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off)", type=unit_float)
+    f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off; the "
+      "templates' 0.999 is a listed deviation)", src=("O", "F"), type=unit_float)
 
 
 def inner_optimizer(args, params):
@@ -744,7 +802,7 @@ def inner_lr(args, s, k):
     if args.schedule == "constant_with_inner_cosine":
         peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
         return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
-    i, w, total = s * N + k, args.warmup * N, args.steps * N           # global_cosine
+    i, w, total = s * N + k, args.warmup * N, (args.schedule_steps or args.steps) * N   # global_cosine
     warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
     cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
     return jnp.where(i < w, warm, cos)
@@ -923,10 +981,17 @@ def ticker(args, what):
     compilation cache (the tests' subprocesses then compile it once)."""
     return None if args.size == "tiny" else functools.partial(tick, what=what)
 
-# the paper's shared start: adamw.py's paper defaults on one 32-sequence micro-batch per step
+# The paper's shared start, adamw.py on one 32-sequence micro-batch per step: at 45m the templates'
+# (adam-template.sbatch: lr 0.01, constant), at 150m the fork's "150M AdamW Warmup Run" (lr 0.003,
+# constant_with_warmup over 457 steps from init_lr 0); the other sizes take 45m's.
 START = {"batch_size": 32, "grad_accum": 1, "lr": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-         "wd": 0.0, "clip": 1.0, "schedule": "constant", "order": "stream"}
+         "wd": 0.0, "clip": 1.0, "schedule": "constant", "warmup": 0, "order": "stream"}
+START_150M = {**START, "lr": 0.003, "schedule": "warmup_constant", "warmup": 457}
 PAPER_SIZES = ("45m", "150m")
+
+
+def start_settings(size):
+    return START_150M if size == "150m" else START
 START_ENV = "FULLGN_START_FOR"   # set for the adamw.py process that trains a run's paper start
 
 # flags that may differ between a run and its --resume
@@ -962,8 +1027,9 @@ class Run:
         self.start = None                           # the paper start's checkpoint and key, if used
         self.uses_start = args.start == "paper" and not args.init_from
         self.micro_per_step = micro_per_step(args)
-        # the paper start read START["batch_size"]-sequence micro-batches from the stream's head
-        self.pos0 = -(-args.start_steps * START["batch_size"] // args.batch_size) if self.uses_start else 0
+        # the paper start read its batch_size-sequence micro-batches from the stream's head
+        start_rows = args.start_steps * start_settings(args.size)["batch_size"]
+        self.pos0 = -(-start_rows // args.batch_size) if self.uses_start else 0
         cache = args.cache_dir or None
         rows = process_rows(args.batch_size)
         train = load_tokens(args.data, "train", cfg.vocab, cache)
@@ -1012,13 +1078,14 @@ class Run:
         dtype, training it first when it is not there yet: by `python adamw.py` in a child process
         (the one AdamW trainer; data.py imports no method script), into the cache. Ctrl-C and
         SIGTERM reach the child, which checkpoints; rerunning the same command resumes it."""
-        a = self.args
+        a, st = self.args, start_settings(self.args.size)
         key = {"size": a.size, "data": resolve_source(a.data)[1], "vocab": self.cfg.vocab,
-               "seed": a.seed, "dtype": a.dtype, "steps": a.start_steps, **START}
+               "seed": a.seed, "dtype": a.dtype, "steps": a.start_steps, **st}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         final = os.path.join(a.cache_dir or default_cache_dir(), "starts", f"adamw-{a.size}-{digest}")
-        what = (f"{a.start_steps} AdamW steps of one {START['batch_size']} x {self.cfg.seq_len} "
-                f"micro-batch at lr {START['lr']}")
+        what = (f"{a.start_steps} AdamW steps of one {st['batch_size']} x {self.cfg.seq_len} "
+                f"micro-batch at lr {st['lr']}"
+                + (f", warmup {st['warmup']}" if st["warmup"] else ""))
         if os.path.exists(os.path.join(final, "ckpt")):
             self.log(f"start: the paper's shared AdamW start ({what}), cached in {final}")
             return os.path.join(final, "ckpt"), key
@@ -1026,14 +1093,14 @@ class Run:
         argv = ["--size", a.size, "--data", a.data, "--seed", str(a.seed), "--dtype", a.dtype,
                 "--split", str(a.split), "--steps", str(a.start_steps), "--start", "none",
                 "--eval-every", str(a.start_steps), "--out", partial, "--cache-dir", a.cache_dir,
-                *[x for k, v in START.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+                *[x for k, v in st.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
         if any(os.path.exists(os.path.join(partial, f)) for f in ("ckpt", "metrics.jsonl")):
             argv.append("--resume")
         command = f"python adamw.py {' '.join(argv)}"
         if jax.process_count() > 1:
             raise UserError(f"the paper's shared AdamW start is not in the cache yet; train it once on "
                             f"one host first ({what}): {command}; then rerun this command")
-        tokens = a.start_steps * START["batch_size"] * self.cfg.seq_len
+        tokens = a.start_steps * st["batch_size"] * self.cfg.seq_len
         self.log(f"start: training the paper's shared AdamW start first: {what}, {tokens / 1e6:.1f}M "
                  f"tokens (at 45m: 49 s on one H100 in bf16; about a day on a 2-core CPU; the "
                  f"progress lines below give the ETA here). Once: it is cached in {final} for every "

@@ -34,6 +34,10 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_
     with --ema, evaluation reports the raw params (val_loss) and the EMA (val_loss_ema) both;
   - the logged train_loss is the true loss at theta_t, not the quadratic-model value;
   - resume restores the inner iterate, the optimizer state and the data position (theirs did not);
+  - inner_loop_wd (Figure 1's run: 0.01) has no flag: in GN mode theirs adds lam R(theta) to the
+    scalar loss on the logits, which is differentiated with respect to the logits only
+    (train_step_gauss_newton), so it changed the logged quadratic-model loss and never the update;
+    parameter_wd is declared and never read. optimizer_wd is --wd;
   - CG is not in their code; GPT-2 BPE and data.py's sources instead of C4 + T5 tokenizer.
 """
 import math
@@ -49,14 +53,16 @@ from model import axpy, tdot
 
 # ============================================================================ config
 
-DEFAULTS = {  # (paper default used for 45m/150m, {size: CPU preset})
+DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "steps": (227, {"small": 10, "tiny": 4}),
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3}),
-    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant"}),
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "F")),
+    "steps": (227, {"small": 10, "tiny": 4, "150m": 100}, ("T", "O")),    # 150m: the paper's 54 to 3.25
+    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("T", "F")),
+    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant",
+                                                "150m": "global_cosine"}, ("T", "F")),
     "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}),
-    "eval_every": (10, {"small": 1, "tiny": 2}),
+    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("T", "F")),            # optimizer_wd
+    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("T", "F")),
 }
 
 

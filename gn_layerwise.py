@@ -40,21 +40,23 @@ from model import axpy
 
 # ============================================================================ config
 
-DEFAULTS = {  # (paper default used for 45m/150m, {size: CPU preset})
+DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "steps": (227, {"small": 5, "tiny": 4}),             # an outer step costs K = L + 2 GN steps
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3}),
-    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant"}),
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("G", "G")),
+    "steps": (227, {"small": 5, "tiny": 4, "150m": 120}, ("G", "O")),   # 150m: the paper's 78 to 3.25
+    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("G", "G")),
+    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant",
+                                                "150m": "global_cosine"}, ("G", "G")),
     "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}),
-    "eval_every": (10, {"small": 1, "tiny": 2}),
+    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("G", "G")),
+    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("G", "G")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    data.gn_flags(p, ls_range=(10, {"small": 7}))          # the authors' layerwise default: 10
+    data.gn_flags(p, ls_range=(10, {"small": 7}, ("A", "A")))   # the authors' layerwise default: 10
     p.flag("--objective", "gn", "each block's model: gn (quadratic) or proxlinear (CE of the "
            "linearised logits)", choices=["gn", "proxlinear"])
     return data.parse_common(p, argv, "gn_layerwise")

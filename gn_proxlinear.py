@@ -42,21 +42,22 @@ from model import axpy
 
 # ============================================================================ config
 
-DEFAULTS = {  # (paper default used for 45m/150m, {size: CPU preset})
+DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "steps": (227, {"small": 10, "tiny": 4}),
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3}),
-    "schedule": ("global_cosine", {}),
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("G", "G")),
+    "steps": (227, {"small": 10, "tiny": 4, "150m": 100}, ("G", "G")),
+    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("G", "G")),
+    "schedule": ("global_cosine", {}, ("P", "G")),
     "schedules": ["global_cosine", "constant_with_inner_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}),
-    "eval_every": (10, {"small": 1, "tiny": 2}),
+    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("G", "G")),
+    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("G", "G")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    data.gn_flags(p, ls_batches=(0, {}))
+    data.gn_flags(p, ls_batches=(0, {}, ("P", "P")))   # the paper: prox-linear needs no line search
     p.flag("--prox-lam", 0.0, "lam: weight of the proximal term lam/2 |theta - theta_t|^2",
            type=data.nonneg_float)
     return data.parse_common(p, argv, "gn_proxlinear")

@@ -13,7 +13,8 @@ lm_head and every 1-D norm scale/bias); each group is clipped by its own global 
     p     = p - lr_adam_t ( m_hat / (sqrt(v_hat) + eps) + wd p )     AdamW(b1, b2, eps 1e-8)
 At t = 1, u = g (1 + 2 beta)/(1 + beta), so the first Muon step is -lr scale NS5(g).
 Paper defaults (45m): lr 0.01 constant for both groups, b1 0.9, b2 0.95, beta 0.95, wd 0, clip 1,
-32 x 122 micro-batches (~4M tokens) per step, 227 steps.
+32 x 122 micro-batches (~4M tokens) per step, 227 steps. At 150m, Figure 1's 40M tokens per step
+(305 x 128 x 1024); --help gives each default's source.
 References: KellerJordan/Muon (muon.py); optax.contrib.muon (optax 0.2.8), which computes the above.
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.py MuonOptimizerFactory):
@@ -36,15 +37,15 @@ import model
 
 # ============================================================================ config
 
-# Each flag: (paper default used for 45m/150m, {size: CPU preset}).
-DEFAULTS = {
-    "grad_accum": (122, {"small": 8, "tiny": 2}),
-    "steps": (227, {"small": 30, "tiny": 4}),
-    "lr": (0.01, {"small": 0.02, "tiny": 0.02}),
-    "schedule": ("constant", {}),
+DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
+    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 305}, ("T", "R")),   # 150m: 305 x 128 x 1024 = 40M
+    "steps": (227, {"small": 30, "tiny": 4, "150m": 1000}, ("T", "O")),      # 150m: the paper's ~864 to 3.25
+    "lr": (0.01, {"small": 0.02, "tiny": 0.02, "150m": 0.003}, ("A", "O")),
+    "schedule": ("constant", {}, ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}),
-    "eval_every": (1, {"small": 5, "tiny": 2}),
+    "wd": (0.0, {}, ("T", "O")),
+    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
 }
 
 

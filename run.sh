@@ -1,70 +1,99 @@
 #!/usr/bin/env bash
 # Reproduce the paper's experiments and figures.
 #
-#   ./run.sh test            the test suite (the README's test command)
-#   ./run.sh smoke [OUT]     every script for 2 steps on the tiny config, in seconds
-#   ./run.sh quick [OUT]     the paper's experiments at CPU scale (small config, embedded data):
-#                            figures + results in OUT (measured on 2 CPU cores: see README)
-#   ./run.sh seeds [OUT]     after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, the oracle
-#                            gap, GN ablations, the inner solve's exactness along a run
-#   ./run.sh full  [OUT]     the same plan at the paper's scale (45m; SIZE=150m for 150m) on
-#                            GPUs/TPUs with C4 (DATA=dir of C4 shards); prints an estimate first
+#   ./run.sh test               the test suite (the README's test command)
+#   ./run.sh smoke [OUT]        every script for 2 steps on the tiny config, in seconds
+#   ./run.sh quick [OUT]        the paper's experiments at CPU scale (small config, embedded data):
+#                               figures + results in OUT (measured on 2 CPU cores: see README)
+#   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, the
+#                               oracle gap, GN ablations, the inner solve's exactness along a run
+#   ./run.sh full [--dry-run] [OUT]
+#                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
+#                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
+#                               experiment instead (4M tokens per step); SIZE=tiny: a CPU rehearsal
+#                               of the same plan. --dry-run prints every run with its tokens,
+#                               passes of the data and estimated H100-hours, and runs nothing
+#   ./run.sh gpu-check [OUT]    the one-GPU acceptance check (at most 8 minutes): OUT/report.md
 #
-# Plan (quick and full), every method from one shared AdamW checkpoint as the paper does, at
-# K micro-batches per (outer) step, with no warmup for any method (the same policy for all):
+# Plan (quick and full), every method from one shared AdamW checkpoint as the paper does:
 #   1. start:   quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
-#               start (--start paper: 1000 AdamW steps, trained once and cached)
-#   2. sweeps:  each baseline at 3 lrs for SWEEP steps, with the settings of its Figure-1 run; a
-#               best lr (lowest validation loss at step SWEEP) at the grid's edge extends the grid
-#               (x3 or /3, twice at most). Figure 1's baseline run is the best sweep run, resumed
-#               to BASE steps
-#   3. target:  the best baseline's validation loss at 80% of BASE (OUT/target.txt, unrounded)
-#   4. GN:      GN's inner lr swept the same way (3 lrs, SWEEP steps, stopping at the target;
-#               best = fewest steps to the target); layerwise and prox-linear (constant lr, with
-#               and without line search) at GN's lr until the target or GN_CAP steps
-#   5. fig2/3:  AdamW, SOAP and GN at BUDGET micro-batches for the smaller batch sizes (the
-#               Figure-1 runs give the point at K); quick leaves them to the seeds mode
+#               start (--start paper: at 150m 4578 AdamW steps, trained once and cached)
+#   2. sweeps:  each baseline at 3 lrs for its sweep steps, with the settings of its Figure-1 run;
+#               a best lr (lowest validation loss at the sweep's last step) at the grid's edge
+#               extends the grid (x3 or /3, twice at most). Figure 1's baseline run is the best
+#               sweep run, resumed to its cap (quick: 14 steps; full: the script's --steps at the
+#               size) or to the target. LRS="adamw=3e-3 muon=3e-3 soap=3e-3 gn_full=3e-3" gives
+#               the lrs and skips the sweeps
+#   3. target:  full: TARGET (150m: 3.25, the paper's); quick and 45m: the best baseline's
+#               validation loss at 80% of its budget (OUT/target.txt, unrounded)
+#   4. GN:      GN's inner lr swept the same way (3 lrs, stopping at the target; best = fewest
+#               steps to it); layerwise and prox-linear (with and without line search) at GN's lr
+#               until the target or their cap
+#   5. fig2/3:  a fixed token budget at several batch sizes, each method at its Figure-1 lr
+#               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to seeds
 #   6. plot.py: figures and OUT/results.md
-# ./run.sh seeds OUT (after quick) runs Figures 2-3, reruns the start, GN and the two best
-# baselines for seeds 1 and 2 (Figure 1's error bars), measures the oracle gap (oracle.py: how
-# much of the GN step AdamW, Muon and SOAP capture) along the baselines' Figure-1 runs, runs
-# GN's ablations, and measures the exactness of GN's inner solve along a run.
+# Rerunning the same command resumes the plan: finished runs are skipped, an interrupted one
+# (Ctrl-C, SIGTERM, a job's time limit; or a run given --stop-at) resumes from its checkpoint.
+# Multi-host: LAUNCH="srun --ntasks-per-node 1" EXTRA=--distributed ./run.sh full (train the
+# start once on one host first: the first run's error names its command).
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-}
+dry=""
+if [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 out=${2:-results/${mode/seeds/quick}}
 py=${PYTHON:-python}
+fig=fig1
 
-run() {  # run DIR SCRIPT ARGS...: skip runs that already finished (rerunning resumes the plan)
+run() {  # run DIR SCRIPT ARGS...: skip finished runs; resume interrupted ones
   local dir=$1; shift
+  if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir" "$*" >> "$plan_file"; return; fi
   if [ -f "$dir/done" ]; then echo "== $dir: done, skipped"; return; fi
-  echo "== $dir: $*"
-  rm -rf "$dir" && mkdir -p "$dir"
-  if ! $py "$@" --out "$dir" > "$dir/stdout.log" 2>&1; then
-    tail -n 3 "$dir/stdout.log"; echo "run.sh: $dir failed; see $dir/stdout.log" >&2; exit 1
-  fi
-  grep -E "^(step 0:|done:|target loss)" "$dir/stdout.log" || true
+  local resume=""
+  if [ -f "$dir/metrics.jsonl" ] || [ -e "$dir/ckpt" ]; then resume=--resume; echo "== $dir (resumed): $*"
+  else echo "== $dir: $*"; rm -rf "$dir" && mkdir -p "$dir"; fi
+  train "$dir" "$@" $resume
+  grep -E "^(step 0:|done:|target loss)" "$dir/stdout.log" | tail -n 2 || true
   touch "$dir/done"
 }
 
-extend() {  # extend DIR SCRIPT ARGS...: resume the finished run DIR with new ARGS (--steps)
+extend() {  # FROM=STEP extend DIR SCRIPT ARGS...: resume the finished run DIR (at step FROM) with new ARGS
   local dir=$1; shift
+  if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir (from step $FROM)" "$*" >> "$plan_file"; return; fi
   if [ -f "$dir/extended" ]; then echo "== $dir: extended, skipped"; return; fi
   echo "== $dir (resumed): $*"
-  if ! $py "$@" --out "$dir" --resume >> "$dir/stdout.log" 2>&1; then
-    tail -n 3 "$dir/stdout.log"; echo "run.sh: $dir failed; see $dir/stdout.log" >&2; exit 1
-  fi
+  train "$dir" "$@" --resume
   grep -E "^(done:|target loss)" "$dir/stdout.log" | tail -n 1 || true
   touch "$dir/extended"
 }
 
+train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; stops run.sh unless it finished
+  local dir=$1 script=$2; shift 2
+  if ! ${LAUNCH:-} $py "$script" "$@" --out "$dir" >> "$dir/stdout.log" 2>&1; then
+    tail -n 3 "$dir/stdout.log"; echo "run.sh: $dir failed; see $dir/stdout.log" >&2; exit 1
+  fi
+  if tail -n 2 "$dir/stdout.log" | grep -q "^interrupted:"; then
+    tail -n 1 "$dir/stdout.log"; echo "run.sh: $dir stopped at a checkpoint; rerun the same command to go on" >&2
+    exit 3
+  fi
+}
+
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
+  if [ -n "$dry" ]; then  # a dry run has no logs: the choices are named, the grids not extended
+    case $1 in lr) echo "LR_OF_${2##*/}" ;; target) echo TARGET ;; reached) echo no ;; *) echo "" ;; esac
+    return
+  fi
   $py plot.py --pick "$@"
+}
+
+lr_given() {  # lr_given METHOD: its lr in LRS ("" if none)
+  local kv; for kv in ${LRS:-}; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; return 0
 }
 
 sweep() {  # sweep NAME SCRIPT "LRS" ARGS...: the lr sweep of one method; prints the best run dir
   local name=$1 script=$2 lrs=$3; shift 3   # (RANK="--target T": rank by steps to T first)
   for lr in $lrs; do run "$out/sweep/${name}_$lr" "$script" "$@" --lr "$lr" >&2; done
+  if [ -n "$dry" ]; then set -- $lrs; echo "$out/sweep/${name}_$2"; return; fi   # (the middle lr)
   for _ in 1 2; do  # a best lr at the grid's edge extends the grid
     local next; next=$(pick next-lr ${RANK:-} "$out"/sweep/"${name}"_*)
     [ -z "$next" ] && break
@@ -73,77 +102,96 @@ sweep() {  # sweep NAME SCRIPT "LRS" ARGS...: the lr sweep of one method; prints
   pick best ${RANK:-} "$out"/sweep/"${name}"_*
 }
 
-plan() {  # plan SIZE DATA K START_STEPS START_LR SWEEP BASE GN_CAP BUDGET "BATCHES" [SEED]
-  local size=$1 data=$2 K=$3 start_steps=$4 start_lr=$5 sweep_steps=$6 base=$7 cap=$8
-  local budget=$9 batches=${10} seed=${11:-0}
+steps_of() {  # steps_of METHOD: "--steps N" from CAP_<method>, or nothing (the script's preset)
+  local c=CAP_$1; [ -n "${!c:-}" ] && echo "--steps ${!c}"; return 0
+}
+
+# The mode sets: size data START ("builtin" or "STEPS LR"), B_<method> (each method's batch flags),
+# SWEEP_<METHOD> (lr grids), SWEEP_STEPS_<method>, CAP_<method> (empty: the script's --steps),
+# TARGET (empty: the 80% rule), GN_EXTRA, PROX, BUDGET and BATCHES (Figures 2-3), FIG2_METHODS.
+plan() {  # plan [SEED]
+  local seed=${1:-0} o=$out m best lr
+  [ "$seed" = 0 ] || o=$out/seeds/seed$seed
   local S="--size $size --data $data --seed $seed $EXTRA" E="--eval-every 1"
-  local o=$out; [ "$seed" = 0 ] || o=$out/seeds/seed$seed
-  mkdir -p "$o"
-  if [ "$start_steps" != builtin ]; then
+  [ -n "$dry" ] || mkdir -p "$o"
+  fig=fig1
+  if [ "$START" != builtin ]; then
     run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
-        --steps "$start_steps" --lr "$start_lr" --eval-every "$start_steps"
+        --steps "${START% *}" --lr "${START#* }" --eval-every "${START% *}"
     S="$S --init-from $o/start/ckpt"
   fi
-  local B="--grad-accum $K --schedule constant"
   if [ "$seed" != 0 ]; then  # seeds: Figure 1's lrs and target, GN and the two best baselines
     local target; target=$(cat "$out/target.txt")
     for m in $(pick two-best --target "$target" "$out"/fig1/{adamw,muon,soap}); do
-      run "$o/$m" "$m.py" $S $B --steps "$base" --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
+      local B=B_$m
+      run "$o/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
     done
-    run "$o/gn_full" gn_full.py $S --inner-steps "$K" --steps "$cap" --lr "$(pick lr "$out/fig1/gn_full")" \
-        $E --target-loss "$target" --model-change
+    run "$o/gn_full" gn_full.py $S $B_gn $(steps_of gn_full) --lr "$(pick lr "$out/fig1/gn_full")" \
+        $E --target-loss "$target" $GN_EXTRA
     return
   fi
-  # 2. baseline sweeps; Figure 1 continues each best run
-  local m best
+  # 2. baseline sweeps; Figure 1 continues each best run (to the target, when it is fixed)
+  local T=""; [ -n "$TARGET" ] && T="--target-loss $TARGET"
   for m in adamw muon soap; do
-    local lrs=SWEEP_${m^^}
-    best=$(sweep "$m" "$m.py" "${!lrs}" $S $B --steps "$sweep_steps" $E)
-    if [ ! -d "$o/fig1/$m" ]; then mkdir -p "$o/fig1" && cp -r "$best" "$o/fig1/$m"; fi
-    extend "$o/fig1/$m" "$m.py" $S $B --steps "$base" --lr "$(pick lr "$best")" $E
+    local B=B_$m lrs=SWEEP_${m^^} n=SWEEP_STEPS_$m
+    lr=$(lr_given "$m")
+    if [ -n "$lr" ]; then run "$o/fig1/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$lr" $E $T; continue; fi
+    best=$(sweep "$m" "$m.py" "${!lrs}" $S ${!B} --steps "${!n}" $E)
+    if [ -z "$dry" ] && [ ! -d "$o/fig1/$m" ]; then mkdir -p "$o/fig1" && cp -r "$best" "$o/fig1/$m"; fi
+    FROM=${!n} extend "$o/fig1/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$(pick lr "$best")" $E $T
   done
-  # 3. the target: the best baseline's loss at 80% of its budget, unrounded
-  local at=$(( base * 8 / 10 ))
-  pick target "$at" "$o"/fig1/{adamw,muon,soap} > "$o/target.txt"
-  local target; target=$(cat "$o/target.txt")
-  echo "target loss $target: the best baseline's validation loss at step $at of $base"
-  # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
-  local G="--inner-steps $K $E --target-loss $target"
-  best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$sweep_steps" --model-change)
-  if [ ! -d "$o/fig1/gn_full" ]; then cp -r "$best" "$o/fig1/gn_full"; fi
-  local lr_gn; lr_gn=$(pick lr "$best")
-  if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
-    extend "$o/fig1/gn_full" gn_full.py $S $G --steps "$cap" --lr "$lr_gn" --model-change
+  # 3. the target: fixed, or the best baseline's loss at 80% of its budget, unrounded
+  local target=$TARGET
+  if [ -z "$target" ]; then
+    local at=$(( CAP_adamw * 8 / 10 ))
+    target=$(pick target "$at" "$o"/fig1/{adamw,muon,soap})
+    echo "target loss $target: the best baseline's validation loss at step $at of $CAP_adamw"
   fi
-  run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G --steps "$cap" --lr "$lr_gn"
-  run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" \
-      --schedule constant --ls-batches 0
-  run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G --steps "$cap" --lr "$lr_gn" --schedule constant \
-      --ls-batches 2
+  [ -n "$dry" ] || echo "$target" > "$o/target.txt"
+  # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
+  local G="$B_gn $E --target-loss $target"
+  local lr_gn; lr_gn=$(lr_given gn_full)
+  if [ -n "$lr_gn" ]; then
+    run "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
+  else
+    best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$SWEEP_STEPS_gn_full" $GN_EXTRA)
+    if [ -z "$dry" ] && [ ! -d "$o/fig1/gn_full" ]; then cp -r "$best" "$o/fig1/gn_full"; fi
+    lr_gn=$(pick lr "$best")
+    if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
+      FROM=$SWEEP_STEPS_gn_full extend "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
+    fi
+  fi
+  run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G $(steps_of gn_layerwise) --lr "$lr_gn"
+  run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches 0
+  run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches "$PROX_LS"
   # 5. Figures 2-3 (quick: in the seeds mode, which keeps quick within an hour)
-  [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S" "$budget" "$batches"
+  [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
-  $py plot.py "$o"
+  [ -n "$dry" ] || $py plot.py "$o"
 }
 
-batch_sizes() {  # batch_sizes S BUDGET "BATCHES": Figures 2-3, AdamW, SOAP and GN at Figure 1's
-  local S=$1 budget=$2 b                  # lrs, BUDGET micro-batches at each smaller batch size
-  for b in $3; do                         # (the Figure-1 runs give the point at K)
-    local steps=$(( budget / b )) every=$(( budget / b / 8 > 1 ? budget / b / 8 : 1 ))
+batch_sizes() {  # batch_sizes S: Figures 2-3, each of FIG2_METHODS at its Figure-1 lr, BUDGET
+  local S=$1 b m                     # micro-batches at each batch size in BATCHES
+  fig=fig2
+  for b in $BATCHES; do
+    local steps=$(( BUDGET / b )) every=$(( BUDGET / b / 8 > 1 ? BUDGET / b / 8 : 1 ))
     local F="--steps $steps --eval-every $every"
-    run "$out/fig2/adamw_b$b" adamw.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$out/fig1/adamw")"
-    run "$out/fig2/soap_b$b" soap.py $S --grad-accum "$b" --schedule constant $F --lr "$(pick lr "$out/fig1/soap")"
-    run "$out/fig2/gn_full_b$b" gn_full.py $S --inner-steps "$b" $F --lr "$(pick lr "$out/fig1/gn_full")" $FIG2_GN
+    for m in $FIG2_METHODS; do
+      local B="--grad-accum $b --schedule constant"
+      [ "$m" = gn_full ] && B="--inner-steps $b --ls-batches ${FIG2_LS:-$b}"   # the authors': N fresh batches
+      run "$out/fig2/${m}_b$b" "$m.py" $S $B $F --lr "$(pick lr "$out/fig1/$m")"
+    done
   done
 }
 
 seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's ablations, exactness
-  local K=$1 cap=$2 target; shift 2
-  batch_sizes "--size $1 --data $2 --seed 0 $EXTRA --init-from $out/start/ckpt" "$9" "${10}"
-  for s in 1 2; do plan "$@" "$s"; done
+  local target cap=$CAP_gn_full
+  batch_sizes "--size $size --data $data --seed 0 $EXTRA --init-from $out/start/ckpt"
+  fig=fig1
+  for s in 1 2; do plan "$s"; done
   target=$(cat "$out/target.txt")
   run "$out/oracle" oracle.py --results "$out" $ORACLE
-  local S="--size $1 --data $2 $EXTRA --init-from $out/start/ckpt --inner-steps $K"
+  local S="--size $size --data $data $EXTRA --init-from $out/start/ckpt $B_gn"
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
   run "$out/ablations/gn_reset_start" gn_full.py $S --reset-start
@@ -155,9 +203,36 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's a
   # exactness along a run (--measure-exactness) at tiny: its reference solve, up to 2000 CG
   # iterations, would take up to 15 minutes per outer step at small (bench.py: 0.87 s per CG
   # iteration on 32 x 128 tokens, so about 0.44 s on a 16 x 128 micro-batch)
-  run "$out/exactness/tiny" gn_full.py --size tiny --data "$2" --inner-steps "$K" --steps "$cap" \
+  run "$out/exactness/tiny" gn_full.py --size tiny --data "$data" $B_gn --steps "$cap" \
       --eval-every 1 --measure-exactness
   $py plot.py "$out"
+}
+
+gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report
+  local o=$1 big=${SIZE:-45m} fig1=${FIG1_SIZE:-150m} t0=$SECONDS
+  mkdir -p "$o"
+  local report=$o/report.md
+  { echo "# GPU check"; echo; echo "$(date -u +%FT%TZ) on: $($py -c 'import jax; d = jax.devices(); print(len(d), "x", d[0].device_kind)')";
+    echo; echo "jax $($py -c 'import jax; print(jax.__version__)'); git $(git rev-parse --short HEAD 2>/dev/null || echo -)"; } > "$report"
+  part() {  # part NAME TIMEOUT CMD...
+    local name=$1 limit=$2 t=$SECONDS rc=0; shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" > "$o/$name.log" 2>&1 || rc=$?
+    { echo; echo "## $name"; echo; echo "\`$*\`: exit $rc in $((SECONDS - t)) s (limit $limit s)"
+      echo; echo '```'; grep -vE "^\[bench|^ *$" "$o/$name.log" | tail -n "${TAIL:-25}"; echo '```'; } >> "$report"
+  }
+  # 1. the GN maths at full precision on the device (the tests pin --dtype float32)
+  part maths "${T_MATHS:-150}" $py -m pytest -q -x -m "not slow" test_all.py -k "${MATHS_K:-model_ or gn_}"
+  # 2. the paper-size GN run with a short start, in bf16 and as the paper ran fp32 (TF32)
+  for dt in bfloat16 tf32; do
+    part "gn_full_${big}_$dt" "${T_RUN:-120}" $py gn_full.py --size "$big" --start-steps 20 --steps 2 \
+         --eval-every 1 --split 1 --dtype "$dt" --out "$o/gn_full_${big}_$dt" --cache-dir "$o/cache" $CHECK_EXTRA
+  done
+  # 3. the GN building blocks at the paper size; 4. the compiled memory of a Figure-1 inner step
+  part "blocks_$big" "${T_BENCH:-90}" $py bench.py --size "$big" --sections blocks --repeats 3 $BENCH_EXTRA
+  part "memory_$fig1" "${T_MEM:-90}" $py bench.py --sections memory --big "$fig1" --steps gn_full \
+       --batch-size "${FIG1_BATCH:-128}" --limit 80 $BENCH_EXTRA
+  echo; echo "gpu-check: $((SECONDS - t0)) s; report $report"
 }
 
 case "$mode" in
@@ -169,34 +244,56 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick|seeds)
-    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2"
-    SWEEP_GN="3e-3 1e-2 3e-2" FIG2_LATER=1 EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
-    FIG2_GN="--ls-batches 1"    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
+    size=small data=${DATA:-bbc} START="150 3e-3" TARGET=""
+    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2" SWEEP_GN="3e-3 1e-2 3e-2"
+    SWEEP_STEPS_adamw=8 SWEEP_STEPS_muon=8 SWEEP_STEPS_soap=8 SWEEP_STEPS_gn_full=8
+    CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
+    B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
+    GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
+    FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
+    EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
+    FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
     # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at
     # 128 micro-batches. The grids are centred on the best lrs that a first run of this plan
     # found after extending them (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2): the plan still
     # checks that each best lies inside its grid, and no time goes to extensions
-    args=(small "${DATA:-bbc}" 32 150 3e-3 8 14 10 128 "2 8")
-    if [ "$mode" = quick ]; then time plan "${args[@]}"; else time seeds 32 10 "${args[@]}"; fi ;;
+    if [ "$mode" = quick ]; then time plan; else time seeds; fi ;;
   full)
-    size=${SIZE:-45m}
-    SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_SOAP="0.001 0.003 0.01" FIG2_GN=""
-    EXTRA="--dtype ${DTYPE:-bfloat16} --split ${SPLIT:-1}"
-    # the paper: 32 x 1024 micro-batches, 122 per step (~4M tokens), the built-in 1000-step start
-    cat <<EOF
-full plan at $size ($EXTRA), from the measured speed at 45m on one H100 in bf16: an AdamW step
-(122 x 32 x 1024 tokens) 4.07 s, a GN outer step 15.2 s, the shared start 49 s (Muon, SOAP,
-layerwise and prox-linear steps were not measured; layerwise ~ (L+2)/2 GN steps, prox-linear
-without line search ~ half of one):
-  start 1 min; baseline sweeps 9 x 10 steps ~6 min and their Figure-1 runs to 227 steps ~44 min;
-  GN's sweep 3 x 10 steps ~8 min and its Figure-1 run (227 x 15.2 s at most: it stops at the
-  target) ~1 h; prox-linear with and without line search ~1 h; layerwise ~3.4 h; Figures 2-3
-  (3904 micro-batches at 16, 61 and 244 per step) ~40 min: about 7 hours in all at 45m,
-  and ~3x that at 150m. On a 2-core CPU the start alone takes about a day and one 45m outer step
-  about 5 hours. DATA=${DATA:-bbc}: the scripts warn when it is read more than once (use C4).
-EOF
-    time plan "$size" "${DATA:-bbc}" 122 builtin 0.01 10 227 227 3904 "16 61 244" ;;
+    size=${SIZE:-150m} data=${DATA:-bbc} START=builtin
+    SWEEP_ADAMW="0.001 0.003 0.01" SWEEP_MUON="0.001 0.003 0.01" SWEEP_SOAP="0.001 0.003 0.01" SWEEP_GN="0.001 0.003 0.01"
+    B_adamw="" B_muon="" B_soap="" B_gn="" GN_EXTRA="" PROX="" FIG2_METHODS="adamw muon soap gn_full"
+    CAP_adamw="" CAP_muon="" CAP_soap="" CAP_gn_full="" CAP_gn_layerwise="" CAP_gn_proxlinear=""
+    EXTRA="${DTYPE:+--dtype $DTYPE} ${SPLIT:+--split $SPLIT}"
+    case $size in
+      150m)  # Figure 1: GN 1831 x 128 x 1024 = 240M tokens per step, AdamW and Muon 40M, SOAP 240M
+        # (the scripts' 150m presets: --help names each value's source); sweeps of ~4-7B tokens
+        # each; Figure 2: 3B tokens (22,888 micro-batches of 128 x 1024) at 1.2M, 4.1M, 12.1M, 40M
+        # and 120M tokens per step
+        TARGET=${TARGET:-3.25} PROX_LS=1831
+        SWEEP_STEPS_adamw=100 SWEEP_STEPS_muon=100 SWEEP_STEPS_soap=20 SWEEP_STEPS_gn_full=5
+        BUDGET=22888 BATCHES="9 31 92 305 916" ;;
+      45m)   # the authors' templates: 122 x 32 x 1024 = 4M tokens per step for every method, 227
+        # steps, a 1000-step start; the target by the 80% rule; Figures 2-3 at 3904 micro-batches
+        TARGET=${TARGET:-} PROX_LS=122 CAP_adamw=227
+        SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_GN="0.003 0.01 0.03"
+        SWEEP_STEPS_adamw=10 SWEEP_STEPS_muon=10 SWEEP_STEPS_soap=10 SWEEP_STEPS_gn_full=10
+        BUDGET=3904 BATCHES="16 61 244" ;;
+      tiny)  # the CPU rehearsal of the same plan: tiny presets, a 4-step built-in start
+        TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4"
+        SWEEP_STEPS_adamw=2 SWEEP_STEPS_muon=2 SWEEP_STEPS_soap=2 SWEEP_STEPS_gn_full=2
+        BUDGET=4 BATCHES="1" ;;
+      *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;
+    esac
+    if [ -n "$dry" ]; then
+      plan_file=$(mktemp); trap 'rm -f "$plan_file"' EXIT
+      plan
+      $py bench.py --plan "$plan_file"; exit
+    fi
+    echo "run.sh full at $size: ./run.sh full --dry-run lists its runs and their estimated cost first"
+    time plan ;;
+  gpu-check)
+    gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,20p' "$0"; exit 2 ;;
+    sed -n '2,17p' "$0"; exit 2 ;;
 esac

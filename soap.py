@@ -13,6 +13,7 @@ The CPU presets lower max_precond_dim below their vocab (8192 and 512) so that, 
 the vocab side stays unrotated (an 8192 x 8192 eigenbasis would also dominate the step's cost).
 Defaults: the authors' SOAP factory (b1 0.9, b2 0.95, f 10, eps 1e-8, wd 0, clip 1); the paper's
 tuned SOAP lr is in its Appendix G, which we could not read: lr 3e-3 is the SOAP reference default.
+At 150m, GN's 240M tokens per step (1831 x 128 x 1024): no source gives SOAP's batch in Figure 1.
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.py + soap_jax):
   - SOAP written here by hand as an optax GradientTransformation (they used haydn-jones/SOAP_JAX,
@@ -33,15 +34,16 @@ import model
 
 # ============================================================================ config
 
-# Each flag: (paper default used for 45m/150m, {size: CPU preset}).
-DEFAULTS = {
-    "grad_accum": (122, {"small": 8, "tiny": 2}),
-    "steps": (227, {"small": 30, "tiny": 4}),
-    "lr": (3e-3, {"small": 3e-3, "tiny": 3e-3}),
-    "schedule": ("constant", {}),
+DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
+    # 150m: GN's 240M tokens per step (1831 x 128 x 1024): no source gives SOAP's batch in Figure 1
+    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 1831}, ("T", "O")),
+    "steps": (227, {"small": 30, "tiny": 4, "150m": 400}, ("T", "O")),       # 150m: the paper's 292 to 3.25
+    "lr": (3e-3, {"small": 3e-3, "tiny": 3e-3}, ("O", "O")),
+    "schedule": ("constant", {}, ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}),
-    "eval_every": (1, {"small": 5, "tiny": 2}),
+    "wd": (0.0, {}, ("T", "O")),
+    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
 }
 
 
