@@ -280,7 +280,7 @@ def loop(a):
 
 def scaling(a):
     lines = ["| devices | adamw tok/s | gn_full tok/s |", "|---|---|---|"]
-    for n in (1, 2, 4):
+    for n in map(int, a.devices.split(",")):
         say(f"scaling: subprocess with {n} simulated devices")
         flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
         out = subprocess.run([sys.executable, __file__, "--size", a.size, "--batch-size", str(a.batch_size),
@@ -290,7 +290,7 @@ def scaling(a):
         r = json.loads(out.splitlines()[-1])
         lines.append(f"| {n} | {r['adamw']['tokens'] / r['adamw']['time']:,.0f} | "
                      f"{r['gn_full']['tokens'] / r['gn_full']['time']:,.0f} |")
-    return lines + ["", "4 simulated devices share the 2 cores."]
+    return lines + ["", f"The simulated devices share the {os.cpu_count()} cores."]
 
 
 def util45m(a):
@@ -382,7 +382,7 @@ SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
             "loop": ("Script-loop overhead", loop),
             "scaling": ("Device scaling (simulated CPU devices)", scaling),
             "util45m": ("Hardware utilisation at --big (45m)", util45m),
-            "memory": ("Memory at --big (45m) without running (XLA's compiled memory analysis)", memory),
+            "memory": ("Memory at --big without running (XLA's compiled memory analysis)", memory),
             "rss": ("Memory analysis at --big (45m) against a real run", rss)}
 
 
@@ -482,6 +482,7 @@ def main(argv=None):
                    help=f"comma-separated, of {', '.join(SECTIONS)} (default blocks,steps,loop,scaling)")
     p.add_argument("--steps", default="gradient,bare," + ",".join(SCRIPTS),
                    help="the steps section's rows (and the memory section's scripts)")
+    p.add_argument("--devices", default="1,2,4", help="scaling: simulated CPU device counts (1,2,4)")
     p.add_argument("--batch-45m", type=data.pos_int, default=4, help="util45m: sequences of T (4)")
     p.add_argument("--big", default="45m", choices=sorted(model.CONFIGS),
                    help="the config of the util45m, memory and rss sections (45m; tiny: a smoke test)")

@@ -626,8 +626,9 @@ def common_flags(parser, d):
       {"small": "random", "tiny": "random"}, choices=["stream", "random"])
     f("--batch-size", d["batch_size"][0], "sequences per micro-batch", *d["batch_size"][1:], type=pos_int)
     f("--split", 1, "compute each micro-batch (and eval batch) in this many chunks of rows to bound "
-      "memory; the maths is unchanged (the 45m preset fits 24 GiB; 150m's 128 x 1024 micro-batch "
-      "fits an 80 GB GPU: bench.py's memory section gives the smallest for a limit)",
+      "memory; the maths is unchanged. The 45m preset fits 24 GiB; 150m's fits an 80 GB GPU: a "
+      "gn_full step on 128 x 1024 in 16 chunks of 8, 48.7 GiB by XLA's analysis (bench.py "
+      "--sections memory --big 150m --batch-size 128 --limit 80 searches the splits for a limit)",
       {"45m": 4, "150m": 16}, src=("O", "O"), type=pos_int)
     if d["grad_accum"]:
         f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", *d["grad_accum"][1:],

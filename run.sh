@@ -210,29 +210,34 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's a
 
 gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report
   local o=$1 big=${SIZE:-45m} fig1=${FIG1_SIZE:-150m} t0=$SECONDS
+  local work=${CHECK_WORK:-$(mktemp -d)}      # checkpoints and the token cache stay out of OUT
   mkdir -p "$o"
   local report=$o/report.md
-  { echo "# GPU check"; echo; echo "$(date -u +%FT%TZ) on: $($py -c 'import jax; d = jax.devices(); print(len(d), "x", d[0].device_kind)')";
-    echo; echo "jax $($py -c 'import jax; print(jax.__version__)'); git $(git rev-parse --short HEAD 2>/dev/null || echo -)"; } > "$report"
-  part() {  # part NAME TIMEOUT CMD...
+  { echo "# GPU check"; echo
+    echo "$(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo -), $($py -c 'import jax; d = jax.devices(); print(f"jax {jax.__version__}, {len(d)} x {d[0].device_kind}")')"
+  } > "$report"
+  part() {  # part NAME TIMEOUT CMD...: run CMD under the timeout; its exit, time and output's tail
     local name=$1 limit=$2 t=$SECONDS rc=0; shift 2
     echo "== $name: $*"
     timeout "$limit" "$@" > "$o/$name.log" 2>&1 || rc=$?
     { echo; echo "## $name"; echo; echo "\`$*\`: exit $rc in $((SECONDS - t)) s (limit $limit s)"
-      echo; echo '```'; grep -vE "^\[bench|^ *$" "$o/$name.log" | tail -n "${TAIL:-25}"; echo '```'; } >> "$report"
+      echo; echo '```'; grep -vE "^\[bench|^ *$|^step [0-9]+/20 " "$o/$name.log" | tail -n 25; echo '```'; } >> "$report"
   }
-  # 1. the GN maths at full precision on the device (the tests pin --dtype float32)
-  part maths "${T_MATHS:-150}" $py -m pytest -q -x -m "not slow" test_all.py -k "${MATHS_K:-model_ or gn_}"
-  # 2. the paper-size GN run with a short start, in bf16 and as the paper ran fp32 (TF32)
+  # 1. the GN maths tests at full precision on the device (the suite pins --dtype float32)
+  part maths "${T_MATHS:-100}" $py -m pytest -q -x -m "not slow" test_all.py \
+       -k "${MATHS_K:-model_ce or gn_full_ or gn_layerwise_ or gn_proxlinear_}"
+  # 2. the paper-size GN run from a short start, in bf16 and as the paper ran fp32 (TF32)
   for dt in bfloat16 tf32; do
-    part "gn_full_${big}_$dt" "${T_RUN:-120}" $py gn_full.py --size "$big" --start-steps 20 --steps 2 \
-         --eval-every 1 --split 1 --dtype "$dt" --out "$o/gn_full_${big}_$dt" --cache-dir "$o/cache" $CHECK_EXTRA
+    part "gn_full_${big}_$dt" "${T_RUN:-110}" $py gn_full.py --size "$big" --start-steps 20 --steps 2 \
+         --eval-every 1 --split 1 --dtype "$dt" --out "$work/gn_full_$dt" --cache-dir "$work/cache" ${CHECK_EXTRA:-}
+    cp "$work/gn_full_$dt/metrics.jsonl" "$o/gn_full_${big}_$dt.metrics.jsonl" 2>/dev/null || true
   done
-  # 3. the GN building blocks at the paper size; 4. the compiled memory of a Figure-1 inner step
-  part "blocks_$big" "${T_BENCH:-90}" $py bench.py --size "$big" --sections blocks --repeats 3 $BENCH_EXTRA
-  part "memory_$fig1" "${T_MEM:-90}" $py bench.py --sections memory --big "$fig1" --steps gn_full \
-       --batch-size "${FIG1_BATCH:-128}" --limit 80 $BENCH_EXTRA
-  echo; echo "gpu-check: $((SECONDS - t0)) s; report $report"
+  # 3. the GN building blocks at the paper size; 4. XLA's memory analysis of a Figure-1 GN step
+  # (128 x 1024 at --split 16: 48.7 GiB on CPU; bench.py --sections memory searches the splits)
+  part "blocks_$big" "${T_BENCH:-80}" $py bench.py --size "$big" --sections blocks --repeats 3 ${BENCH_EXTRA:-}
+  part "memory_$fig1" "${T_MEM:-90}" $py -c 'import sys, bench; size, b, s = sys.argv[1], *map(int, sys.argv[2:]); gib = bench.analysed_gib("gn_full", b, s, size); print(f"gn_full step at {size}, {b}-sequence micro-batch, --split {s}: {gib:.1f} GiB")' \
+       "$fig1" "${FIG1_BATCH:-128}" "${FIG1_SPLIT:-16}"
+  echo "gpu-check: $((SECONDS - t0)) s; report $report"
 }
 
 case "$mode" in
@@ -264,7 +269,7 @@ case "$mode" in
     SWEEP_ADAMW="0.001 0.003 0.01" SWEEP_MUON="0.001 0.003 0.01" SWEEP_SOAP="0.001 0.003 0.01" SWEEP_GN="0.001 0.003 0.01"
     B_adamw="" B_muon="" B_soap="" B_gn="" GN_EXTRA="" PROX="" FIG2_METHODS="adamw muon soap gn_full"
     CAP_adamw="" CAP_muon="" CAP_soap="" CAP_gn_full="" CAP_gn_layerwise="" CAP_gn_proxlinear=""
-    EXTRA="${DTYPE:+--dtype $DTYPE} ${SPLIT:+--split $SPLIT}"
+    EXTRA="${EXTRA:-} ${DTYPE:+--dtype $DTYPE} ${SPLIT:+--split $SPLIT}"
     case $size in
       150m)  # Figure 1: GN 1831 x 128 x 1024 = 240M tokens per step, AdamW and Muon 40M, SOAP 240M
         # (the scripts' 150m presets: --help names each value's source); sweeps of ~4-7B tokens
@@ -280,7 +285,7 @@ case "$mode" in
         SWEEP_STEPS_adamw=10 SWEEP_STEPS_muon=10 SWEEP_STEPS_soap=10 SWEEP_STEPS_gn_full=10
         BUDGET=3904 BATCHES="16 61 244" ;;
       tiny)  # the CPU rehearsal of the same plan: tiny presets, a 4-step built-in start
-        TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4"
+        TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4" SWEEP_GN="0.01 0.03 0.1"
         SWEEP_STEPS_adamw=2 SWEEP_STEPS_muon=2 SWEEP_STEPS_soap=2 SWEEP_STEPS_gn_full=2
         BUDGET=4 BATCHES="1" ;;
       *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;

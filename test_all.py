@@ -39,6 +39,7 @@ import optax
 import pytest
 
 import adamw
+import bench
 import data
 import model
 import gn_full
@@ -60,6 +61,9 @@ TINY = model.CONFIGS["tiny"]
 def _cache(tmp_path_factory, monkeypatch):
     # one token cache for the whole session: tokenising the embedded corpus once is enough
     monkeypatch.setenv("FULLGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+    # a parse at another --dtype (the paper sizes' tf32) leaves its precision: pin full fp32 again
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 COMPILE_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "full-gn-test-jax-cache")
@@ -789,12 +793,73 @@ def test_data_help_names_every_default_and_takes_no_abbreviations(script, capsys
     assert e.value.code == 2 and "unrecognized arguments: --step 3" in capsys.readouterr().err
 
 
-def test_data_float32_means_full_precision_matmuls():
+# Figure 1 at 150M as the fork gmbabreu/full-gauss-newton's README runs it ("150M AdamW Warmup
+# Run", "150M Full Gauss-Newton Run"), written out here from that README, not from the code.
+FIG1_GN = {"inner_steps": 1831, "batch_size": 128, "inner_opt": "muon", "schedule": "global_cosine",
+           "schedule_steps": 500000, "lr": 0.003, "warmup": 0, "wd": 0.001, "clip": 1.0,
+           "inner_b1": 0.9, "inner_b2": 0.999, "ema": 0.0, "reset_start": False, "ls_range": 10,
+           "ls_batches": 1831, "eval_every": 1, "eval_batches": 50, "eval_batch_size": 128,
+           "dtype": "tf32", "start": "paper", "start_steps": 4578}
+FIG1_START = {"batch_size": 32, "grad_accum": 1, "lr": 0.003, "schedule": "warmup_constant",
+              "warmup": 457, "b1": 0.9, "b2": 0.95, "wd": 0.0}
+# The authors' 45M templates (natalieabreu/full-gauss-newton templates/*.sbatch).
+TEMPLATES_GN = {"inner_steps": 122, "batch_size": 32, "inner_opt": "muon",
+                "schedule": "constant_with_inner_cosine", "lr": 0.01, "warmup": 0, "wd": 0.001,
+                "clip": 1.0, "inner_b1": 0.9, "inner_b2": 0.999, "ls_range": 5, "ls_batches": 122,
+                "eval_every": 10, "eval_batches": 100, "eval_batch_size": 128, "steps": 227,
+                "dtype": "tf32", "start": "paper", "start_steps": 1000}
+TEMPLATES_ADAMW = {"grad_accum": 122, "batch_size": 32, "lr": 0.01, "schedule": "constant", "warmup": 0,
+                   "wd": 0.0, "b1": 0.9, "b2": 0.95, "eval_every": 1, "steps": 227}
+
+
+def test_data_150m_defaults_are_figure_1s_and_name_their_sources(capsys):
+    a = gn_full.parse(["--size", "150m"])
+    assert {k: getattr(a, k) for k in FIG1_GN} == FIG1_GN
+    assert a.inner_steps * a.batch_size * 1024 == 239_992_832                      # 240M tokens
+    # the lr over the 54 steps GN needed is within 1e-5 of the peak: cosine over 500000 outer steps
+    lr54 = float(data.inner_lr(a, 54, 1830))
+    assert lr54 == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi * (54 * 1831 + 1830) / (500000 * 1831))))
+    assert 0.003 - lr54 < 0.003 * 1e-5
+    for script in (gn_layerwise, gn_proxlinear):     # GN's values: no source gives theirs at 150m
+        b = script.parse(["--size", "150m"])
+        assert (b.inner_steps, b.batch_size, b.lr, b.schedule, b.schedule_steps) == (1831, 128, 0.003,
+                                                                                     "global_cosine", 500000)
+    st = data.start_settings("150m")
+    assert {k: st[k] for k in FIG1_START} == FIG1_START
+    assert a.start_steps * st["batch_size"] * 1024 == 150_011_904                 # 150M tokens
+    lr = data.make_schedule(st["schedule"], st["lr"], st["warmup"], a.start_steps)
+    assert (float(lr(0)), float(lr(457)), float(lr(4000))) == (0.0, pytest.approx(0.003), pytest.approx(0.003))
+    for script, accum in ((adamw, 305), (muon, 305), (soap, 1831)):   # the reviewer: 40M; SOAP: ours
+        b = script.parse(["--size", "150m"])
+        assert (b.grad_accum, b.batch_size, b.eval_every, b.eval_batches) == (accum, 128, 1, 50)
+    # every value the fork's example fixes is tagged with its source in --help
+    p = data.Parser()
+    data.common_flags(p, gn_full.DEFAULTS)
+    data.gn_flags(p)
+    for k in FIG1_GN:
+        if k not in ("warmup", "reset_start", "start"):         # the fork leaves them at 0 / False / its start
+            assert p.sources[k]["150m"] in ("F", "A"), k
+    with pytest.raises(SystemExit):
+        gn_full.parse(["--size", "150m", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 1831 [F] at --size 150m; 45m: 122 [T]" in text and "[F] Figure 1 at 150M" in text
+
+
+def test_data_45m_defaults_are_the_authors_templates():
+    a = gn_full.parse(["--size", "45m"])
+    assert {k: getattr(a, k) for k in TEMPLATES_GN} == TEMPLATES_GN
+    b = adamw.parse(["--size", "45m"])
+    assert {k: getattr(b, k) for k in TEMPLATES_ADAMW} == TEMPLATES_ADAMW
+    st = data.start_settings("45m")                   # the start the templates load: 1000 x 32 x 1024
+    assert (st["lr"], st["schedule"], st["warmup"], st["batch_size"]) == (0.01, "constant", 0, 32)
+
+
+def test_data_dtypes_set_the_matmul_precision_and_the_compute_dtype():
     assert jax.config.jax_default_matmul_precision == "highest"          # pinned for this suite
-    gn_full.parse(["--size", "tiny", "--dtype", "bfloat16"])
-    assert jax.config.jax_default_matmul_precision is None               # the fast path: the backend's
-    gn_full.parse(["--size", "tiny"])
-    assert jax.config.jax_default_matmul_precision == "highest"
+    for dtype, precision, compute in (("bfloat16", None, "bfloat16"), ("tf32", None, "float32"),
+                                      ("float32", "highest", "float32")):
+        a = gn_full.parse(["--size", "tiny", "--dtype", dtype])
+        assert jax.config.jax_default_matmul_precision == precision and data.model_config(a).dtype == compute
 
 
 def test_data_empty_data_dir_and_batch_not_divisible(tmp_path):
@@ -2275,16 +2340,98 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
 
 @pytest.mark.slow
 def test_bench_every_section_writes_its_table_at_tiny(tmp_path):
-    """Each section of bench.py but scaling (three subprocesses of the steps section's code, 26 s)
-    runs at tiny, the 45m ones with --big tiny, and writes its table: a smoke test of the code,
-    not of its numbers."""
+    """Each section of bench.py runs at tiny (the 45m ones with --big tiny; scaling on 2 simulated
+    devices) and writes its table: a smoke test of the code, not of its numbers. The blocks
+    section runs in the gpu-check rehearsal (test_run_sh_gpu_check_writes_its_report)."""
     out = tmp_path / "bench.md"
     rc, _, err = run_script("bench.py", "--size", "tiny", "--batch-size", "8", "--repeats", "1", "--big", "tiny",
-                            "--steps", "gradient,bare,adamw,gn_full", "--out", str(out),
-                            "--sections", "blocks,steps,loop,util45m,memory,rss", timeout=600)
+                            "--steps", "gradient,bare,adamw,gn_full", "--out", str(out), "--devices", "2",
+                            "--sections", "steps,loop,scaling,util45m,memory,rss", timeout=600)
     assert rc == 0, err[-3000:]
     text = out.read_text()
-    for title in ("GN building blocks", "Each script's step", "Script-loop overhead", "Hardware utilisation",
+    for title in ("Each script's step", "Script-loop overhead", "Device scaling", "Hardware utilisation",
                   "Memory at --big", "Memory analysis at --big"):
         assert f"### {title}" in text, title
-    assert "| gradient (value_and_grad) |" in text and text.count("| gn_full |") == 2
+    assert text.count("| gn_full |") == 2 and "\n| 2 | " in text
+
+
+# ============================================================================ run.sh
+
+def run_sh(*argv, env=None, timeout=600):
+    """bash run.sh ARGV in a subprocess sharing the tests' compilation cache; (rc, stdout, stderr)."""
+    p = subprocess.run(["bash", "run.sh", *argv], cwd=HERE, env={**os.environ, **JAX_CACHE_ENV, **(env or {})},
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
+    """./run.sh full --dry-run at 150m: every run of the plan with its tokens and estimated
+    H100-hours, from Figure 1's settings (GN: 1831 x 128 x 1024 = 240M tokens per step and as
+    many line-search tokens; AdamW and Muon 40M; SOAP 240M) and the measured 45m throughput."""
+    rc, out, err = run_sh("full", "--dry-run", "/nonexistent/plan")
+    assert rc == 0, err
+    rows = {r[1]: r for r in (line.split(" | ") for line in out.splitlines() if re.match(r"\| fig\d \|", line))}
+    gn = rows["/nonexistent/plan/fig1/gn_full (from step 5)"]
+    assert "--size 150m" in gn[2] and gn[3] == "95" and gn[4] == f"{95 * 239_992_832 / 1e9:.2f}B + {95 * 239_992_832 / 1e9:.2f}B"
+    assert rows["/nonexistent/plan/sweep/adamw_0.003"][4] == f"{100 * 305 * 128 * 1024 / 1e9:.2f}B + 0.00B"
+    assert rows["/nonexistent/plan/fig2/gn_full_b916"][3] == str(22888 // 916)             # 3B tokens
+    assert {f"/nonexistent/plan/fig1/{m}" for m in ("gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls")} <= set(rows)
+    # hours: a GN step is 240M tokens x (1.72 + 11 x 0.36) gradients at 150m's flops per token
+    rate = 3_997_696 / 7.32 * bench.train_flops(model.CONFIGS["45m"]) / bench.train_flops(model.CONFIGS["150m"])
+    evals = 95 * 50 * 128 * 1024 * 0.36
+    assert float(gn[6].rstrip(" |").replace(",", "")) == pytest.approx(
+        (95 * 239_992_832 * (1.72 + 11 * 0.36) + evals) / rate / 3600, abs=0.06)
+    totals = dict(re.findall(r"^\| (fig1|fig2|all) \| [\d.,]+B \| ([\d,]+) \|", out, re.M))
+    assert set(totals) == {"fig1", "fig2", "all"} and "on 8 H100s" in out and "An estimate" in out
+
+
+@pytest.mark.slow
+def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(tmp_path):
+    """SIZE=tiny ./run.sh full: the 150m plan's structure at tiny through the same code (the
+    built-in start, the baselines at given lrs, GN's lr sweep ranked by steps to the target, its
+    variants, Figure 2, plot.py). Its --dry-run lists every run it makes (a sweep's grid
+    extensions aside) and writes nothing; rerunning skips every finished run and resumes an
+    unfinished one from its checkpoint."""
+    out = tmp_path / "full"
+    env = {"SIZE": "tiny", "LRS": "adamw=3e-3 muon=0.02 soap=3e-3", "FULLGN_CACHE": str(tmp_path / "cache")}
+    rc, dry, err = run_sh("full", "--dry-run", str(out), env=env)
+    assert rc == 0 and not out.exists(), err
+    planned = set(re.findall(r"^\| fig\d \| (\S+/\S+)", dry, re.M))       # each run's directory
+    rc, log, err = run_sh("full", str(out), env=env)
+    assert rc == 0, err[-3000:] + log[-3000:]
+    made = {os.path.dirname(p) for p in glob.glob(f"{out}/*/*/done")}
+    assert planned <= made and all("/sweep/gn_full_" in d for d in made - planned), (planned ^ made)
+    assert {"fig1/adamw", "fig1/gn_full", "fig1/gn_layerwise", "fig1/gn_proxlinear", "fig2/muon_b1"} <= {
+        os.path.relpath(d, out) for d in made}
+    assert (out / "results.md").exists() and (out / "target.txt").exists()
+    logs = "".join(open(p).read() for p in glob.glob(f"{out}/*/*/stdout.log"))
+    assert logs.count("training the paper's shared AdamW start first") == 1      # trained once, cached
+    # a run stopped at a checkpoint (--stop-at, as a job's time limit would) stops the plan; the
+    # same command then resumes that run and skips every finished one
+    run = out / "fig2" / "gn_full_b1"
+    shutil.rmtree(run)
+    rc, log, err = run_sh("full", str(out), env={**env, "EXTRA": "--stop-at 1"})
+    assert rc == 3 and "gn_full_b1 stopped at a checkpoint; rerun the same command" in err, err[-2000:]
+    rc, log, err = run_sh("full", str(out), env=env)
+    assert rc == 0, err[-3000:]
+    assert f"== {run} (resumed)" in log and f"resumed {run / 'ckpt'} at step 1" in (run / "stdout.log").read_text()
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3, 4]
+    skipped = set(re.findall(r"^== (\S+): done, skipped", log + err, re.M))   # (sweeps log to stderr)
+    assert skipped == made - {str(run), f"{out}/fig1/gn_full"}      # (fig1/gn_full: a sweep run's copy)
+
+
+@pytest.mark.slow
+def test_run_sh_gpu_check_writes_its_report(tmp_path):
+    """./run.sh gpu-check at tiny on CPU: every part runs under its timeout and the report holds
+    each one's exit status and table (the blocks and memory sections of bench.py included)."""
+    env = {"SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2", "MATHS_K": "model_ce_hessian",
+           "BENCH_EXTRA": "--batch-size 8 --repeats 1",
+           "CHECK_WORK": str(tmp_path / "work")}
+    rc, log, err = run_sh("gpu-check", str(tmp_path / "gpu"), env=env)
+    assert rc == 0, err[-3000:]
+    report = (tmp_path / "gpu" / "report.md").read_text()
+    for part in ("maths", "gn_full_tiny_bfloat16", "gn_full_tiny_tf32", "blocks_tiny", "memory_tiny"):
+        assert re.search(rf"## {part}\n\n`[^`]+`: exit 0 in \d+ s", report), part
+    assert "| gradient (value_and_grad) |" in report and " passed" in report
+    assert re.search(r"gn_full step at tiny, 8-sequence micro-batch, --split 2: \d+\.\d GiB", report)
+    assert (tmp_path / "gpu" / "gn_full_tiny_tf32.metrics.jsonl").exists()
