@@ -2,6 +2,7 @@
 
     python bench.py --size small                          # blocks, steps, loop, scaling: < 10 min
     python bench.py --sections util45m,memory,rss         # the 45m sections: about 10 min
+    python bench.py --plan FILE                           # the estimated cost of run.sh full's runs
 
 Absolute times on a shared machine are noisy; the ratios are what matter. Each table times its
 entries in interleaved rounds (one call of each per round, after a warm-up call; the median over
@@ -397,9 +398,9 @@ C4_TRAIN_TOKENS = data.C4_TOTALS["train"] * 150e6   # ~150M GPT-2 tokens a shard
 
 
 def run_cost(script, argv, done_steps=0):
-    """(steps, train tokens, line-search tokens, gradient-equivalents) of one planned run of
-    `script` with argv (its lr and target do not change the cost and are dropped), after step
-    done_steps (an extension), and the start it would train first (or None)."""
+    """One planned run of `script` with argv (its lr and target, which do not change the cost,
+    dropped), after step done_steps (an extension of a run): its parsed args, config, steps, train
+    and line-search tokens, and its cost in gradient-equivalent tokens."""
     drop = {i + d for i, x in enumerate(argv) if x in ("--lr", "--target-loss") for d in (0, 1)}
     args = METHODS[script].parse([x for i, x in enumerate(argv) if i not in drop])
     cfg = data.model_config(args)
@@ -407,23 +408,18 @@ def run_cost(script, argv, done_steps=0):
     tok = args.batch_size * T                                   # tokens per micro-batch
     if script in ("adamw", "muon", "soap"):
         train, ls, grads = args.grad_accum * tok, 0, args.grad_accum * tok
-    else:
-        blocks = (cfg.n_layers + 2) / 2 if script == "gn_layerwise" else 1    # see the docstring
+    else:   # layerwise: L + 2 blocks, each solved by inner steps through about half the network
+        blocks = (cfg.n_layers + 2) / 2 if script == "gn_layerwise" else 1
         train, ls = args.inner_steps * tok, args.ls_batches * tok
-        grads = train * INNER * blocks + ls * (args.ls_range + 1) * FORWARD
+        grads = train * INNER * blocks + ls * (args.ls_range + 1) * FORWARD   # eta = 0 included
     evals = steps // args.eval_every * args.eval_batches * args.eval_batch_size * T * FORWARD
-    start = None
-    if args.start == "paper" and not args.init_from:
-        st = data.start_settings(args.size)
-        start = ((args.size, args.seed, args.dtype, args.start_steps),
-                 args.start_steps * st["batch_size"] * T)
-    return steps, steps * train, steps * ls, steps * grads + evals, cfg, args.dtype, start
+    return args, cfg, steps, steps * train, steps * ls, steps * grads + evals
 
 
 def plan(path):
     """The table of run.sh full --dry-run: every planned run (lines FIGURE<TAB>DIR<TAB>SCRIPT
     ARGS) with its tokens, passes of C4 and estimated H100-hours, and the totals per figure."""
-    rows, totals, starts = [], {}, {}
+    rows, totals = [], {}
     ref = train_flops(model.CONFIGS["45m"])
 
     def add(fig, tokens, hours):
@@ -433,19 +429,17 @@ def plan(path):
         fig, run, command = line.rstrip("\n").split("\t")
         script, *argv = command.split()
         done = int(run.split("from step ")[1].rstrip(")")) if "from step " in run else 0
-        steps, train, ls, grads, cfg, dtype, start = run_cost(script.removesuffix(".py"), argv, done)
-        rate = H100_TOKENS_PER_S.get(dtype, H100_TOKENS_PER_S["tf32"]) * ref / train_flops(cfg)
-        if start and start[0] not in starts:                    # the shared start, trained once
-            starts[start[0]] = True
-            h = start[1] / rate / 3600
-            st = data.start_settings(start[0][0])
-            rows.append(("start", "the cache's shared start", f"adamw.py, data.py's start at {start[0][0]}: "
-                         f"{start[0][3]} steps of {st['batch_size']} x {cfg.seq_len}, lr {st['lr']}",
-                         start[1], 0, h, start[0][3]))
-            add("start", start[1], h)
-        h = grads / rate / 3600
-        rows.append((fig, run, f"{script} {' '.join(argv)}", train, ls, h, steps))
-        add(fig, train + ls, h)
+        args, cfg, steps, train, ls, grads = run_cost(script.removesuffix(".py"), argv, done)
+        rate = H100_TOKENS_PER_S.get(args.dtype, H100_TOKENS_PER_S["tf32"]) * ref / train_flops(cfg)
+        st = data.start_settings(args.size)
+        if args.start == "paper" and not args.init_from and "start" not in totals:   # trained once
+            tokens = args.start_steps * st["batch_size"] * cfg.seq_len
+            rows.append(("start", "the cache's shared start", f"adamw.py, data.py's start at {args.size}: "
+                         f"{args.start_steps} steps of {st['batch_size']} x {cfg.seq_len}, lr {st['lr']}",
+                         tokens, 0, tokens / rate / 3600, args.start_steps))
+            add("start", tokens, tokens / rate / 3600)
+        rows.append((fig, run, f"{script} {' '.join(argv)}", train, ls, grads / rate / 3600, steps))
+        add(fig, train + ls, grads / rate / 3600)
     out = ["| figure | run | command | steps | tokens: train + line search | passes of C4 | est. H100-hours |",
            "|---|---|---|---|---|---|---|"]
     for fig, run, command, train, ls, h, steps in rows:
@@ -454,17 +448,17 @@ def plan(path):
     out += ["", "| figure | tokens read | est. H100-hours | on 1 H100 | on 8 H100s |", "|---|---|---|---|---|"]
     everything = tuple(map(sum, zip(*totals.values())))
     for fig, (t, h) in [*totals.items(), ("all", everything)]:
-        out.append(f"| {fig} | {t / 1e9:,.1f}B | {h:,.0f} | {h / 24:,.1f} days | {h / 8:,.1f} h "
+        out.append(f"| {fig} | {t / 1e9:,.2f}B | {h:,.0f} | {h / 24:,.1f} days | {h / 8:,.1f} h "
                    f"({h / 8 / 24:,.1f} days) |")
     out += ["", "An estimate, not a measurement. Measured on one H100 at 45m (the README): an AdamW "
             f"step's {H100_TOKENS_PER_S['bfloat16']:,.0f} tokens/s in bf16 and "
             f"{H100_TOKENS_PER_S['tf32']:,.0f} in TF32 (float32 at full precision was not measured: "
-            "taken as TF32, an underestimate); an inner step of Algorithm 1 1.72 gradients and a "
-            "forward 0.36 (TF32). Extrapolated: other sizes by model flops per token (bench.py's "
-            "formula, the same utilisation), layerwise GN as (L+2)/2 GN inner steps (bench.py at "
-            "small: 8.59 against gn_full's 3.49 gradients a step), prox-linear's inner step as GN's, "
-            "Muon and SOAP as AdamW, a sweep's grid extensions (up to 2 runs each) left out, runs "
-            "that stop at the target counted to their cap, and 8 GPUs as 8x one (data parallel, "
+            f"taken as TF32, an underestimate); an inner step of Algorithm 1 {INNER} gradients and a "
+            f"forward {FORWARD} (TF32). Extrapolated: other sizes by model flops per token (bench.py's "
+            "formula, the same utilisation), layerwise GN as (L+2)/2 GN inner steps (results/bench/"
+            "small.md: 8.59 against gn_full's 3.49 gradients a step), prox-linear's inner step as "
+            "GN's, Muon and SOAP as AdamW, a sweep's grid extensions (up to 2 runs each) left out, "
+            "runs that stop at the target counted to their cap, and 8 GPUs as 8x one (data parallel, "
             "not measured). Passes: tokens read over C4 en's train split (~154B tokens); with the "
             "default DATA=bbc (1.2M tokens) the scripts warn that they read it over and over."]
     return "\n".join(out)

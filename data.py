@@ -582,8 +582,8 @@ class Parser(argparse.ArgumentParser):
             presets.setdefault("150m", default)
             self.sources[dest] = dict(zip(("45m", "150m"), src))
             self.epilog = "sources of the paper-size defaults:\n" + "\n".join(
-                textwrap.fill(v, 100, break_on_hyphens=False, initial_indent=f"  [{k}] ", subsequent_indent="      ")
-                for k, v in SOURCES.items())
+                textwrap.fill(v, 100, break_on_hyphens=False, initial_indent=f"  [{k}] ",
+                              subsequent_indent="      ") for k, v in SOURCES.items())
         action = self.add_argument(name, default=None, help=help, **kw)
         self.defaults_by_size[dest] = (default, presets, action, help)
 
@@ -770,8 +770,9 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A
       *ls_batches[1:], type=nonneg_int)
     f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", *ls_range[1:],
       type=pos_int)
-    f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 run set total_steps=500000 and "
-      "stopped at the target: its lr stayed within 1e-5 of the peak for the 54 steps it took",
+    f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 "
+      "run set total_steps=500000 and stopped at the target: its lr stayed within 1e-5 of the "
+      "peak for the 54 steps it took",
       {"150m": 500000}, src=("A", "F"), type=nonneg_int)
     parser.add_argument("--reset-start", action="store_true",
                         help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
@@ -989,11 +990,12 @@ START = {"batch_size": 32, "grad_accum": 1, "lr": 0.01, "b1": 0.9, "b2": 0.95, "
          "wd": 0.0, "clip": 1.0, "schedule": "constant", "warmup": 0, "order": "stream"}
 START_150M = {**START, "lr": 0.003, "schedule": "warmup_constant", "warmup": 457}
 PAPER_SIZES = ("45m", "150m")
+START_ENV = "FULLGN_START_FOR"   # set for the adamw.py process that trains a run's paper start
 
 
 def start_settings(size):
     return START_150M if size == "150m" else START
-START_ENV = "FULLGN_START_FOR"   # set for the adamw.py process that trains a run's paper start
+
 
 # flags that may differ between a run and its --resume
 RESUMABLE_CHANGES = {"resume", "stop_at", "steps", "eval_every", "target_loss", "distributed",
