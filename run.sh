@@ -145,7 +145,7 @@ plan() {  # plan [SEED]
   if [ -z "$target" ]; then
     local at=$(( CAP_adamw * 8 / 10 ))
     target=$(pick target "$at" "$o"/fig1/{adamw,muon,soap})
-    echo "target loss $target: the best baseline's validation loss at step $at of $CAP_adamw"
+    [ -n "$dry" ] || echo "target loss $target: the best baseline's validation loss at step $at of $CAP_adamw"
   fi
   [ -n "$dry" ] || echo "$target" > "$o/target.txt"
   # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
@@ -275,17 +275,17 @@ case "$mode" in
         # (the scripts' 150m presets: --help names each value's source); sweeps of ~4-7B tokens
         # each; Figure 2: 3B tokens (22,888 micro-batches of 128 x 1024) at 1.2M, 4.1M, 12.1M, 40M
         # and 120M tokens per step
-        TARGET=${TARGET:-3.25} PROX_LS=1831
+        what="Figure 1 as the paper ran it, and Figure 2" TARGET=${TARGET:-3.25} PROX_LS=1831
         SWEEP_STEPS_adamw=100 SWEEP_STEPS_muon=100 SWEEP_STEPS_soap=20 SWEEP_STEPS_gn_full=5
         BUDGET=22888 BATCHES="9 31 92 305 916" ;;
       45m)   # the authors' templates: 122 x 32 x 1024 = 4M tokens per step for every method, 227
         # steps, a 1000-step start; the target by the 80% rule; Figures 2-3 at 3904 micro-batches
-        TARGET=${TARGET:-} PROX_LS=122 CAP_adamw=227
+        what="the authors' 45M templates' experiment (not Figure 1)" TARGET=${TARGET:-} PROX_LS=122 CAP_adamw=227
         SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_GN="0.003 0.01 0.03"
         SWEEP_STEPS_adamw=10 SWEEP_STEPS_muon=10 SWEEP_STEPS_soap=10 SWEEP_STEPS_gn_full=10
         BUDGET=3904 BATCHES="16 61 244" ;;
       tiny)  # the CPU rehearsal of the same plan: tiny presets, a 4-step built-in start
-        TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4" SWEEP_GN="0.01 0.03 0.1"
+        what="the CPU rehearsal of the 150m plan" TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4" SWEEP_GN="0.01 0.03 0.1"
         SWEEP_STEPS_adamw=2 SWEEP_STEPS_muon=2 SWEEP_STEPS_soap=2 SWEEP_STEPS_gn_full=2
         BUDGET=4 BATCHES="1" ;;
       *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;
@@ -293,9 +293,10 @@ case "$mode" in
     if [ -n "$dry" ]; then
       plan_file=$(mktemp); trap 'rm -f "$plan_file"' EXIT
       plan
+      echo "run.sh full at $size: $what. The plan (nothing was run):"; echo
       $py bench.py --plan "$plan_file"; exit
     fi
-    echo "run.sh full at $size: ./run.sh full --dry-run lists its runs and their estimated cost first"
+    echo "run.sh full at $size: $what (./run.sh full --dry-run lists its runs and their estimated cost)"
     time plan ;;
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
