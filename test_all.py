@@ -84,6 +84,54 @@ def run_script(*argv, env=None, timeout=300):
     return p.returncode, p.stdout, p.stderr
 
 
+# A few tests' long subprocess jobs (run.sh's rehearsals, bench.py's smoke test) are started one
+# after another in a thread when the session starts, if those tests are selected: they then use
+# the core that the in-process tests' compiles leave idle. Each job only runs its command, with
+# the environment of the session's start; its test waits for the result and asserts on it.
+BACKGROUND = {}   # test name -> job(directory, env) -> its result
+
+
+def in_background(job):
+    def mark(test):
+        BACKGROUND[test.__name__] = job
+        return test
+    return mark
+
+
+def subprocess_job(argv, env, timeout=600):
+    """(returncode, stdout, stderr) of argv run in this directory with exactly env."""
+    p = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background(request, tmp_path_factory):
+    names = [i.name for i in request.session.items if i.name in BACKGROUND]
+    env = {**os.environ, **JAX_CACHE_ENV, "FULLGN_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    results, done = {}, {n: threading.Event() for n in names}
+
+    def work():
+        for name in names:
+            d = tmp_path_factory.mktemp(name[:40])
+            try:
+                results[name] = (d, BACKGROUND[name](d, env))
+            except Exception as e:            # re-raised in the test
+                results[name] = e
+            done[name].set()
+    threading.Thread(target=work, daemon=True).start()
+    yield results, done
+
+
+@pytest.fixture
+def background(request, _background):
+    """(directory, result) of this test's background job."""
+    results, done = _background
+    done[request.node.name].wait(timeout=1200)
+    if isinstance(results[request.node.name], Exception):
+        raise results[request.node.name]
+    return results[request.node.name]
+
+
 def read_metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -2340,16 +2388,17 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
 # ============================================================================ bench.py
 
 @pytest.mark.slow
-def test_bench_every_section_writes_its_table_at_tiny(tmp_path):
+@in_background(lambda d, env: subprocess_job(
+    [sys.executable, "bench.py", "--size", "tiny", "--batch-size", "8", "--repeats", "1", "--big", "tiny",
+     "--steps", "gradient,gn_full", "--out", str(d / "bench.md"), "--devices", "2",
+     "--sections", "steps,loop,scaling,util45m,memory,rss"], env))
+def test_bench_every_section_writes_its_table_at_tiny(background):
     """Each section of bench.py runs at tiny (the 45m ones with --big tiny; scaling on 2 simulated
     devices) and writes its table: a smoke test of the code, not of its numbers. The blocks
     section runs in the gpu-check rehearsal (test_run_sh_gpu_check_writes_its_report)."""
-    out = tmp_path / "bench.md"
-    rc, _, err = run_script("bench.py", "--size", "tiny", "--batch-size", "8", "--repeats", "1", "--big", "tiny",
-                            "--steps", "gradient,gn_full", "--out", str(out), "--devices", "2",
-                            "--sections", "steps,loop,scaling,util45m,memory,rss", timeout=600)
+    d, (rc, _, err) = background
     assert rc == 0, err[-3000:]
-    text = out.read_text()
+    text = (d / "bench.md").read_text()
     for title in ("Each script's step", "Script-loop overhead", "Device scaling", "Hardware utilisation",
                   "Memory at --big", "Memory analysis at --big"):
         assert f"### {title}" in text, title
@@ -2386,34 +2435,45 @@ def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
     assert set(totals) == {"fig1", "fig2", "all"} and "on 8 H100s" in out and "An estimate" in out
 
 
+def rehearsal(d, env):
+    """SIZE=tiny ./run.sh full into d/full; its --dry-run into d/dry; then d/full's fig2/gn_full_b1
+    made again with --stop-at 1 (as a job's time limit would stop it), and the same command once
+    more. The outputs of each, and the runs finished after the first."""
+    env = {**env, "SIZE": "tiny", "LRS": "adamw=3e-3 muon=0.02 soap=3e-3", "FULLGN_CACHE": str(d / "cache")}
+    sh = lambda *argv, **extra: subprocess_job(["bash", "run.sh", *argv], {**env, **extra})
+    r = {"first": sh("full", str(d / "full")), "made": {os.path.dirname(p) for p in glob.glob(f"{d}/full/*/*/done")},
+         "dry": sh("full", "--dry-run", str(d / "dry"))}
+    shutil.rmtree(d / "full" / "fig2" / "gn_full_b1", ignore_errors=True)
+    r["stopped"] = sh("full", str(d / "full"), EXTRA="--stop-at 1")
+    r["again"] = sh("full", str(d / "full"))
+    return r
+
+
 @pytest.mark.slow
-def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(tmp_path):
+@in_background(rehearsal)
+def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(background):
     """SIZE=tiny ./run.sh full: the 150m plan's structure at tiny through the same code (the
     built-in start, the baselines at given lrs, GN's lr sweep ranked by steps to the target, its
     variants, Figure 2, plot.py). Its --dry-run lists every run it makes (a sweep's grid
-    extensions aside) and writes nothing; rerunning skips every finished run and resumes an
-    unfinished one from its checkpoint."""
-    out = tmp_path / "full"
-    env = {"SIZE": "tiny", "LRS": "adamw=3e-3 muon=0.02 soap=3e-3", "FULLGN_CACHE": str(tmp_path / "cache")}
-    rc, dry, err = run_sh("full", "--dry-run", str(out), env=env)
-    assert rc == 0 and not out.exists(), err
-    planned = set(re.findall(r"^\| fig\d \| (\S+/\S+)", dry, re.M))       # each run's directory
-    rc, log, err = run_sh("full", str(out), env=env)
+    extensions aside) and writes nothing; a run stopped at a checkpoint stops the plan, and the
+    same command then resumes that run and skips every finished one."""
+    d, r = background
+    out, made = d / "full", r["made"]
+    rc, log, err = r["first"]
     assert rc == 0, err[-3000:] + log[-3000:]
-    made = {os.path.dirname(p) for p in glob.glob(f"{out}/*/*/done")}
-    assert planned <= made and all("/sweep/gn_full_" in d for d in made - planned), (planned ^ made)
+    rc, dry, err = r["dry"]
+    assert rc == 0 and not (d / "dry").exists(), err
+    planned = {p.replace(f"{d}/dry", str(out)) for p in re.findall(r"^\| fig\d \| (\S+/\S+)", dry, re.M)}
+    assert planned <= made and all("/sweep/gn_full_" in x for x in made - planned), (planned ^ made)
     assert {"fig1/adamw", "fig1/gn_full", "fig1/gn_layerwise", "fig1/gn_proxlinear", "fig2/muon_b1"} <= {
-        os.path.relpath(d, out) for d in made}
+        os.path.relpath(x, out) for x in made}
     assert (out / "results.md").exists() and (out / "target.txt").exists()
     logs = "".join(open(p).read() for p in glob.glob(f"{out}/*/*/stdout.log"))
     assert logs.count("training the paper's shared AdamW start first") == 1      # trained once, cached
-    # a run stopped at a checkpoint (--stop-at, as a job's time limit would) stops the plan; the
-    # same command then resumes that run and skips every finished one
     run = out / "fig2" / "gn_full_b1"
-    shutil.rmtree(run)
-    rc, log, err = run_sh("full", str(out), env={**env, "EXTRA": "--stop-at 1"})
+    rc, log, err = r["stopped"]
     assert rc == 3 and "gn_full_b1 stopped at a checkpoint; rerun the same command" in err, err[-2000:]
-    rc, log, err = run_sh("full", str(out), env=env)
+    rc, log, err = r["again"]
     assert rc == 0, err[-3000:]
     assert f"== {run} (resumed)" in log and f"resumed {run / 'ckpt'} at step 1" in (run / "stdout.log").read_text()
     assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3, 4]
@@ -2422,13 +2482,13 @@ def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_sh_gpu_check_writes_its_report(tmp_path):
+@in_background(lambda d, env: subprocess_job(["bash", "run.sh", "gpu-check", str(d / "gpu")], {
+    **env, "SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2", "MATHS_K": "model_ce_hessian",
+    "BENCH_EXTRA": "--batch-size 8 --repeats 1", "CHECK_WORK": str(d / "work")}))
+def test_run_sh_gpu_check_writes_its_report(background):
     """./run.sh gpu-check at tiny on CPU: every part runs under its timeout and the report holds
-    each one's exit status and table (the blocks and memory sections of bench.py included)."""
-    env = {"SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2", "MATHS_K": "model_ce_hessian",
-           "BENCH_EXTRA": "--batch-size 8 --repeats 1",
-           "CHECK_WORK": str(tmp_path / "work")}
-    rc, log, err = run_sh("gpu-check", str(tmp_path / "gpu"), env=env)
+    each one's exit status and table (the blocks section of bench.py included)."""
+    tmp_path, (rc, log, err) = background
     assert rc == 0, err[-3000:]
     report = (tmp_path / "gpu" / "report.md").read_text()
     for part in ("maths", "gn_full_tiny_bfloat16", "gn_full_tiny_tf32", "blocks_tiny", "memory_tiny"):
