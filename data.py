@@ -581,13 +581,14 @@ class Parser(argparse.ArgumentParser):
         if src:                                   # a paper-size value: --help shows its source
             presets.setdefault("150m", default)
             self.sources[dest] = dict(zip(("45m", "150m"), src))
-            self.epilog = "sources of the paper-size defaults:\n" + "\n".join(
-                textwrap.fill(v, 100, break_on_hyphens=False, initial_indent=f"  [{k}] ",
-                              subsequent_indent="      ") for k, v in SOURCES.items())
         action = self.add_argument(name, default=None, help=help, **kw)
         self.defaults_by_size[dest] = (default, presets, action, help)
 
     def parse(self, argv=None):
+        if self.sources:
+            self.epilog = "sources of the paper-size defaults:\n" + "\n".join(
+                textwrap.fill(v, 100, break_on_hyphens=False, initial_indent=f"  [{k}] ",
+                              subsequent_indent="      ") for k, v in SOURCES.items())
         # --help leads each flag's defaults with the value at the --size asked for
         size = self._size_arg(sys.argv[1:] if argv is None else list(argv))
         for dest, (default, presets, action, help) in self.defaults_by_size.items():

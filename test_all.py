@@ -126,7 +126,7 @@ def _background(request, tmp_path_factory):
 def background(request, _background):
     """(directory, result) of this test's background job."""
     results, done = _background
-    done[request.node.name].wait(timeout=1200)
+    assert done[request.node.name].wait(timeout=1200), "the background job did not end in 20 minutes"
     if isinstance(results[request.node.name], Exception):
         raise results[request.node.name]
     return results[request.node.name]
@@ -2409,9 +2409,7 @@ def test_bench_every_section_writes_its_table_at_tiny(background):
 
 def run_sh(*argv, env=None, timeout=600):
     """bash run.sh ARGV in a subprocess sharing the tests' compilation cache; (rc, stdout, stderr)."""
-    p = subprocess.run(["bash", "run.sh", *argv], cwd=HERE, env={**os.environ, **JAX_CACHE_ENV, **(env or {})},
-                       capture_output=True, text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
+    return subprocess_job(["bash", "run.sh", *argv], {**os.environ, **JAX_CACHE_ENV, **(env or {})}, timeout)
 
 
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
