@@ -762,7 +762,7 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A
     f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
       {"small": 8, "tiny": 2, "150m": 1831}, src=("T", "F"), type=pos_int)
     f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
-      {"small": "adamw", "tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
+      {"tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
     f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", src=("T", "F"), type=unit_float)
     f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", src=("T", "F"), type=unit_float)
     f("--beta", 0.95, "Muon momentum of the inner optimizer (optax's default, which theirs keeps)",

@@ -84,10 +84,6 @@ def parse(argv=None):
                    help="at evaluation steps, log model_change and model_change_d, the GN model's "
                         "predicted change of the loss for the step taken and for the unscaled d "
                         "(one forward + JVP per inner micro-batch, 28%% of a small step: a diagnostic)")
-    p.add_argument("--measure-exactness", action="store_true",
-                   help="inner: log `exactness`, the GN-model decrease of d over that of a CG "
-                        "solve run to relative residual 1e-4 (or 2000 iterations), on the first "
-                        "inner micro-batch, and the residual reached (costly: a diagnostic)")
     args = data.parse_common(p, argv, "gn_full")
     if args.curvature_batches > args.inner_steps:
         raise data.UserError("--curvature-batches cannot exceed --inner-steps")
@@ -146,9 +142,6 @@ def make_inner_step(args, cfg):
                                              not args.no_reject, ls_tick)    # rejected: eta = 0
         new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
-        if args.measure_exactness:
-            m["exactness"], m["exactness_ref_residual"] = exactness(
-                theta_t, d, jax.tree.map(lambda a: a[0], inner), cfg)
         n_ls = ls["inputs"].shape[0]
         return data.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
                                    jvp=N, vjp=N + 1, inner=inner, d=d)
@@ -168,11 +161,17 @@ def gn_model(params, batch, cfg, split=1):
     if x.ndim == 2:
         x, y = x[None], y[None]
     N = y.size
+    # XLA on CPU (jax 0.10.2) miscompiles model.attention's JVP under jit when the tangent is a
+    # compile-time constant (CG's x0 = 0, a block embedded in zeros): inf, nan or garbage from run
+    # to run. The barrier keeps every v a runtime value.
+    bar = jax.lax.optimization_barrier
     if split > 1:
         loss, g = model.mean_loss_and_grad(params, {"inputs": x, "targets": y}, cfg, split)
         xs, ys = model.split_micro(x, split), model.split_micro(y, split)
 
         def Gv(v):
+            v = bar(v)
+
             def chunk(acc, xy):
                 z0, jvp = jax.linearize(lambda p: model.forward(p, xy[0], cfg), params)
                 w = model.ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), N)
@@ -184,7 +183,7 @@ def gn_model(params, batch, cfg, split=1):
     vjp = jax.linear_transpose(jvp, params)
     p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
     g = vjp(model.ce_grad_logits(p0, y, N))[0]
-    Gv = lambda v: vjp(model.ce_hvp_logits(p0, jvp(v), N))[0]
+    Gv = lambda v: vjp(model.ce_hvp_logits(p0, jvp(bar(v)), N))[0]
     return model.cross_entropy(z0, y), g, Gv
 
 
@@ -306,19 +305,6 @@ def make_cg_step(args, cfg):
 
 
 # ============================================================================ diagnostics
-
-EXACT_ITERS, EXACT_TOL = 2000, 1e-4      # --measure-exactness: the reference CG solve
-
-
-def exactness(theta_t, d, b, cfg):
-    """GN-model decrease of d over that of a reference CG solve (lam 1e-6) on the same batch,
-    run to a relative residual of EXACT_TOL or EXACT_ITERS iterations; returns both."""
-    _, g, Gv = gn_model(theta_t, b, cfg)
-    q = lambda x: tdot(g, x) + 0.5 * tdot(x, Gv(x))
-    x, info = cg(lambda v: axpy(1e-6, v, Gv(v)), jax.tree.map(jnp.negative, g),
-                 jax.tree.map(jnp.zeros_like, g), max_iters=EXACT_ITERS, tol=EXACT_TOL, eps=0.0)
-    return q(d) / q(x), info["residual"]
-
 
 def model_change_coeffs(theta_t, d, batches, cfg, split=1):
     """The GN model along a direction d, averaged over K stacked micro-batches: with u_k = J_k d,

@@ -1,39 +1,44 @@
-"""The oracle gap: how much of the Gauss-Newton step AdamW, Muon and SOAP capture, block by block.
+"""The oracle gap, and the exactness of GN's inner solve, on the batch each step actually uses.
 
 The paper concludes (its Section 6) that "a significant performance gap exists between current
 approximate methods and an idealized layerwise oracle", from iteration counts. This tool measures
-the gap at one point, on one batch. At parameters theta with a fixed batch of K micro-batches, g
-the gradient and G the Gauss-Newton matrix on it (gn_full.gn_model) and a damping lam:
+the gap, and how exactly Algorithm 1's inner solve minimises its model, at points of the runs
+themselves. At the parameters theta_t of a run after t steps, the model is that of the step's own
+batch: the first K micro-batches of the outer batch its next step reads (GN: of its N inner
+micro-batches), g = mean_k grad l_k and G = mean_k J_k^T H_k J_k over those K (gn_full.gn_model),
+and a damping lam:
 
+    q(u)     = g^T u + 1/2 u^T G u          the undamped GN model: what the inner solve minimises
+    d*       = -(G + lam I)^-1 g            the damped reference solve (CG to relative residual --tol)
     Delta(u) = (g^T u)^2 / (2 u^T (G + lam I) u)   if g^T u < 0, else 0
-             = the decrease of the damped GN model q(s u) = g^T s u + 1/2 s^2 u^T (G + lam I) u
-               at its best scale s (a method's lr only scales u, so Delta ignores it)
-    f(u)     = Delta(u) / Delta(d*),   d* = -(G + lam I)^-1 g   (CG to relative residual --tol)
+             = the damped model's decrease at u's best scale (a method's lr only scales u)
+    f(u)     = Delta(u) / Delta(d*)         in [0, 1]; f(d*) = 1 (Cauchy-Schwarz in the G + lam I norm)
+    e(u)     = q(u) / q(d*)                 exactness: the model decrease of u as taken, at its own
+                                            scale, over the reference solve's (d* is damped: e > 1
+                                            is possible; e < 0: u increases the model)
 
-f(d*) = 1 and 0 <= f <= 1 (Cauchy-Schwarz in the (G + lam I) norm). Per block k (the K = L + 2
-blocks of gn_layerwise.py: wte, each transformer block, lm_head), f_k(u_k) uses g_k and the
-diagonal block G_kk, against d_LW,k = -(G_kk + lam I)^-1 g_k, the layerwise oracle (f_k = 1 by
-definition); cos_k is the cosine of u_k and d*_k. Reported per direction u:
-    adamw, muon, soap   the method's next update at that point: its optimizer.update on g, from
-                        its own optimizer state (SOAP's first call from a fresh state only builds
-                        its preconditioner, u = 0: at a fresh state SOAP's u is its second call)
+Per block k (the L + 2 blocks of gn_layerwise.py: wte, each transformer block, lm_head), f_k(u_k)
+uses g_k and the diagonal block G_kk against d_LW,k = -(G_kk + lam I)^-1 g_k, the layerwise oracle
+(f_k = 1 by definition); cos_k is the cosine of u_k and d*_k. The directions u at a point:
+    adamw, muon, soap   the step the run takes from theta_t: its step function from its own
+                        optimizer state on its own batch (SOAP's first step only builds its
+                        preconditioner, u = 0: it is measured from its second step on)
+    gn_full             the direction Algorithm 1 takes: d = theta_hat - theta_t from its run's
+                        warm-started inner iterate and optimizer state, on its N inner micro-batches,
+                        before the line search scales it
     layerwise           d_LW: f(d_LW) is what the block-diagonal preconditioner loses by ignoring
                         the curvature across blocks
-    gn_inner            the direction d = theta-hat - theta of gn_full.py's inner solver
-                        (Algorithm 1 with Figure 1's settings: N inner steps from a fresh state,
-                        here cycling over the measured batch's micro-batches, so that it solves
-                        the same model as d*): how exact the paper's own solve is
 
-    python oracle.py --results results/quick [--points 0,8] [--lams 1e-3,1e-2] [--out DIR]
+Each run (RESULTS/fig1/<method>: gn_full and the baselines there) is replayed from the shared start RESULTS/start/ckpt with its own
+config.json and the batches it read (data.Batches at its positions); every replayed step's
+train_loss is checked against the run's metrics.jsonl. At point 0 every run sits at the start and
+reads the same first micro-batches: one measurement takes every method's first step.
 
-Points: 0 is the shared start (RESULTS/start/ckpt, every method with a fresh optimizer state);
-p > 0 is each baseline at step p of its own Figure-1 trajectory: the checkpoint at step p of
-RESULTS/fig1/<method> or of the sweep run it continues (RESULTS/sweep/<method>_<lr>); run.sh
-keeps those at the sweep's last step (8) and the run's last (14), each with the one before. Writes
-OUT/oracle.jsonl (every number), OUT/oracle.md (tables) and OUT/oracle.png.
+    python oracle.py --results results/quick [--points 0,1,8] [--gn-points 0,1,2] [--lams 3e-2,1e-1]
+
+Writes OUT/oracle.jsonl (every number), OUT/oracle.md (tables) and OUT/oracle.png.
 """
 import argparse
-import glob
 import json
 import os
 import sys
@@ -51,24 +56,31 @@ import model
 import muon
 import soap
 
-METHODS = {"adamw": adamw, "muon": muon, "soap": soap}
+METHODS = {"adamw": adamw, "muon": muon, "soap": soap, "gn_full": gn_full}
 
 # ============================================================================ config
+
+
+def ints(s):
+    return [int(x) for x in s.split(",")] if s else []
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--results", required=True, help="a results directory of run.sh quick (start/, "
-                   "sweep/, fig1/)")
-    p.add_argument("--points", default="0,8", help="steps of the baselines' trajectories to measure "
+    p.add_argument("--results", required=True, help="a results directory of run.sh quick (start/, fig1/)")
+    p.add_argument("--points", default="0,8", help="steps t of the baselines' Figure-1 runs to measure "
                    "at, comma-separated (0: the shared start) (default 0,8)")
-    p.add_argument("--lams", default="1e-3,1e-2", help="damping values lam, comma-separated "
-                   "(default 1e-3,1e-2)")
-    p.add_argument("--batches", type=data.pos_int, default=2, help="independent batches at each point, "
-                   "for the batch-to-batch spread (default 2)")
-    p.add_argument("--micro-batches", type=data.pos_int, default=1, help="K: micro-batches (of the "
-                   "runs' batch size) in each batch that defines g and G (default 1)")
+    p.add_argument("--gn-points", default=None, help="steps t of GN full's Figure-1 run (default: "
+                   "every step it took)")
+    p.add_argument("--lams", default="3e-2,1e-1", help="damping values lam, comma-separated "
+                   "(default 3e-2,1e-1)")
+    p.add_argument("--micro-batches", type=data.pos_int, default=8, help="K: micro-batches of the "
+                   "step's own batch that define g and G (default 8)")
+    p.add_argument("--batches", type=data.pos_int, default=1, help="disjoint sets of K micro-batches "
+                   "of the step's batch (set j: micro-batches jK .. jK+K-1), for the spread (default 1)")
+    p.add_argument("--blocks", default="0", help="steps at which d_LW and the per-block f_k and cos_k "
+                   "are measured too, comma-separated (each costs L + 2 more CG solves) (default 0)")
     p.add_argument("--cg-iters", type=data.pos_int, default=30, help="CG iterations at most, for d* "
                    "and for each block of d_LW (default 30)")
     p.add_argument("--tol", type=data.pos_float, default=1e-2, help="CG's target relative residual "
@@ -78,13 +90,14 @@ def parse(argv=None):
                    "or ~/.cache/full-gn)")
     a = p.parse_args(argv)
     try:
-        a.points = [int(s) for s in a.points.split(",")]
-        a.lams = [float(s) for s in a.lams.split(",")]
+        a.points, a.blocks, a.lams = ints(a.points), ints(a.blocks), [float(s) for s in a.lams.split(",")]
+        a.gn_points = None if a.gn_points is None else ints(a.gn_points)
     except ValueError:
-        raise data.UserError("--points takes integers and --lams numbers, comma-separated") from None
-    if min(a.points) < 0 or min(a.lams) <= 0:
-        raise data.UserError("--points must be >= 0 and --lams > 0")
-    for need in ("start/ckpt", "fig1/gn_full/config.json") + tuple(f"fig1/{m}/config.json" for m in METHODS):
+        raise data.UserError("--points and --gn-points take integers and --lams numbers, "
+                             "comma-separated") from None
+    if min(a.points + (a.gn_points or []) + [0]) < 0 or min(a.lams) <= 0:
+        raise data.UserError("--points and --gn-points must be >= 0 and --lams > 0")
+    for need in ("start/ckpt", "fig1/gn_full/metrics.jsonl"):
         if not os.path.exists(os.path.join(a.results, need)):
             raise data.UserError(f"{a.results} has no {need}: run ./run.sh quick {a.results} first")
     a.out = a.out or os.path.join(a.results, "oracle")
@@ -107,12 +120,13 @@ def embed(theta, keys, u_k):
     return gn_layerwise.set_block(zeros(theta), keys, u_k)
 
 
-def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol):
-    """f, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
-    "layerwise"), at theta on a batch of (K, B, T) micro-batches; d* and each block of d_LW are
-    solved by CG. Returns {"delta_star": Delta(d*), "residual", "iters", "block_residual",
-    "dirs": {name: {"f", "f_k", "cos_k"}}}."""
-    _, g, Gv = gn_full.gn_model(theta, batch, cfg)
+def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, split=1):
+    """f, e, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
+    "layerwise"), at theta on the GN model of all K stacked micro-batches (K, B, T) of `batch`; d*
+    and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost). split > 1: each product re-linearises the micro-batches
+    chunk by chunk (gn_full.gn_model), in the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*),
+    "residual", "iters", "dirs": {name: {"f", "e", "f_k", "cos_k"}}} and, with blocks, "block_residual"."""
+    _, g, Gv = gn_full.gn_model(theta, batch, cfg, split)
     A = lambda v: axpy(lam, v, Gv(v))
     solve = lambda op, b: gn_full.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
     d_star, info = solve(A, g)
@@ -122,74 +136,73 @@ def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol):
     d_lw = zeros(theta)
     for keys, (x, _) in zip(blocks, lw):
         d_lw = gn_layerwise.set_block(d_lw, keys, x)
-    ref = delta(tdot(g, d_star), tdot(d_star, A(d_star)))
+    q = lambda gu, uAu, uu: gu + 0.5 * (uAu - lam * uu)                  # the undamped model
+    gs, sAs = tdot(g, d_star), tdot(d_star, A(d_star))
+    ref, q_star = delta(gs, sAs), q(gs, sAs, tdot(d_star, d_star))
     ref_k = [delta(tdot(get(g, keys), x), tdot(x, A_k[k](x)))
              for k, (keys, (x, _)) in enumerate(zip(blocks, lw))]
 
-    def stats(u):                  # one direction: f, f_k, cos_k (lax.map: compiled once)
-        f_k, cos_k = [], []
-        for k, keys in enumerate(blocks):
-            u_k, s_k = get(u, keys), get(d_star, keys)
-            f_k.append(delta(tdot(get(g, keys), u_k), tdot(u_k, A_k[k](u_k))) / ref_k[k])
-            cos_k.append(tdot(u_k, s_k) / jnp.sqrt(jnp.maximum(tdot(u_k, u_k) * tdot(s_k, s_k), 1e-30)))
-        return delta(tdot(g, u), tdot(u, A(u))) / ref, jnp.stack(f_k), jnp.stack(cos_k)
-    names = list(dirs) + ["layerwise"]
-    f, f_k, cos_k = jax.lax.map(stats, jax.tree.map(lambda *xs: jnp.stack(xs), *dirs.values(), d_lw))
-    out = {n: {"f": f[i], "f_k": f_k[i], "cos_k": cos_k[i]} for i, n in enumerate(names)}
-    return {"delta_star": ref, "residual": info["residual"], "iters": info["iters"],
-            "block_residual": jnp.stack([i["residual"] for _, i in lw]), "dirs": out}
+    def stats(u):                  # one direction (lax.map: compiled once)
+        gu, uAu = tdot(g, u), tdot(u, A(u))
+        out = {"f": delta(gu, uAu) / ref, "e": q(gu, uAu, tdot(u, u)) / q_star}
+        if blocks:
+            f_k, cos_k = [], []
+            for k, keys in enumerate(blocks):
+                u_k, s_k = get(u, keys), get(d_star, keys)
+                f_k.append(delta(tdot(get(g, keys), u_k), tdot(u_k, A_k[k](u_k))) / ref_k[k])
+                cos_k.append(tdot(u_k, s_k) / jnp.sqrt(jnp.maximum(tdot(u_k, u_k) * tdot(s_k, s_k), 1e-30)))
+            out |= {"f_k": jnp.stack(f_k), "cos_k": jnp.stack(cos_k)}
+        return out
+    names = list(dirs) + (["layerwise"] if blocks else [])
+    res = jax.lax.map(stats, jax.tree.map(lambda *xs: jnp.stack(xs), *dirs.values(), *([d_lw] if blocks else [])))
+    out = {"delta_star": ref, "q_star": q_star, "residual": info["residual"], "iters": info["iters"],
+           "dirs": {n: jax.tree.map(lambda x: x[i], res) for i, n in enumerate(names)}}
+    return out | ({"block_residual": jnp.stack([i["residual"] for _, i in lw])} if blocks else {})
 
 
-# ============================================================================ the directions
+def rename(r, names):
+    """measure's result on directions u0, u1, ... under their names (layerwise keeps its own)."""
+    return r | {"dirs": {({f"u{i}": n for i, n in enumerate(names)}.get(k, k)): v for k, v in r["dirs"].items()}}
 
 
-def run_args(results, name):
-    conf = json.load(open(os.path.join(results, "fig1", name, "config.json")))
-    return argparse.Namespace(**conf["args"])
+def model_batch(step_batches, K, j):
+    """Set j of the K micro-batches that define the point's model: micro-batches jK .. jK+K-1 of
+    the step's own (n, B, T) batch (a GN step's first N are its inner ones)."""
+    return jax.tree.map(lambda a: a[j * K:(j + 1) * K], step_batches)
 
 
-def method_state(results, m, point, params0):
-    """(params, optimizer, optimizer state) of baseline m at step `point` of its Figure-1 run."""
-    args = run_args(results, m)
+# ============================================================================ the runs, replayed
+
+
+def run_args(path):
+    return argparse.Namespace(**json.load(open(os.path.join(path, "config.json")))["args"])
+
+
+def replay(path, name, upto, params0, tokens, log):
+    """Run `name`'s run at `path` again from params0, for `upto` steps, with its config and its
+    batches. Yields (t, state after t steps, the batches of step t + 1, the direction u that step
+    takes); stops with a UserError when a replayed train_loss leaves the logged one."""
+    args, mod = run_args(path), METHODS[name]
     cfg = data.model_config(args)
-    opt = METHODS[m].make_optimizer(args, params0)[0]
-    template = METHODS[m].init_state(args, cfg, params0)
-    if point == 0:
-        return params0, opt, template["opt"]
-    lr = args.lr
-    dirs = [os.path.join(results, "fig1", m)] + glob.glob(os.path.join(results, "sweep", f"{m}_*"))
-    for d in dirs:
-        ck = os.path.join(d, "ckpt")
-        if not os.path.exists(ck) or json.load(open(os.path.join(d, "config.json")))["args"]["lr"] != lr:
-            continue
-        for path in (ck, ck + ".prev"):
-            if os.path.exists(path):
-                state, meta = data.load_checkpoint(path, template)
-                if meta["step"] == point:
-                    return state["params"], opt, state["opt"]
-    raise data.UserError(f"no checkpoint of {m} at step {point} in {results}/fig1/{m} or its sweep "
-                         "run; choose --points among the steps that were checkpointed")
-
-
-def next_update(opt, opt_state, params, g):
-    u, st = opt.update(g, opt_state, params)
-    if any(x.ndim == 2 and float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u)):
-        u = opt.update(g, st, params)[0]            # SOAP's set-up call: its matrices got u = 0
-    return u
-
-
-def make_gn_inner(results, cfg, params):
-    """theta, batch -> d = theta-hat - theta: one outer step of gn_full.py's inner solver with
-    Figure 1's settings, from theta with a fresh optimizer state, its N inner steps cycling over
-    the K micro-batches of the measured batch (so that d solves the same model as d*)."""
-    args = argparse.Namespace(**dict(vars(run_args(results, "gn_full")), ls_batches=0))  # eta = 1
-    step = gn_full.make_step(args, cfg)
-
-    def direction(theta, batch):
-        idx = jnp.arange(args.inner_steps) % batch["inputs"].shape[0]
-        new, _ = step(gn_full.init_state(args, cfg, theta), jax.tree.map(lambda a: a[idx], batch), 0)
-        return axpy(-1.0, theta, new["inner"])
-    return direction
+    logged = {r["step"]: r for r in map(json.loads, open(os.path.join(path, "metrics.jsonl")))}
+    stream = data.Batches(tokens, args.batch_size, cfg.seq_len, args.order, args.seed)
+    n, step = data.micro_per_step(args), mod.make_step(args, cfg)
+    state = mod.init_state(args, cfg, params0)
+    for t in range(upto):
+        if t + 1 not in logged:
+            raise data.UserError(f"{path} logged no step {t + 1}; choose points below its last step")
+        b = jax.tree.map(jnp.asarray, stream.take(t * n, n))
+        new, m = step(state, b, t)
+        got, want = float(m["train_loss"]), logged[t + 1]["train_loss"]
+        if abs(got - want) > 1e-4 * abs(want):
+            raise data.UserError(f"replaying {path}: train_loss {got:.6f} at step {t + 1}, the run "
+                                 f"logged {want:.6f}; was it run with other code?")
+        u = axpy(-1.0, state["params"], new["inner"] if name == "gn_full" else new["params"])
+        if name == "gn_full" and float(m["eta"]) == 0:
+            log(f"{name} step {t + 1} was rejected (its d is discarded): not measured")
+            u = None
+        yield t, state["params"], b, u
+        state = new
 
 
 # ============================================================================ the loop
@@ -197,7 +210,8 @@ def make_gn_inner(results, cfg, params):
 def main(argv=None):
     a = parse(argv)
     os.makedirs(a.out, exist_ok=True)
-    args0 = run_args(a.results, "gn_full")
+    gn_path = os.path.join(a.results, "fig1", "gn_full")
+    args0 = run_args(gn_path)
     cfg = data.model_config(args0)
     blocks = gn_layerwise.make_blocks(cfg)
     names = ["wte"] + [f"h[{i}]" for i in range(cfg.n_layers - 1)] + [f"h[{cfg.n_layers - 1}]+ln_f", "lm_head"]
@@ -205,85 +219,119 @@ def main(argv=None):
     params0 = data.load_checkpoint(os.path.join(a.results, "start", "ckpt"), {"params": shape},
                                    keys=["params"])[0]["params"]
     tokens = data.load_tokens(args0.data, "train", cfg.vocab, a.cache_dir)
-    batch_of = lambda j: jax.tree.map(jnp.asarray, data.Batches(
-        tokens, args0.batch_size, cfg.seq_len, "random", 10_000 + j).take(0, a.micro_batches))
-    meas = jax.jit(lambda th, b, lam, dirs: measure(th, b, lam, dirs, cfg, blocks, a.cg_iters, a.tol))
-    grad = jax.jit(lambda th, b: model.mean_loss_and_grad(th, b, cfg)[1])
-    gn_inner = make_gn_inner(a.results, cfg, params0)
-    rows, t0 = [], time.time()
-    for point in a.points:
-        at = {m: method_state(a.results, m, point, params0) for m in METHODS}
-        # at the shared start every method sits at the same theta: measure once, all directions
-        groups = [("start", list(METHODS))] if point == 0 else [(m, [m]) for m in METHODS]
-        for where, ms in groups:
-            theta = at[ms[0]][0]
-            for j in range(a.batches):
-                b = batch_of(j)
-                g = grad(theta, b)
-                dirs = {m: next_update(at[m][1], at[m][2], theta, g) for m in ms}
-                dirs["gn_inner"] = gn_inner(theta, b)
-                for lam in a.lams:
-                    r = jax.device_get(meas(theta, b, jnp.float32(lam), dirs))
-                    row = {"point": point, "theta": where, "batch": j, "lam": lam, "K": a.micro_batches,
-                           "tokens": int(b["targets"].size), "delta_star": float(r["delta_star"]),
-                           "residual": float(r["residual"]), "cg_iters": int(r["iters"]),
-                           "block_residual": [float(x) for x in r["block_residual"]],
-                           "blocks": names,
-                           "dirs": {n: {"f": float(v["f"]), "f_k": [float(x) for x in v["f_k"]],
-                                        "cos_k": [float(x) for x in v["cos_k"]]} for n, v in r["dirs"].items()}}
-                    rows.append(row)
-                    print(f"point {point} theta {where} batch {j} lam {lam:g}: residual {row['residual']:.2e}, "
-                          + ", ".join(f"f({n}) {v['f']:.3f}" for n, v in row["dirs"].items())
-                          + f"  [{time.time() - t0:.0f}s]", flush=True)
+    gn_steps = max(r["step"] for r in map(json.loads, open(os.path.join(gn_path, "metrics.jsonl"))))
+    want = {m: a.points for m in ("adamw", "muon", "soap") if os.path.exists(os.path.join(a.results, "fig1", m))}
+    want["gn_full"] = list(range(gn_steps)) if a.gn_points is None else a.gn_points
+    split = 2 if args0.batch_size % 2 == 0 else 1   # K stored linearisations would not fit at small
+    # the directions go in as a list (names outside): one compilation per count, whatever the run
+    jitted = {on: jax.jit(lambda th, b, lam, us, on=on: measure(
+        th, b, lam, {f"u{i}": u for i, u in enumerate(us)}, cfg, blocks if on else [], a.cg_iters, a.tol, split))
+        for on in (False, True)}
+    meas = {on: (lambda th, b, lam, dirs, on=on: rename(jitted[on](th, b, lam, list(dirs.values())), list(dirs)))
+            for on in (False, True)}
+    t0, rows = time.time(), []
+    at0 = {}                                   # point 0: every run's first step, measured together
+    for m, pts in want.items():
+        if not pts:
+            continue
+        path = os.path.join(a.results, "fig1", m)
+        args = run_args(path)
+        n_model = args.inner_steps if m == "gn_full" else data.micro_per_step(args)   # GN: its inner ones
+        if n_model < a.micro_batches * a.batches:
+            raise data.UserError(f"{m}'s steps have {n_model} micro-batches for the model, fewer than "
+                                 f"--micro-batches x --batches = {a.micro_batches * a.batches}")
+        for t, theta, b, u in replay(path, m, max(pts) + 1, params0, tokens, print):
+            if t not in pts or u is None or (m == "soap" and t == 0):
+                continue
+            sets = [model_batch(b, a.micro_batches, j) for j in range(a.batches)]
+            if t == 0:
+                at0[m] = (theta, sets, u)
+                continue
+            rows += measure_point(meas[t in a.blocks], m, t, theta, sets, {m: u}, a, names, t0)
+    if at0:
+        (theta, sets, _), *others = at0.values()
+        for _, s, _ in others:   # the same first micro-batches (same seed, order and batch size)
+            if not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(sets, s)):
+                raise data.UserError("the runs' first steps read different micro-batches: point 0 "
+                                     "needs the same --seed, --order and --batch-size in every run")
+        rows = measure_point(meas[0 in a.blocks], "start", 0, theta, sets, {m: v[2] for m, v in at0.items()},
+                             a, names, t0) + rows
     with open(os.path.join(a.out, "oracle.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     report(rows, a.out)
     print(f"done: {len(rows)} measurements in {time.time() - t0:.0f}s -> {a.out}")
 
 
+def measure_point(meas, where, t, theta, sets, dirs, a, names, t0):
+    rows = []
+    for j, b in enumerate(sets):
+        for lam in a.lams:
+            r = jax.device_get(meas(theta, b, jnp.float32(lam), dirs))
+            row = {"point": t, "theta": where, "batch": j, "lam": lam, "K": a.micro_batches,
+                   "tokens": int(b["targets"].size), "delta_star": float(r["delta_star"]),
+                   "q_star": float(r["q_star"]), "residual": float(r["residual"]),
+                   "cg_iters": int(r["iters"]), "blocks": names}
+            if "block_residual" in r:
+                row["block_residual"] = [float(x) for x in r["block_residual"]]
+            row["dirs"] = {n: {k: (float(x) if k in ("f", "e") else [float(y) for y in x]) for k, x in v.items()}
+                           for n, v in r["dirs"].items()}
+            rows.append(row)
+            print(f"point {t} theta {where} set {j} lam {lam:g}: residual {row['residual']:.2e}, "
+                  + ", ".join(f"f({n}) {v['f']:.3f} e {v['e']:.3f}" for n, v in row["dirs"].items())
+                  + f"  [{time.time() - t0:.0f}s]", flush=True)
+    return rows
+
+
 def report(rows, out):
-    """oracle.md and oracle.png from the rows: mean over batches, with the range."""
+    """oracle.md (every measurement: mean [min, max] over the sets of micro-batches) and oracle.png
+    (f and e of each run's own step along its run, per lam)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({(r["point"], r["theta"], r["lam"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
+    keys = sorted({(r["lam"], r["point"], r["theta"]) for r in rows})
     names = rows[0]["blocks"]
-    span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
-    md = [f"K = {rows[0]['K']} micro-batch(es) of {rows[0]['tokens'] // rows[0]['K']:,} tokens per batch; "
-          f"{len({r['batch'] for r in rows})} independent batches: mean [min, max] over them. CG "
-          f"residuals of d* reached: {min(r['residual'] for r in rows):.1e} to "
-          f"{max(r['residual'] for r in rows):.1e}; of the d_LW blocks: "
-          f"{min(min(r['block_residual']) for r in rows):.1e} to {max(max(r['block_residual']) for r in rows):.1e}.",
-          "", "| lam | point | theta | direction | f(u) | " + " | ".join(f"f_k {n}" for n in names)
+    span = lambda xs: f"{np.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]" if len(xs) > 1 else f"{xs[0]:.3f}"
+    br = [x for r in rows for x in r.get("block_residual", [])]
+    md = [f"K = {rows[0]['K']} micro-batches of {rows[0]['tokens'] // rows[0]['K']:,} tokens of each step's own "
+          f"batch; {len({r['batch'] for r in rows})} disjoint set(s) of them (mean [min, max] over sets). CG "
+          f"residuals of d* reached: {min(r['residual'] for r in rows):.1e} to {max(r['residual'] for r in rows):.1e}"
+          + (f"; of the d_LW blocks: {min(br):.1e} to {max(br):.1e}." if br else "."),
+          "", "| lam | step | run | direction | f(u) | e(u) | " + " | ".join(f"f_k {n}" for n in names)
           + " | " + " | ".join(f"cos_k {n}" for n in names) + " |",
-          "|" + "---|" * (4 + 2 * len(names) + 1)]
-    lams = sorted({k[2] for k in keys})
-    fig, axes = plt.subplots(len(lams), len({k[:2] for k in keys}), figsize=(4.2 * len({k[:2] for k in keys}),
-                             3.6 * len(lams)), squeeze=False)
-    for (point, where, lam) in keys:
-        sel = [r for r in rows if (r["point"], r["theta"], r["lam"]) == (point, where, lam)]
-        ax = axes[lams.index(lam)][sorted({k[:2] for k in keys}).index((point, where))]
-        dirs = list(sel[0]["dirs"])
-        for i, n in enumerate(dirs):
-            f = [r["dirs"][n]["f"] for r in sel]
-            fk = np.array([r["dirs"][n]["f_k"] for r in sel])
-            ck = np.array([r["dirs"][n]["cos_k"] for r in sel])
-            md.append(f"| {lam:g} | {point} | {where} | {n} | {span(f)} | "
-                      + " | ".join(span(fk[:, k]) for k in range(len(names))) + " | "
-                      + " | ".join(f"{ck[:, k].mean():.2f}" for k in range(len(names))) + " |")
-            x = np.arange(len(names) + 1) + (i - len(dirs) / 2) * 0.8 / len(dirs)
-            y = np.concatenate([fk.mean(0), [np.mean(f)]])
-            lo = y - np.concatenate([fk.min(0), [min(f)]])
-            hi = np.concatenate([fk.max(0), [max(f)]]) - y
-            ax.bar(x, y, 0.8 / len(dirs), yerr=[lo, hi], label=n, capsize=2)
-        ax.set_xticks(range(len(names) + 1), names + ["all: f(u)"], rotation=45, fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"step {point} ({where}), lam {lam:g}", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("fraction of the oracle's decrease")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Oracle gap: f_k(u_k) per block, against the layerwise oracle,\nand f(u) (last bars), "
-                 "against full GN d*; mean and range over batches", fontsize=9)
+          "|" + "---|" * (6 + 2 * len(names))]
+    for lam, point, where in keys:
+        sel = [r for r in rows if (r["lam"], r["point"], r["theta"]) == (lam, point, where)]
+        for n in sel[0]["dirs"]:
+            v = [r["dirs"][n] for r in sel]
+            cells = [span([x["f"] for x in v]), span([x["e"] for x in v])]
+            if "f_k" in v[0]:
+                cells += [span([x["f_k"][k] for x in v]) for k in range(len(names))]
+                cells += [f"{np.mean([x['cos_k'][k] for x in v]):.2f}" for k in range(len(names))]
+            else:
+                cells += ["-"] * (2 * len(names))
+            md.append(f"| {lam:g} | {point} | {where} | {n} | " + " | ".join(cells) + " |")
+    lams = sorted({r["lam"] for r in rows})
+    fig, axes = plt.subplots(len(lams), 2, figsize=(10, 3.6 * len(lams)), squeeze=False)
+    runs = sorted({n for r in rows for n in r["dirs"] if n != "layerwise"})
+    for i, lam in enumerate(lams):
+        for j, key in enumerate(("f", "e")):
+            ax = axes[i][j]
+            for n in runs:     # each run's own step at each of its points (point 0: the shared start)
+                pts = sorted({r["point"] for r in rows if r["lam"] == lam and n in r["dirs"]})
+                y = [np.mean([r["dirs"][n][key] for r in rows if r["lam"] == lam and r["point"] == p
+                              and n in r["dirs"]]) for p in pts]
+                ax.plot(pts, y, "o-", label=n)
+            ax.set_xlabel("steps taken (the measured step is the next one)")
+            ax.set_title(f"{'f(u): damped-model decrease at best scale' if key == 'f' else 'e(u) = q(u)/q(d*): as taken'}"
+                         f", lam {lam:g}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if key == "f":
+                ax.set_ylim(0, 1.05)
+            else:
+                ax.axhline(1, color="k", lw=0.8)
+        axes[i][0].legend(fontsize=7)
+    fig.suptitle(f"The step each run takes, on the GN model of its own batch (K = {rows[0]['K']} micro-batches)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "oracle.png"), dpi=110)
     plt.close(fig)

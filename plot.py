@@ -9,8 +9,7 @@ RESULTS_DIR holds the layout that `run.sh quick|full` (and `run.sh seeds`) write
   fig2/<method>_b<b>/        a fixed micro-batch budget at b < K per step       -> Figures 2, 3
   seeds/seed<s>/<method>/    Figure 1 again for seeds s = 1, 2                  -> error bars
   ablations/<name>/          GN variants                                        -> ablations.png
-  oracle/                    oracle.py's table (quoted in results.md when present)
-  exactness/<name>/          gn_full --measure-exactness runs (quoted when present)
+  oracle/, oracle_k1/        oracle.py's tables (quoted in results.md when present)
 It writes the figures and RESULTS_DIR/results.md.
 The target loss is RESULTS_DIR/target.txt (unrounded) unless --target is given. Steps to the
 target are counted two ways: `first` is the first evaluated step at or below it, `interp`
@@ -357,45 +356,45 @@ def summary(rs, hit, best, target, stat):
 
 
 def oracle_summary(results):
-    """The oracle gap in one paragraph, from oracle/oracle.jsonl: the range of f(u) per direction
-    and of the baselines' per-block f_k, over every point, batch and lam measured."""
+    """The oracle in one paragraph, from oracle/oracle.jsonl: f and e of the step each run takes
+    (GN along its run, per step), the layerwise oracle's f, over every point, set and lam; and
+    oracle_k1/ (the one-micro-batch measurement, from fresh states) in one sentence when present."""
     path = os.path.join(results, "oracle", "oracle.jsonl")
+    rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"
+    val = lambda n, k, sel: [r["dirs"][n][k] for r in sel if n in r["dirs"]]
+    oracle_k1 = ""
+    k1 = os.path.join(results, "oracle_k1", "oracle.jsonl")
+    if os.path.exists(k1):
+        rows = [json.loads(line) for line in open(k1)]
+        oracle_k1 = (f"On one micro-batch ({rows[0]['tokens']:,} tokens; oracle_k1/, the earlier definition: "
+                     f"{len(rows)} measurements at the baselines' steps {sorted({r['point'] for r in rows})}, on "
+                     "independent batches, each baseline's next update from its state, GN's inner solve from a "
+                     f"fresh state with inner AdamW): f(d_LW) = {rng(val('layerwise', 'f', rows))}, "
+                     + ", ".join(f"{NAMES[m]} {rng(val(m, 'f', rows))}" for m in BASELINES if val(m, "f", rows))
+                     + f", GN (fresh, inner AdamW) {rng(val('gn_inner', 'f', rows))}.")
     if not os.path.exists(path):
-        return ""
+        return oracle_k1
     rows = [json.loads(line) for line in open(path)]
-    rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
-    f = lambda n: [r["dirs"][n]["f"] for r in rows if n in r["dirs"]]
-    fk = lambda n: [x for r in rows if n in r["dirs"] for x in r["dirs"][n]["f_k"]]
-    base = [m for m in BASELINES if f(m)]
-    return (f"Oracle gap (oracle.py, {len(rows)} measurements: steps {sorted({r['point'] for r in rows})} "
-            f"of the baselines' Figure-1 runs, lam {sorted({r['lam'] for r in rows})}, "
-            f"{len({r['batch'] for r in rows})} batches of {rows[0]['tokens']:,} tokens): the layerwise "
-            f"oracle keeps f(d_LW) = {rng(f('layerwise'))} of the full GN step's model decrease; the "
-            "baselines' next updates keep f(u) = " + ", ".join(f"{NAMES[m]} {rng(f(m))}" for m in base)
-            + ", and per block f_k = " + ", ".join(f"{NAMES[m]} {rng(fk(m))}" for m in base)
-            + f" of the layerwise oracle's; gn_full's own inner solve from a fresh state keeps "
-            f"f(d) = {rng(f('gn_inner'))}. CG residuals of d*: {rng([r['residual'] for r in rows])}.")
-
-
-def exactness_summary(results):
-    """How exact GN's inner solve is along a run, from exactness/<name>/ (gn_full
-    --measure-exactness): `exactness` per outer step and the reference solve's residual."""
-    out = []
-    for r in runs(os.path.join(results, "exactness", "*")):
-        ex = [(row["step"], row["exactness"], row["exactness_ref_residual"]) for row in r["rows"]
-              if "exactness" in row]
-        if not ex:
-            continue
-        c, e = r["conf"], [x[1] for x in ex]
-        res = [x[2] for x in ex]
-        out.append(f"Exactness of GN's inner solve along a run (gn_full --measure-exactness, size "
-                   f"{c['args']['size']}, {c['params']:,} parameters, {r['K']} inner steps of "
-                   f"{c['tokens_per_micro_batch']:,} tokens, lr {r['lr']:g}): the step's direction d keeps "
-                   f"q(d)/q(x*) = {min(e):.2g}-{max(e):.2g} (mean {sum(e) / len(e):.2g}) over outer steps "
-                   f"{ex[0][0]}-{ex[-1][0]} of the best decrease x* of the GN model of its first inner "
-                   f"micro-batch (lam 1e-6; per step: {', '.join(f'{x:.2g}' for x in e)}); the reference "
-                   f"CG solve reached relative residuals {min(res):.1e}-{max(res):.1e}.")
-    return " ".join(out)
+    val = lambda n, k, sel=rows: [r["dirs"][n][k] for r in sel if n in r["dirs"]]
+    lams = sorted({r["lam"] for r in rows})
+    gn = sorted({r["point"] for r in rows if "gn_full" in r["dirs"]})
+    per = "; ".join(f"lam {lam:g}: " + ", ".join(
+        f"{sum(v) / len(v):.2f}" for p in gn if (v := val("gn_full", "f", [r for r in rows if r["point"] == p
+                                                                            and r["lam"] == lam])))
+        for lam in lams)
+    base = [m for m in BASELINES if val(m, "f")]
+    text = (f"Oracle (oracle.py, {len(rows)} measurements; the GN model of K = {rows[0]['K']} micro-batches "
+            f"({rows[0]['tokens']:,} tokens) of each step's own batch, lam {', '.join(f'{x:g}' for x in lams)}): "
+            f"along GN full's Figure-1 run (steps {gn[0]}-{gn[-1]}), the direction it takes (its warm-started "
+            f"d) keeps f = {rng(val('gn_full', 'f'))} of the damped model's best decrease (per step, mean "
+            f"over sets: {per}) and e = q(d)/q(d*) = {rng(val('gn_full', 'e'))} of the reference solve's "
+            "decrease; the baselines' own steps keep f = " + ", ".join(f"{NAMES[m]} {rng(val(m, 'f'))}" for m in base)
+            + f" (steps {sorted({r['point'] for r in rows if any(m in r['dirs'] for m in base)})})")
+    if val("layerwise", "f"):
+        text += (f"; the layerwise oracle d_LW keeps f = {rng(val('layerwise', 'f'))} (steps "
+                 f"{sorted({r['point'] for r in rows if 'layerwise' in r['dirs']})})")
+    text += f". CG residuals of d*: {rng([r['residual'] for r in rows])}."
+    return text + (" " + oracle_k1 if oracle_k1 else "")
 
 
 def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds, readme):
@@ -442,13 +441,11 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                       f"| {r['name']} | " + (f"{h['first'][0]} / {h['interp'][0]:.2f}" if (h := to_target(r, target))
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
                       + cg_summary(r) + " |" for r in abl)]
-    oracle = os.path.join(results, "oracle", "oracle.md")
+    oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
+    if ora:
+        parts += ["## The oracle gap and the inner solve's exactness (oracle.py)", ora]
     if os.path.exists(oracle):
-        parts += ["## The oracle gap (oracle.py)", oracle_summary(results), "![oracle](oracle/oracle.png)",
-                  open(oracle).read().strip()]
-    exact = exactness_summary(results)
-    if exact:
-        parts += ["## Exactness of the inner solve (gn_full --measure-exactness)", exact]
+        parts += ["![oracle](oracle/oracle.png)", open(oracle).read().strip()]
     text = "\n\n".join(p for p in parts if p) + "\n"
     open(os.path.join(results, "results.md"), "w").write(PREAMBLE + text)
     if readme:
@@ -458,8 +455,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
         short = "\n\n".join([" ".join(head), md_table] + ([s_table] if s_table else [])
-                              + ([oracle_summary(results)] if os.path.exists(oracle) else [])
-                              + ([exact] if exact else []))
+                              + ([ora] if ora else []))
         open(readme, "w").write(src[:a] + "\n" + short + "\n" + src[b:])
     return text
 

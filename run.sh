@@ -5,8 +5,8 @@
 #   ./run.sh smoke [OUT]        every script for 2 steps on the tiny config, in seconds
 #   ./run.sh quick [OUT]        the paper's experiments at CPU scale (small config, embedded data):
 #                               figures + results in OUT (measured on 2 CPU cores: see README)
-#   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, the
-#                               oracle gap, GN ablations, the inner solve's exactness along a run
+#   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, GN
+#                               ablations, the oracle gap and the inner solve's exactness (oracle.py)
 #   ./run.sh full [--dry-run] [OUT]
 #                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
 #                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
@@ -184,13 +184,12 @@ batch_sizes() {  # batch_sizes S: Figures 2-3, each of FIG2_METHODS at its Figur
   done
 }
 
-seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's ablations, exactness
+seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the oracle and exactness
   local target cap=$CAP_gn_full
   batch_sizes "--size $size --data $data --seed 0 $EXTRA --init-from $out/start/ckpt"
   fig=fig1
   for s in 1 2; do plan "$s"; done
   target=$(cat "$out/target.txt")
-  run "$out/oracle" oracle.py --results "$out" $ORACLE
   local S="--size $size --data $data $EXTRA --init-from $out/start/ckpt $B_gn"
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
@@ -200,11 +199,7 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, the oracle gap, GN's a
   # 5x those of GN's 32 inner steps; about 2 minutes per step here, hence 6 steps)
   run "$out/ablations/gn_cg_curv8_iters20" gn_full.py $S --solver cg --curvature-batches 8 \
       --cg-iters 20 --steps 6
-  # exactness along a run (--measure-exactness) at tiny: its reference solve, up to 2000 CG
-  # iterations, would take up to 15 minutes per outer step at small (bench.py: 0.87 s per CG
-  # iteration on 32 x 128 tokens, so about 0.44 s on a 16 x 128 micro-batch)
-  run "$out/exactness/tiny" gn_full.py --size tiny --data "$data" $B_gn --steps "$cap" \
-      --eval-every 1 --measure-exactness
+  run "$out/oracle" oracle.py --results "$out" $ORACLE
   $py plot.py "$out"
 }
 
@@ -256,7 +251,7 @@ case "$mode" in
     B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
     GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
     FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
-    EXTRA="--batch-size 16" ORACLE="--points 0,8,14 --lams 3e-2,1e-1 --cg-iters 20 --tol 2e-2"
+    EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
     FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
     # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
     # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at

@@ -1806,26 +1806,6 @@ def test_gn_full_cg_step_metrics_and_pass_counts():
     assert int(m["jvp_passes"]) == 1 and int(m["vjp_passes"]) == 2 + 1
 
 
-@pytest.mark.slow
-def test_gn_full_exactness_against_a_dense_solve():
-    # exactness = (q(d) - l) / (q(x*) - l) on the first inner micro-batch, x* from numpy
-    args = gn_full.parse(["--size", "tiny", "--inner-steps", "2", "--ls-batches", "0",
-                          "--measure-exactness", "--batch-size", "2"])
-    p, flat, unravel, b, J, H = micro_problem(seed=4)
-    batches = jax.tree.map(lambda a, c: jnp.stack([a, c]), b, tiny_batch(2, 7, MICRO))
-    new, m = gn_full.make_step(args, MICRO)(gn_full.init_state(args, MICRO, p), batches, 0)
-    z = np.asarray(model.forward(p, b["inputs"], MICRO), np.float64).reshape(-1, MICRO.vocab)
-    pr = np.exp(z - z.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    g0 = (pr - np.eye(MICRO.vocab)[np.asarray(b["targets"]).reshape(-1)]).reshape(-1) / len(z)
-    g, G = J.T @ g0, J.T @ H @ J
-    q = lambda x: g @ x + 0.5 * x @ G @ x
-    d = np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0], np.float64) - np.asarray(flat, np.float64)
-    x_star = -np.linalg.solve(G + 1e-6 * np.eye(len(g)), g)
-    assert float(m["exactness_ref_residual"]) <= gn_full.EXACT_TOL
-    np.testing.assert_allclose(float(m["exactness"]), q(d) / q(x_star), rtol=2e-3)
-
-
 def test_gn_full_bf16_logits_are_accumulated_in_fp32():
     cfg = dataclasses.replace(TINY, dtype="bfloat16")
     p, b = tiny_params(), tiny_batch(4)
@@ -2263,20 +2243,25 @@ def test_gn_proxlinear_run_and_exact_resume(tmp_path):
 @pytest.mark.slow
 def test_oracle_fractions_against_a_dense_G():
     # oracle.measure against G = J^T H J and solves in numpy, on MICRO's 3 blocks (wte; h[0] with
-    # ln_f; lm_head): Delta, f, f_k and cos_k of random, descent, orthogonal and ascent directions
+    # ln_f; lm_head), the model of K = 3 stacked micro-batches of 2 rows (g and G over all 6 rows:
+    # a measure that used fewer micro-batches than it is given fails); Delta, f, e, f_k and cos_k
+    # of random, descent, orthogonal and ascent directions; split 2 (oracle.main's): each product
+    # re-linearises the micro-batches chunk by chunk
     import oracle
-    p, flat, unravel, b, J, H = micro_problem(seed=5)
+    p, flat, unravel, b, J, H = micro_problem(seed=5, B=6)
     z = np.asarray(model.forward(p, b["inputs"], MICRO), np.float64).reshape(-1, MICRO.vocab)
     pr = np.exp(z - z.max(-1, keepdims=True))
     pr /= pr.sum(-1, keepdims=True)
     g = J.T @ ((pr - np.eye(MICRO.vocab)[np.asarray(b["targets"]).reshape(-1)]).reshape(-1) / len(z))
     lam, n = 1e-2, len(g)
-    A = J.T @ H @ J + lam * np.eye(n)
+    G = J.T @ H @ J
+    A = G + lam * np.eye(n)
     blocks = gn_layerwise.make_blocks(MICRO)
     masks = [np.asarray(jax.flatten_util.ravel_pytree(oracle.embed(p, keys, jax.tree.map(
         jnp.ones_like, gn_layerwise.get_block(p, keys))))[0]) != 0 for keys in blocks]
     assert len(blocks) == 3 and np.all(sum(m.astype(int) for m in masks) == 1)   # a partition
     delta = lambda u, A_, g_: (g_ @ u) ** 2 / (2 * u @ A_ @ u) if g_ @ u < 0 else 0.0
+    q = lambda u: g @ u + 0.5 * u @ G @ u                                        # undamped
     d_star = -np.linalg.solve(A, g)
     d_lw = np.zeros(n)
     for m in masks:
@@ -2285,25 +2270,91 @@ def test_oracle_fractions_against_a_dense_G():
     u_rand = rng.normal(size=n)
     u_desc = -g + 0.5 * np.linalg.norm(g) / np.sqrt(n) * rng.normal(size=n)
     u_orth = u_rand - (u_rand @ g) / (g @ g) * g
-    dense = {"rand": u_rand, "desc": u_desc, "orth": u_orth, "ascent": g, "dstar": d_star}
+    dense = {"rand": u_rand, "desc": u_desc, "orth": u_orth, "ascent": g, "dstar": d_star,
+             "newton": -np.linalg.solve(G + 1e-4 * np.eye(n), g)}
     dirs = {k: unravel(jnp.asarray(v, jnp.float32)) for k, v in dense.items()}
-    r = jax.jit(lambda: oracle.measure(p, jax.tree.map(lambda a: a[None], b), jnp.float32(lam), dirs,
-                                       MICRO, blocks, iters=400, tol=1e-6))()
+    stacked = jax.tree.map(lambda a: a.reshape(3, 2, *a.shape[1:]), b)           # (K, B, T)
+    r = jax.jit(lambda: oracle.measure(p, stacked, jnp.float32(lam), dirs, MICRO, blocks,
+                                       iters=400, tol=1e-6, split=2))()
     assert float(r["residual"]) < 1e-4 and float(np.max(r["block_residual"])) < 1e-4
     np.testing.assert_allclose(float(r["delta_star"]), 0.5 * g @ np.linalg.solve(A, g), rtol=1e-3)
+    np.testing.assert_allclose(float(r["q_star"]), q(d_star), rtol=1e-3)
     dense["layerwise"] = d_lw
     for k, u in dense.items():
         got = r["dirs"][k]
         np.testing.assert_allclose(float(got["f"]), delta(u, A, g) / delta(d_star, A, g), rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(float(got["e"]), q(u) / q(d_star), rtol=2e-3, atol=1e-6)
         for i, m in enumerate(masks):
             want = delta(u[m], A[np.ix_(m, m)], g[m]) / delta(d_lw[m], A[np.ix_(m, m)], g[m])
             np.testing.assert_allclose(float(got["f_k"][i]), want, rtol=2e-3, atol=1e-6)
             cos = u[m] @ d_star[m] / np.linalg.norm(u[m]) / np.linalg.norm(d_star[m])
             np.testing.assert_allclose(float(got["cos_k"][i]), cos, rtol=2e-3, atol=1e-5)
-    assert abs(float(r["dirs"]["dstar"]["f"]) - 1) < 1e-3                    # f(d*) = 1
+    assert abs(float(r["dirs"]["dstar"]["f"]) - 1) < 1e-3 and abs(float(r["dirs"]["dstar"]["e"]) - 1) < 1e-3
+    assert float(r["dirs"]["newton"]["e"]) > 1              # the undamped model rewards undamping
     np.testing.assert_allclose(r["dirs"]["layerwise"]["f_k"], 1, rtol=1e-3)  # the oracle's own blocks
     assert float(r["dirs"]["orth"]["f"]) < 1e-5 and float(r["dirs"]["ascent"]["f"]) == 0
+    assert float(r["dirs"]["ascent"]["e"]) < 0              # an ascent direction raises the model
     assert 0.05 < float(r["dirs"]["desc"]["f"]) < 0.99 and float(r["dirs"]["layerwise"]["f"]) < 0.999
+
+
+@pytest.mark.slow
+def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch):
+    # oracle.py on a tiny results directory: every run is replayed from the start with its own
+    # batches; each measured model is the first K micro-batches of that step's own batch, and each
+    # direction the step the run takes (GN: theta_hat - theta_t from its warm-started state)
+    import oracle
+    R = tmp_path / "r"
+    common = ["--size", "tiny", "--eval-every", "1", "--seed", "3"]
+    adamw.main([*common, "--steps", "2", "--out", str(R / "start")])
+    S = [*common, "--init-from", str(R / "start" / "ckpt"), "--steps", "3"]
+    adamw.main([*S, "--grad-accum", "4", "--out", str(R / "fig1" / "adamw")])
+    gn_full.main([*S, "--inner-steps", "4", "--ls-batches", "1", "--out", str(R / "fig1" / "gn_full")])
+    seen, real = [], oracle.measure
+
+    def spy(th, b, lam, dirs, *a, **k):        # traced inside jit: the arrays come back by callback
+        jax.debug.callback(lambda *xs: seen.append(jax.tree.map(np.asarray, xs)), th, b, dirs)
+        return real(th, b, lam, dirs, *a, **k)
+    monkeypatch.setattr(oracle, "measure", spy)
+    oracle.main(["--results", str(R), "--points", "0,2", "--gn-points", "0,1,2", "--lams", "0.1",
+                 "--micro-batches", "2", "--batches", "2", "--cg-iters", "2", "--blocks", "0"])
+    rows = [json.loads(l) for l in open(R / "oracle" / "oracle.jsonl")]
+    order = [("adamw", 2), ("gn_full", 1), ("gn_full", 2), ("start", 0)]       # oracle.main's order
+    assert [(r["theta"], r["point"], r["batch"]) for r in rows] == [(m, t, j) for m, t in order[-1:] + order[:-1]
+                                                                   for j in (0, 1)]
+    assert all(r["K"] == 2 and r["tokens"] == 2 * 8 * TINY.seq_len for r in rows)
+    for r in rows:     # finite solves (a zero block fed to attention's JVP as a constant was not)
+        assert r["residual"] < 1 and ("layerwise" in r["dirs"]) == (r["point"] == 0), r
+        if r["point"] == 0:                                       # --blocks: d_LW and f_k there only
+            assert max(r["block_residual"]) < 1 and 0 < r["dirs"]["layerwise"]["f"] < 1.5   # d* inexact
+            assert all(0 < x < 1.5 for x in r["dirs"]["layerwise"]["f_k"])
+    # independently: the micro-batches of step t + 1 (set j: the K after the first jK), and the
+    # parameters after t = 2 steps (each run's ckpt.prev)
+    tokens = data.load_tokens("bbc", "train", TINY.vocab)
+    assert len(seen) == 2 * len(order)
+    for (m, t), j, (th, b, dirs) in zip([o for o in order for _ in range(2)], [0, 1] * len(order), seen):
+        conf = json.load(open(R / "fig1" / ("adamw" if m == "start" else m) / "config.json"))["args"]
+        assert conf["seed"] == 3 and conf["batch_size"] == 8
+        n = 5 if m == "gn_full" else 4
+        want = data.Batches(tokens, 8, TINY.seq_len, conf["order"], 3).take(t * n, n)["inputs"][2 * j:2 * j + 2]
+        np.testing.assert_array_equal(b["inputs"], want)
+        assert len(dirs) == (2 if m == "start" else 1)           # (measure sees them as u0, u1, ...)
+        if t == 2:
+            mod = {"adamw": adamw, "gn_full": gn_full}[m]
+            tmpl = mod.init_state(oracle.run_args(str(R / "fig1" / m)), TINY, tiny_params())
+            ck, meta = data.load_checkpoint(str(R / "fig1" / m / "ckpt.prev"), tmpl)
+            assert meta["step"] == 2
+            np.testing.assert_allclose(jax.flatten_util.ravel_pytree(th)[0],
+                                       jax.flatten_util.ravel_pytree(ck["params"])[0], rtol=1e-5, atol=1e-7)
+    # the GN direction at step 1 has the logged inner_norm |d| of step 2: the warm-started d
+    gn_rows = [json.loads(l) for l in open(R / "fig1" / "gn_full" / "metrics.jsonl")]
+    np.testing.assert_allclose(tree_norm(seen[2][2]["u0"]), gn_rows[2]["inner_norm"], rtol=1e-5)
+    # a run logged with other code is refused, not measured
+    path = R / "fig1" / "adamw" / "metrics.jsonl"
+    logged = [json.loads(l) for l in open(path)]
+    logged[1]["train_loss"] += 0.01
+    path.write_text("".join(json.dumps(r) + "\n" for r in logged))
+    with pytest.raises(UserError, match="replaying .*adamw: train_loss"):
+        next(oracle.replay(str(R / "fig1" / "adamw"), "adamw", 1, tiny_params(), tokens, print))
 
 
 # ============================================================================ plot.py
@@ -2355,15 +2406,15 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.7, 5.5])              # 2.0
     fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                # 1.0
     open(f"{R}/target.txt", "w").write("5.5\n")
-    ex = f"{R}/exactness/tiny"                                              # --measure-exactness
-    os.makedirs(ex)
-    json.dump({"args": {"size": "tiny", "lr": 3e-3, "inner_steps": 32}, "params": 1000,
-               "tokens_per_micro_batch": 128}, open(f"{ex}/config.json", "w"))
-    with open(f"{ex}/metrics.jsonl", "w") as f:
-        f.write(json.dumps({"step": 0, "tokens": 0, "val_loss": 6.0}) + "\n")
-        for s, (e, res) in enumerate([(0.6, 1e-4), (0.2, 3e-3)], 1):
-            f.write(json.dumps({"step": s, "tokens": s * 4096, "val_loss": 5.9, "exactness": e,
-                                "exactness_ref_residual": res}) + "\n")
+    os.makedirs(f"{R}/oracle")                                              # oracle.py's rows
+    row = lambda p, th, lam, dirs: json.dumps({"point": p, "theta": th, "lam": lam, "K": 8, "tokens": 16384,
+                                               "residual": 0.02 + p / 100, "dirs": dirs}) + "\n"
+    with open(f"{R}/oracle/oracle.jsonl", "w") as f:
+        f.write(row(0, "start", 0.1, {"gn_full": {"f": 0.3, "e": 0.5}, "soap": {"f": 0.05, "e": 0.1},
+                                      "layerwise": {"f": 0.9, "e": 1.2}}))
+        f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.5, "e": 0.7}}))
+        f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.7, "e": 0.9}}))          # a second set
+    open(f"{R}/oracle/oracle.md", "w").write("| table |\n")
     cg = fake_run(f"{R}/ablations", "gn_cg", 3e-3, [6.0, 5.8, 5.6])          # CG's diagnostics
     with open(f"{cg}/metrics.jsonl", "a") as f:
         for s, (res, rho) in enumerate([(0.62, 0.09), (1.25, -0.15)], 1):
@@ -2380,8 +2431,10 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps" in text
     assert "| gn_cg | not reached | 5.6000 (2) | 10 to 10, 0.62 to 1.25, -0.15 to 0.09 |" in md
-    exact = "q(d)/q(x*) = 0.2-0.6 (mean 0.4) over outer steps 1-2"
-    assert exact in md and exact in text and "residuals 1.0e-04-3.0e-03" in md
+    ora = ("keeps f = 0.30-0.70 of the damped model's best decrease (per step, mean over sets: lam 0.1: "
+           "0.30, 0.60) and e = q(d)/q(d*) = 0.50-0.90")
+    assert ora in md and ora in text and "SOAP 0.05-0.05 (steps [0])" in md and "d_LW keeps f = 0.90-0.90" in md
+    assert "CG residuals of d*: 0.02-0.03." in md and "| table |" in md
     assert os.path.exists(f"{R}/fig1_iterations.png")
 
 
