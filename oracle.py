@@ -31,7 +31,10 @@ uses g_k and the diagonal block G_kk against d_LW,k = -(G_kk + lam I)^-1 g_k, th
 
 Each run (RESULTS/fig1/<method>: gn_full and the baselines there) is replayed from the shared start RESULTS/start/ckpt with its own
 config.json and the batches it read (data.Batches at its positions); every replayed step's
-train_loss is checked against the run's metrics.jsonl. At point 0 every run sits at the start and
+train_loss is checked against the run's metrics.jsonl to REPLAY_RTOL: replays of SOAP leave its
+logged losses by ~1e-3 within 8 steps (its eigenbases, from eigh of near-degenerate statistics,
+differ between runs of the same code on CPU), so a point is a state the run reaches up to that
+noise; each row records the largest deviation before it (replay_dev). At point 0 every run sits at the start and
 reads the same first micro-batches: one measurement takes every method's first step.
 
     python oracle.py --results results/quick [--points 0,1,8] [--gn-points 0,1,2] [--lams 3e-2,1e-1]
@@ -178,6 +181,9 @@ def run_args(path):
     return argparse.Namespace(**json.load(open(os.path.join(path, "config.json")))["args"])
 
 
+REPLAY_RTOL = 5e-3    # relative train_loss deviation a replay may reach (SOAP's: ~1e-3 at step 8)
+
+
 def replay(path, name, upto, params0, tokens, log):
     """Run `name`'s run at `path` again from params0, for `upto` steps, with its config and its
     batches. Yields (t, state after t steps, the batches of step t + 1, the direction u that step
@@ -187,21 +193,22 @@ def replay(path, name, upto, params0, tokens, log):
     logged = {r["step"]: r for r in map(json.loads, open(os.path.join(path, "metrics.jsonl")))}
     stream = data.Batches(tokens, args.batch_size, cfg.seq_len, args.order, args.seed)
     n, step = data.micro_per_step(args), mod.make_step(args, cfg)
-    state = mod.init_state(args, cfg, params0)
+    state, dev = mod.init_state(args, cfg, params0), 0.0
     for t in range(upto):
         if t + 1 not in logged:
             raise data.UserError(f"{path} logged no step {t + 1}; choose points below its last step")
         b = jax.tree.map(jnp.asarray, stream.take(t * n, n))
         new, m = step(state, b, t)
         got, want = float(m["train_loss"]), logged[t + 1]["train_loss"]
-        if abs(got - want) > 1e-4 * abs(want):
+        dev = max(dev, abs(got - want) / abs(want))
+        if dev > REPLAY_RTOL:
             raise data.UserError(f"replaying {path}: train_loss {got:.6f} at step {t + 1}, the run "
                                  f"logged {want:.6f}; was it run with other code?")
         u = axpy(-1.0, state["params"], new["inner"] if name == "gn_full" else new["params"])
         if name == "gn_full" and float(m["eta"]) == 0:
             log(f"{name} step {t + 1} was rejected (its d is discarded): not measured")
             u = None
-        yield t, state["params"], b, u
+        yield t, state["params"], b, u, dev
         state = new
 
 
@@ -240,14 +247,14 @@ def main(argv=None):
         if n_model < a.micro_batches * a.batches:
             raise data.UserError(f"{m}'s steps have {n_model} micro-batches for the model, fewer than "
                                  f"--micro-batches x --batches = {a.micro_batches * a.batches}")
-        for t, theta, b, u in replay(path, m, max(pts) + 1, params0, tokens, print):
+        for t, theta, b, u, dev in replay(path, m, max(pts) + 1, params0, tokens, print):
             if t not in pts or u is None or (m == "soap" and t == 0):
                 continue
             sets = [model_batch(b, a.micro_batches, j) for j in range(a.batches)]
             if t == 0:
                 at0[m] = (theta, sets, u)
                 continue
-            rows += measure_point(meas[t in a.blocks], m, t, theta, sets, {m: u}, a, names, t0)
+            rows += measure_point(meas[t in a.blocks], m, t, theta, sets, {m: u}, a, names, t0, dev)
     if at0:
         (theta, sets, _), *others = at0.values()
         for _, s, _ in others:   # the same first micro-batches (same seed, order and batch size)
@@ -262,7 +269,7 @@ def main(argv=None):
     print(f"done: {len(rows)} measurements in {time.time() - t0:.0f}s -> {a.out}")
 
 
-def measure_point(meas, where, t, theta, sets, dirs, a, names, t0):
+def measure_point(meas, where, t, theta, sets, dirs, a, names, t0, dev=0.0):
     rows = []
     for j, b in enumerate(sets):
         for lam in a.lams:
@@ -270,7 +277,7 @@ def measure_point(meas, where, t, theta, sets, dirs, a, names, t0):
             row = {"point": t, "theta": where, "batch": j, "lam": lam, "K": a.micro_batches,
                    "tokens": int(b["targets"].size), "delta_star": float(r["delta_star"]),
                    "q_star": float(r["q_star"]), "residual": float(r["residual"]),
-                   "cg_iters": int(r["iters"]), "blocks": names}
+                   "cg_iters": int(r["iters"]), "replay_dev": dev, "blocks": names}
             if "block_residual" in r:
                 row["block_residual"] = [float(x) for x in r["block_residual"]]
             row["dirs"] = {n: {k: (float(x) if k in ("f", "e") else [float(y) for y in x]) for k, x in v.items()}
@@ -295,7 +302,8 @@ def report(rows, out):
     md = [f"K = {rows[0]['K']} micro-batches of {rows[0]['tokens'] // rows[0]['K']:,} tokens of each step's own "
           f"batch; {len({r['batch'] for r in rows})} disjoint set(s) of them (mean [min, max] over sets). CG "
           f"residuals of d* reached: {min(r['residual'] for r in rows):.1e} to {max(r['residual'] for r in rows):.1e}"
-          + (f"; of the d_LW blocks: {min(br):.1e} to {max(br):.1e}." if br else "."),
+          + (f"; of the d_LW blocks: {min(br):.1e} to {max(br):.1e}" if br else "")
+          + f". Replayed train losses within {max(r['replay_dev'] for r in rows):.1e} (relative) of the logged ones.",
           "", "| lam | step | run | direction | f(u) | e(u) | " + " | ".join(f"f_k {n}" for n in names)
           + " | " + " | ".join(f"cos_k {n}" for n in names) + " |",
           "|" + "---|" * (6 + 2 * len(names))]

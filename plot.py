@@ -355,6 +355,87 @@ def summary(rs, hit, best, target, stat):
     return out
 
 
+# ---------------------------------------------------------------- the axes (run.sh axes)
+# The paper's Figure 1 on each axis: GN's inner steps per outer step, tokens per step per
+# parameter (240M / 134M), and SOAP's steps to the target (its Figure 1: 292 to 3.25).
+AXES = {"N": ("GN inner steps N per outer step (micro-batch = tokens / N)", 1831),
+        "tokens": ("tokens per step per parameter", 240e6 / 134e6),
+        "depth": ("best baseline's steps to the target (its budget x 0.8)", 292)}
+
+
+def point_of(results):
+    """One plan's point: its coordinates on the axes and its ratio, from fig1/ and target.txt."""
+    rs = {r["name"]: r for r in runs(os.path.join(results, "fig1", "*"))}
+    if "gn_full" not in rs or not os.path.exists(os.path.join(results, "target.txt")):
+        return None
+    target, gn = target_of(results), rs["gn_full"]
+    base = {m: h["interp"][0] for m in BASELINES if m in rs and (h := to_target(rs[m], target))}
+    hit = to_target(gn, target)
+    bname = min(base, key=base.get) if base else None
+    c = gn["conf"]
+    stat = seeds_table(seed_runs(results), target)[1]
+    return {"dir": results, "target": target, "N": gn["K"],
+            "tokens": gn["K"] * c["tokens_per_micro_batch"] / c["params"],
+            "tokens_per_step": gn["K"] * c["tokens_per_micro_batch"],
+            "budget": max(final(rs[m])[0] for m in base) if base else None,
+            "baselines": {m: (rs[m]["lr"], base.get(m)) for m in BASELINES if m in rs},
+            "best": bname, "depth": base.get(bname), "gn_lr": gn["lr"],
+            "gn": hit["interp"][0] if hit else None,
+            "ratio": base[bname] / hit["interp"][0] if hit and base else None, "seeds": stat}
+
+
+def axes_points(results):
+    """{axis: [points, sorted]}: each point of results/axes/ on the one axis where it differs
+    from results' own (the centre of every axis)."""
+    centre = point_of(results)
+    if centre is None:
+        return {}
+    by = {}
+    for d in sorted(glob.glob(os.path.join(results, "axes", "*", ""))):
+        p = point_of(d.rstrip("/"))
+        if p is None:
+            continue
+        moved = [k for k, key in (("N", "N"), ("tokens", "tokens_per_step"), ("depth", "budget"))
+                 if p[key] != centre[key]]
+        by.setdefault(moved[0] if len(moved) == 1 else "+".join(moved) or "none", []).append(p)
+    for k in by:
+        by[k] = sorted(by[k] + [centre], key=lambda p: p[k] or 0) if k in AXES else by[k]
+    return by
+
+
+def axes_section(results):
+    by = axes_points(results)
+    if not by:
+        return []
+    lines = ["| axis | point | N | tokens per step (per param) | baseline budget | target | baselines: lr, steps "
+             "| GN lr | GN steps | ratio | seeds: mean ratio [range] |", "|---|" * 11]
+    for axis, pts in by.items():
+        for p in pts:
+            bl = "; ".join(f"{m} {lr:g}: {fmt(st)}" for m, (lr, st) in p["baselines"].items())
+            seeds = f"{p['seeds'][0]:.2f} [{p['seeds'][1]:.2f}, {p['seeds'][2]:.2f}] ({p['seeds'][4]})" if p["seeds"] else "-"
+            lines.append(f"| {axis} | {os.path.relpath(p['dir'], results)} | {p['N']} | {p['tokens_per_step']:,} "
+                         f"({p['tokens']:.3f}) | {p['budget']} | {p['target']:.4f} | {bl} | {p['gn_lr']:g} | "
+                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}** | {seeds} |")
+        if axis not in AXES:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        got = [p for p in pts if p["ratio"]]
+        ax.plot([p[axis] for p in got], [p["ratio"] for p in got], "o-", color=COLORS["gn_full"])
+        for p in got:
+            ax.annotate(f"{p['ratio']:.2f}", (p[axis], p["ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        label, paper = AXES[axis]
+        ax.axvline(paper, color="k", ls="--", lw=1, label=f"the paper's Figure 1: {paper:.3g} (ratio 5.4)")
+        ax.set_xscale("log")
+        style(ax, f"axis {axis}: best baseline / GN full, steps", label, "ratio (steps to target)")
+        save(fig, results, f"axes_{axis}.png")
+    return ["## The ratio along the axes (run.sh axes)",
+            "Each point is the quick plan with one setting moved (results/axes/<point>; the unmarked "
+            "point is results itself), every method's lr swept at that point and its target by the "
+            "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
+            "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
+            "\n".join(lines)] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
+
+
 def oracle_summary(results):
     """The oracle in one paragraph, from oracle/oracle.jsonl: f and e of the step each run takes
     (GN along its run, per step), the layerwise oracle's f, over every point, set and lam; and
@@ -442,6 +523,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
                       + cg_summary(r) + " |" for r in abl)]
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
+    parts += axes_section(results)
     if ora:
         parts += ["## The oracle gap and the inner solve's exactness (oracle.py)", ora]
     if os.path.exists(oracle):

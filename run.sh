@@ -7,6 +7,9 @@
 #                               figures + results in OUT (measured on 2 CPU cores: see README)
 #   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, GN
 #                               ablations, the oracle gap and the inner solve's exactness (oracle.py)
+#   ./run.sh axes GROUP [OUT]   after quick, in its OUT: the ratio along one axis that separates it
+#                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
+#                               step; depth: of the target), each point in OUT/axes/<point>
 #   ./run.sh full [--dry-run] [OUT]
 #                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
 #                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
@@ -115,7 +118,9 @@ plan() {  # plan [SEED]
   local S="--size $size --data $data --seed $seed $EXTRA" E="--eval-every 1"
   [ -n "$dry" ] || mkdir -p "$o"
   fig=fig1
-  if [ "$START" != builtin ]; then
+  if [ "${START#ckpt:}" != "$START" ]; then   # ckpt:PATH, a start trained by another plan
+    S="$S --init-from ${START#ckpt:}"
+  elif [ "$START" != builtin ]; then
     run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
         --steps "${START% *}" --lr "${START#* }" --eval-every "${START% *}"
     S="$S --init-from $o/start/ckpt"
@@ -133,6 +138,10 @@ plan() {  # plan [SEED]
   # 2. baseline sweeps; Figure 1 continues each best run (to the target, when it is fixed)
   local T=""; [ -n "$TARGET" ] && T="--target-loss $TARGET"
   for m in adamw muon soap; do
+    if [[ " ${BASELINES-adamw muon soap} " != *" $m "* ]]; then   # not run here: BASE_FROM's, if any
+      [ -n "${BASE_FROM:-}" ] && [ -z "$dry" ] && mkdir -p "$o/fig1" && ln -sfn "$(realpath --relative-to="$o/fig1" "$BASE_FROM/fig1/$m")" "$o/fig1/$m"
+      continue
+    fi
     local B=B_$m lrs=SWEEP_${m^^} n=SWEEP_STEPS_$m
     lr=$(lr_given "$m")
     if [ -n "$lr" ]; then run "$o/fig1/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$lr" $E $T; continue; fi
@@ -144,7 +153,7 @@ plan() {  # plan [SEED]
   local target=$TARGET
   if [ -z "$target" ]; then
     local at=$(( CAP_adamw * 8 / 10 ))
-    target=$(pick target "$at" "$o"/fig1/{adamw,muon,soap})
+    target=$(pick target "$at" $(ls -d "$o"/fig1/{adamw,muon,soap} 2>/dev/null))
     [ -n "$dry" ] || echo "target loss $target: the best baseline's validation loss at step $at of $CAP_adamw"
   fi
   [ -n "$dry" ] || echo "$target" > "$o/target.txt"
@@ -161,9 +170,11 @@ plan() {  # plan [SEED]
       FROM=$SWEEP_STEPS_gn_full extend "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
     fi
   fi
-  run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G $(steps_of gn_layerwise) --lr "$lr_gn"
-  run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches 0
-  run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches "$PROX_LS"
+  if [ -n "${VARIANTS-1}" ]; then             # (VARIANTS="": the axes' points, GN and baselines only)
+    run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G $(steps_of gn_layerwise) --lr "$lr_gn"
+    run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches 0
+    run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches "$PROX_LS"
+  fi
   # 5. Figures 2-3 (quick: in the seeds mode, which keeps quick within an hour)
   [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
@@ -201,6 +212,52 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
       --cg-iters 20 --steps 6
   run "$out/oracle" oracle.py --results "$out" $ORACLE
   $py plot.py "$out"
+}
+
+point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
+  local name=$1; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked
+  ( START=ckpt:$out/start/ckpt out=$out/axes/$name VARIANTS=""
+    for kv in "$@"; do declare "$kv"; done
+    plan )
+}
+
+axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that separate it from
+  local q=$out      # the paper's Figure 1 (the README's "what matches"); each point's lrs swept
+  case $1 in        # as quick's, its target by quick's 80% rule at its own budget
+    n)  # inner steps N at quick's 65,536 tokens per step (quick: N = 32 of 16 x 128), the
+        # line-search tokens held at quick's 4,096 where a micro-batch allows (N = 8: 8,192)
+      point n8 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 64" B_gn="--inner-steps 8 --ls-batches 1"
+      point n128 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 4" B_gn="--inner-steps 128 --ls-batches 8" ;;
+    tokens)  # tokens per step at quick's 32 micro-batches: 16,384 (SOAP and GN) and 262,144 (every
+      # method; 7 steps: 2 passes of the 1.22M train tokens, the 614K of the start included)
+      point tok16k BASELINES="soap" EXTRA="--batch-size 4"
+      point tok262k EXTRA="--batch-size 64" CAP_adamw=7 CAP_muon=7 CAP_soap=7 CAP_gn_full=7 \
+          SWEEP_STEPS_adamw=5 SWEEP_STEPS_muon=5 SWEEP_STEPS_soap=5 SWEEP_STEPS_gn_full=5 ;;
+    depth)  # a shallower target (8-step budget: SOAP and GN) and the deepest that 2 passes allow
+      # (28 steps, sweeps of 14: every method)
+      point depth8 BASELINES="soap" CAP_adamw=8 CAP_soap=8 CAP_gn_full=8
+      point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 \
+          SWEEP_STEPS_adamw=14 SWEEP_STEPS_muon=14 SWEEP_STEPS_soap=14 SWEEP_STEPS_gn_full=14 ;;
+    *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
+  esac
+  $py plot.py "$q"
+}
+
+quick_settings() {  # the small config on BBC, for quick, seeds and axes
+  size=small data=${DATA:-bbc} START="150 3e-3" TARGET=""
+  SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2" SWEEP_GN="3e-3 1e-2 3e-2"
+  SWEEP_STEPS_adamw=8 SWEEP_STEPS_muon=8 SWEEP_STEPS_soap=8 SWEEP_STEPS_gn_full=8
+  CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
+  B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
+  GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
+  FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
+  EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
+  FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
+  # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
+  # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at
+  # 128 micro-batches. The grids are centred on the best lrs that a first run of this plan
+  # found after extending them (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2): the plan still
+  # checks that each best lies inside its grid, and no time goes to extensions
 }
 
 gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report
@@ -244,21 +301,11 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick|seeds)
-    size=small data=${DATA:-bbc} START="150 3e-3" TARGET=""
-    SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2" SWEEP_GN="3e-3 1e-2 3e-2"
-    SWEEP_STEPS_adamw=8 SWEEP_STEPS_muon=8 SWEEP_STEPS_soap=8 SWEEP_STEPS_gn_full=8
-    CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
-    B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
-    GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
-    FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
-    EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
-    FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
-    # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
-    # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at
-    # 128 micro-batches. The grids are centred on the best lrs that a first run of this plan
-    # found after extending them (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2): the plan still
-    # checks that each best lies inside its grid, and no time goes to extensions
+    quick_settings
     if [ "$mode" = quick ]; then time plan; else time seeds; fi ;;
+  axes)
+    quick_settings; out=${3:-results/quick}
+    time axes "${2:-}" ;;
   full)
     size=${SIZE:-150m} data=${DATA:-bbc} START=builtin
     SWEEP_ADAMW="0.001 0.003 0.01" SWEEP_MUON="0.001 0.003 0.01" SWEEP_SOAP="0.001 0.003 0.01" SWEEP_GN="0.001 0.003 0.01"
@@ -296,5 +343,5 @@ case "$mode" in
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,20p' "$0"; exit 2 ;;
 esac

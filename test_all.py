@@ -2351,7 +2351,7 @@ def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch
     # a run logged with other code is refused, not measured
     path = R / "fig1" / "adamw" / "metrics.jsonl"
     logged = [json.loads(l) for l in open(path)]
-    logged[1]["train_loss"] += 0.01
+    logged[1]["train_loss"] *= 1 + 2 * oracle.REPLAY_RTOL
     path.write_text("".join(json.dumps(r) + "\n" for r in logged))
     with pytest.raises(UserError, match="replaying .*adamw: train_loss"):
         next(oracle.replay(str(R / "fig1" / "adamw"), "adamw", 1, tiny_params(), tokens, print))
@@ -2363,8 +2363,8 @@ def fake_run(root, name, lr, vals, K=4, tok=1000, secs=2.0):
     """A run directory as the scripts write it: config.json and metrics.jsonl with val_loss."""
     d = os.path.join(root, name)
     os.makedirs(d)
-    json.dump({"args": {"lr": lr, "grad_accum": K, "steps": len(vals) - 1}, "tokens_per_micro_batch": tok},
-              open(os.path.join(d, "config.json"), "w"))
+    json.dump({"args": {"lr": lr, "grad_accum": K, "steps": len(vals) - 1}, "tokens_per_micro_batch": tok,
+               "params": 10_000}, open(os.path.join(d, "config.json"), "w"))
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for s, v in enumerate(vals):
             f.write(json.dumps({"step": s, "tokens": s * K * tok, "elapsed": s * secs, "val_loss": v}) + "\n")
@@ -2395,6 +2395,37 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     e = fake_run(tmp_path, "gn_fast", 3e-3, [6.0, 5.3])
     assert plot.pick("best", ["--target", "5.5", e, c]) == e
     assert plot.pick("two-best", ["--target", "5.5", e, c, b]) == "gn_fast adamw_1e-2"
+
+
+def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
+    import plot
+    R = str(tmp_path / "r")
+    fake_run(f"{R}/fig1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3])          # 5.5: interp 2 + 2/3
+    fake_run(f"{R}/fig1", "gn_full", 3e-3, [6.0, 5.6, 5.2])                   # 5.5: interp 1.25
+    open(f"{R}/target.txt", "w").write("5.5\n")
+    n8 = f"{R}/axes/n8"                                # N = 8 at the same 4,000 tokens per step
+    fake_run(f"{n8}/fig1", "gn_full", 1e-2, [6.0, 5.4], K=8, tok=500)         # interp 5/6
+    os.symlink("../../../fig1/soap", f"{n8}/fig1/soap")                       # run.sh's BASE_FROM
+    open(f"{n8}/target.txt", "w").write("5.5\n")
+    deep = f"{R}/axes/depth6"                          # a 6-step baseline budget, a deeper target
+    fake_run(f"{deep}/fig1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3, 5.2, 5.1])    # 5.3: step 4
+    fake_run(f"{deep}/fig1", "gn_full", 3e-3, [6.0, 5.6, 5.2])                      # 5.3: 1.75
+    open(f"{deep}/target.txt", "w").write("5.3\n")
+    both = f"{R}/axes/both"                            # N and tokens per step moved together
+    fake_run(f"{both}/fig1", "gn_full", 1e-2, [6.0, 5.4], K=8)
+    os.symlink("../../../fig1/soap", f"{both}/fig1/soap")
+    open(f"{both}/target.txt", "w").write("5.5\n")
+    by = plot.axes_points(R)
+    assert set(by) == {"N", "depth", "N+tokens"}
+    assert [p["N"] for p in by["N"]] == [4, 8]                                # the centre joins its axes
+    assert [p["ratio"] for p in by["N"]] == pytest.approx([(8 / 3) / 1.25, (8 / 3) / (5 / 6)])
+    assert [p["depth"] for p in by["depth"]] == pytest.approx([8 / 3, 4.0])
+    assert by["depth"][1]["ratio"] == pytest.approx(4.0 / 1.75) and by["depth"][1]["budget"] == 6
+    assert by["N"][0]["tokens"] == pytest.approx(4 * 1000 / 10_000)          # per parameter
+    text = "\n\n".join(plot.axes_section(R))
+    assert "**2.13**" in text and "**3.20**" in text and "**2.29**" in text
+    assert os.path.exists(f"{R}/axes_N.png") and os.path.exists(f"{R}/axes_depth.png")
+    assert not os.path.exists(f"{R}/axes_N+tokens.png")                      # no axis of its own
 
 
 def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
