@@ -408,7 +408,7 @@ def axes_section(results):
     if not by:
         return []
     lines = ["| axis | point | N | tokens per step (per param) | baseline budget | target | baselines: lr, steps "
-             "| GN lr | GN steps | ratio | seeds: mean ratio [range] |", "|---|" * 11]
+             "| GN lr | GN steps | ratio | seeds: mean ratio [range] |", "|" + "---|" * 11]
     for axis, pts in by.items():
         for p in pts:
             bl = "; ".join(f"{m} {lr:g}: {fmt(st)}" for m, (lr, st) in p["baselines"].items())
@@ -523,7 +523,8 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
                       + cg_summary(r) + " |" for r in abl)]
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
-    parts += axes_section(results)
+    axes = axes_section(results)
+    parts += axes
     if ora:
         parts += ["## The oracle gap and the inner solve's exactness (oracle.py)", ora]
     if os.path.exists(oracle):
@@ -537,7 +538,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
         short = "\n\n".join([" ".join(head), md_table] + ([s_table] if s_table else [])
-                              + ([ora] if ora else []))
+                              + axes[1:3] + ([ora] if ora else []))
         open(readme, "w").write(src[:a] + "\n" + short + "\n" + src[b:])
     return text
 

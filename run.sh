@@ -109,17 +109,20 @@ steps_of() {  # steps_of METHOD: "--steps N" from CAP_<method>, or nothing (the 
   local c=CAP_$1; [ -n "${!c:-}" ] && echo "--steps ${!c}"; return 0
 }
 
-# The mode sets: size data START ("builtin" or "STEPS LR"), B_<method> (each method's batch flags),
-# SWEEP_<METHOD> (lr grids), SWEEP_STEPS_<method>, CAP_<method> (empty: the script's --steps),
-# TARGET (empty: the 80% rule), GN_EXTRA, PROX, BUDGET and BATCHES (Figures 2-3), FIG2_METHODS.
+# The mode sets: size data START ("builtin", "STEPS LR" or "from:DIR": DIR's starts), B_<method>
+# (each method's batch flags), SWEEP_<METHOD> (lr grids), SWEEP_STEPS_<method>, CAP_<method>
+# (empty: the script's --steps), TARGET (empty: the 80% rule), GN_EXTRA, PROX, BUDGET and BATCHES
+# (Figures 2-3), FIG2_METHODS; the axes' points also BASELINES (those run; the others linked from
+# BASE_FROM's plan, if given) and VARIANTS ("": no layerwise or prox-linear).
 plan() {  # plan [SEED]
   local seed=${1:-0} o=$out m best lr
   [ "$seed" = 0 ] || o=$out/seeds/seed$seed
   local S="--size $size --data $data --seed $seed $EXTRA" E="--eval-every 1"
   [ -n "$dry" ] || mkdir -p "$o"
   fig=fig1
-  if [ "${START#ckpt:}" != "$START" ]; then   # ckpt:PATH, a start trained by another plan
-    S="$S --init-from ${START#ckpt:}"
+  if [ "${START#from:}" != "$START" ]; then   # from:DIR, the starts of DIR's plan (each seed's)
+    local d=${START#from:}; [ "$seed" = 0 ] || d=$d/seeds/seed$seed
+    S="$S --init-from $d/start/ckpt"
   elif [ "$START" != builtin ]; then
     run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
         --steps "${START% *}" --lr "${START#* }" --eval-every "${START% *}"
@@ -127,8 +130,12 @@ plan() {  # plan [SEED]
   fi
   if [ "$seed" != 0 ]; then  # seeds: Figure 1's lrs and target, GN and the two best baselines
     local target; target=$(cat "$out/target.txt")
-    for m in $(pick two-best --target "$target" "$out"/fig1/{adamw,muon,soap}); do
+    for m in $(pick two-best --target "$target" $(ls -d "$out"/fig1/{adamw,muon,soap} 2>/dev/null)); do
       local B=B_$m
+      if [ -L "$out/fig1/$m" ]; then   # BASE_FROM's baseline: its seed's run too
+        [ -n "$dry" ] || ln -sfn "$(realpath --relative-to="$o" "$BASE_FROM/seeds/seed$seed/$m")" "$o/$m"
+        continue
+      fi
       run "$o/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
     done
     run "$o/gn_full" gn_full.py $S $B_gn $(steps_of gn_full) --lr "$(pick lr "$out/fig1/gn_full")" \
@@ -216,7 +223,7 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
 
 point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
   local name=$1; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked
-  ( START=ckpt:$out/start/ckpt out=$out/axes/$name VARIANTS=""
+  ( START=from:$out out=$out/axes/$name VARIANTS=""
     for kv in "$@"; do declare "$kv"; done
     plan )
 }
