@@ -109,6 +109,15 @@ steps_of() {  # steps_of METHOD: "--steps N" from CAP_<method>, or nothing (the 
   local c=CAP_$1; [ -n "${!c:-}" ] && echo "--steps ${!c}"; return 0
 }
 
+start() {  # start O SEED: the shared AdamW start O/start/ckpt (START="STEPS LR"), trained again
+  local o=$1 seed=$2    # where a clone has its committed log but not its checkpoint
+  if [ -z "$dry" ] && [ -f "$o/start/done" ] && [ ! -e "$o/start/ckpt" ]; then
+    echo "== $o/start: no checkpoint (a clone of the logs); trained again"; rm -rf "$o/start"
+  fi
+  run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
+      --steps "${START% *}" --lr "${START#* }" --eval-every "${START% *}"
+}
+
 # The mode sets: size data START ("builtin", "STEPS LR" or "from:DIR": DIR's starts), B_<method>
 # (each method's batch flags), SWEEP_<METHOD> (lr grids), SWEEP_STEPS_<method>, CAP_<method>
 # (empty: the script's --steps), TARGET (empty: the 80% rule), GN_EXTRA, PROX, BUDGET and BATCHES
@@ -124,8 +133,7 @@ plan() {  # plan [SEED]
     local d=${START#from:}; [ "$seed" = 0 ] || d=$d/seeds/seed$seed
     S="$S --init-from $d/start/ckpt"
   elif [ "$START" != builtin ]; then
-    run "$o/start" adamw.py --size "$size" --data "$data" --seed "$seed" --grad-accum 1 \
-        --steps "${START% *}" --lr "${START#* }" --eval-every "${START% *}"
+    start "$o" "$seed"
     S="$S --init-from $o/start/ckpt"
   fi
   if [ "$seed" != 0 ]; then  # seeds: Figure 1's lrs and target, GN and the two best baselines
@@ -223,6 +231,7 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
 
 point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
   local name=$1; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked
+  start "$out" 0
   ( START=from:$out out=$out/axes/$name VARIANTS=""
     for kv in "$@"; do declare "$kv"; done
     plan )
