@@ -53,8 +53,8 @@ run() {  # run DIR SCRIPT ARGS...: skip finished runs; resume interrupted ones
   if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir" "$*" >> "$plan_file"; return; fi
   if [ -f "$dir/done" ]; then echo "== $dir: done, skipped"; return; fi
   local resume=""
-  if [ -f "$dir/metrics.jsonl" ] || [ -e "$dir/ckpt" ]; then resume=--resume; echo "== $dir (resumed): $*"
-  else echo "== $dir: $*"; rm -rf "$dir" && mkdir -p "$dir"; fi
+  if [ -e "$dir/ckpt" ]; then resume=--resume; echo "== $dir (resumed): $*"
+  else echo "== $dir: $*"; rm -rf "$dir" && mkdir -p "$dir"; fi   # (a log without its checkpoint: again)
   train "$dir" "$@" $resume
   grep -E "^(step 0:|done:|target loss)" "$dir/stdout.log" | tail -n 2 || true
   touch "$dir/done"
@@ -64,8 +64,9 @@ extend() {  # FROM=STEP extend DIR SCRIPT ARGS...: resume the finished run DIR (
   local dir=$1; shift
   if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir (from step $FROM)" "$*" >> "$plan_file"; return; fi
   if [ -f "$dir/extended" ]; then echo "== $dir: extended, skipped"; return; fi
-  echo "== $dir (resumed): $*"
-  train "$dir" "$@" --resume
+  if [ ! -e "$dir/ckpt" ]; then   # a clone of the logs has no checkpoint: the whole run, again
+    echo "== $dir (no checkpoint: from step 0): $*"; rm -rf "$dir" && mkdir -p "$dir"; train "$dir" "$@"
+  else echo "== $dir (resumed): $*"; train "$dir" "$@" --resume; fi
   grep -E "^(done:|target loss)" "$dir/stdout.log" | tail -n 1 || true
   touch "$dir/extended"
 }
