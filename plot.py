@@ -420,12 +420,18 @@ def axes_section(results):
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         got = [p for p in pts if p["ratio"]]
-        ax.plot([p[axis] for p in got], [p["ratio"] for p in got], "o-", color=COLORS["gn_full"])
+        ax.plot([p[axis] for p in got], [p["ratio"] for p in got], "o-", color=COLORS["gn_full"], label="seed 0")
         for p in got:
             ax.annotate(f"{p['ratio']:.2f}", (p[axis], p["ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if p["seeds"]:          # mean and range over the point's seeds
+                mean, lo, hi, n = p["seeds"][:4]
+                ax.errorbar([p[axis]], [mean], yerr=[[mean - lo], [hi - mean]], fmt="s", color="k", ms=4,
+                            capsize=4, label=f"mean, range over {n} seeds")
         label, paper = AXES[axis]
-        ax.axvline(paper, color="k", ls="--", lw=1, label=f"the paper's Figure 1: {paper:.3g} (ratio 5.4)")
+        ax.axvline(paper, color="k", ls="--", lw=1, label=f"the paper's Figure 1: {paper:,.4g}")
+        ax.axhline(292 / 54, color="tab:red", ls=":", lw=1, label="the paper's ratio: 5.4 (292 / 54)")
         ax.set_xscale("log")
+        ax.set_ylim(0, max([6.0] + [p["ratio"] * 1.1 for p in got]))
         style(ax, f"axis {axis}: best baseline / GN full, steps", label, "ratio (steps to target)")
         save(fig, results, f"axes_{axis}.png")
     return ["## The ratio along the axes (run.sh axes)",

@@ -9,7 +9,9 @@
 #                               ablations, the oracle gap and the inner solve's exactness (oracle.py)
 #   ./run.sh axes GROUP [OUT]   after quick, in its OUT: the ratio along one axis that separates it
 #                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
-#                               step; depth: of the target), each point in OUT/axes/<point>
+#                               step; depth: of the target), each point in OUT/axes/<point>;
+#                               POINTS="p ..." only those, SEEDS="1 2" with seeds, VARIANTS=1 with
+#                               layerwise and prox-linear (Figure 1 at a point)
 #   ./run.sh full [--dry-run] [OUT]
 #                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
 #                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
@@ -231,11 +233,14 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
 }
 
 point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
-  local name=$1; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked
+  local name=$1 s; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked.
+  [ -z "${POINTS:-}" ] || [[ " $POINTS " == *" $name "* ]] || return 0   # POINTS: only these
   start "$out" 0
-  ( START=from:$out out=$out/axes/$name VARIANTS=""
+  for s in ${SEEDS:-}; do start "$out/seeds/seed$s" "$s"; done          # SEEDS: these seeds too
+  ( START=from:$out out=$out/axes/$name VARIANTS=${VARIANTS:-}          # VARIANTS=1: layerwise, prox
     for kv in "$@"; do declare "$kv"; done
-    plan )
+    plan
+    for s in ${SEEDS:-}; do plan "$s"; done )
 }
 
 axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that separate it from
@@ -360,5 +365,5 @@ case "$mode" in
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,20p' "$0"; exit 2 ;;
+    sed -n '2,22p' "$0"; exit 2 ;;
 esac
