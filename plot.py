@@ -435,8 +435,8 @@ def axes_section(results):
         style(ax, f"axis {axis}: best baseline / GN full, steps", label, "ratio (steps to target)")
         save(fig, results, f"axes_{axis}.png")
     return ["## The ratio along the axes (run.sh axes)",
-            "Each point is the quick plan with one setting moved (results/axes/<point>; the unmarked "
-            "point is results itself), every method's lr swept at that point and its target by the "
+            f"Each point is the quick plan with one setting moved ({results}/axes/<point>; the point `.` "
+            f"is {results}'s own plan), every method's lr swept at that point and its target by the "
             "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
             "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
             "\n".join(lines)] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
