@@ -2496,6 +2496,64 @@ def run_sh(*argv, env=None, timeout=600):
     return subprocess_job(["bash", "run.sh", *argv], {**os.environ, **JAX_CACHE_ENV, **(env or {})}, timeout)
 
 
+FAKE_PY = """import json, os, subprocess, sys
+if sys.argv[1] == "plot.py":                 # run.sh's choices: the real plot.py
+    sys.exit(subprocess.call([sys.executable] + sys.argv[1:]))
+a = sys.argv[2:]
+arg = lambda k, d=None: a[a.index(k) + 1] if k in a else d
+out, steps, lr = arg("--out"), int(arg("--steps", 3)), float(arg("--lr", 1e-3))
+with open(os.environ["CALLS"], "a") as f:
+    f.write(json.dumps([sys.argv[1]] + a) + "\\n")
+os.makedirs(out, exist_ok=True)
+json.dump({"args": {"lr": lr, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100, "params": 1000},
+          open(os.path.join(out, "config.json"), "w"))
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs, below 5.9 at step 2
+    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr)}) + "\\n"
+                 for s in range(steps + 1))
+open(os.path.join(out, "ckpt"), "w").write("")
+print("done: fake")
+"""
+
+
+@pytest.mark.slow
+def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
+    """./run.sh axes: a point runs quick's plan with its overrides, links BASE_FROM's baselines
+    (and their seeds' runs), starts from quick's start of each seed and retrains a start whose
+    checkpoint a clone lacks; POINTS selects. The scripts are a fake that logs its calls."""
+    q = tmp_path / "quick"
+    for d in ("fig1/adamw", "fig1/muon", "fig1/soap", "seeds/seed1/soap", "seeds/seed1/muon"):
+        rate = 0.03 if d.endswith("soap") else 0.02         # SOAP the best: 6 - 0.03 s
+        fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 1e-2, [6.0 - rate * s for s in range(15)])
+    for d in ("start", "seeds/seed1/start"):                # committed logs, one without its ckpt
+        fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 3e-3, [6.0])
+        (q / d / "done").write_text("")
+    (q / "start" / "ckpt").write_text("")
+    (q / "target.txt").write_text(repr(6.0 - 0.03 * 11))
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_PY)
+    calls = tmp_path / "calls.jsonl"
+    env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls), "POINTS": "n8", "SEEDS": "1"}
+    rc, out, err = run_sh("axes", "n", str(q), env=env, timeout=300)
+    assert rc == 0, out[-2000:] + err[-2000:]
+    runs = [json.loads(l) for l in open(calls)]
+    p = q / "axes" / "n8"
+    for m in ("adamw", "muon", "soap"):                     # quick's baselines, not run again
+        assert os.path.islink(p / "fig1" / m) and os.path.realpath(p / "fig1" / m) == str(q / "fig1" / m)
+    assert os.path.realpath(p / "seeds" / "seed1" / "soap") == str(q / "seeds" / "seed1" / "soap")
+    assert {r[0] for r in runs} == {"gn_full.py", "adamw.py"}   # GN, and the start a clone lacked
+    starts = [r for r in runs if r[0] == "adamw.py"]
+    assert len(starts) == 1 and starts[0][starts[0].index("--out") + 1] == f"{q}/seeds/seed1/start"
+    gn = [r for r in runs if r[0] == "gn_full.py"]
+    assert not any("n128" in " ".join(r) for r in gn)       # POINTS: n8 only
+    for r in gn:
+        s = " ".join(r)
+        assert "--inner-steps 8 --ls-batches 1" in s and "--batch-size 64" in s
+        want = f"{q}/seeds/seed1/start/ckpt" if "/seeds/seed1/" in s else f"{q}/start/ckpt"
+        assert r[r.index("--init-from") + 1] == want
+    assert float((p / "target.txt").read_text()) == 6.0 - 0.03 * 11   # quick's rule: SOAP's at step 11 of 14
+    assert (p / "fig1" / "gn_full").is_dir() and (p / "seeds" / "seed1" / "gn_full" / "done").exists()
+
+
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
     """./run.sh full --dry-run at 150m: every run of the plan with its tokens and estimated
     H100-hours, from Figure 1's settings (GN: 1831 x 128 x 1024 = 240M tokens per step and as
