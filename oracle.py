@@ -34,8 +34,8 @@ config.json and the batches it read (data.Batches at its positions); every repla
 train_loss is checked against the run's metrics.jsonl to REPLAY_RTOL: replays of SOAP leave its
 logged losses by ~1e-3 within 8 steps (its eigenbases, from eigh of near-degenerate statistics,
 differ between runs of the same code on CPU), so a point is a state the run reaches up to that
-noise; each row records the largest deviation before it (replay_dev). At point 0 every run sits at the start and
-reads the same first micro-batches: one measurement takes every method's first step.
+noise; each row records the largest deviation before it (replay_dev). At point 0 every run
+sits at the start and reads the same first micro-batches: one measurement takes every method's first step.
 
     python oracle.py --results results/quick [--points 0,1,8] [--gn-points 0,1,2] [--lams 3e-2,1e-1]
 
