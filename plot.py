@@ -369,19 +369,17 @@ def point_of(results):
     if "gn_full" not in rs or not os.path.exists(os.path.join(results, "target.txt")):
         return None
     target, gn = target_of(results), rs["gn_full"]
-    base = {m: h["interp"][0] for m in BASELINES if m in rs and (h := to_target(rs[m], target))}
-    hit = to_target(gn, target)
-    bname = min(base, key=base.get) if base else None
+    _, hit, best = fig1_table(list(rs.values()), target)      # best: the best baseline's (steps, ...)
+    steps = lambda m: hit[m]["interp"][0] if hit.get(m) else None
     c = gn["conf"]
-    stat = seeds_table(seed_runs(results), target)[1]
     return {"dir": results, "target": target, "N": gn["K"],
             "tokens": gn["K"] * c["tokens_per_micro_batch"] / c["params"],
             "tokens_per_step": gn["K"] * c["tokens_per_micro_batch"],
-            "budget": max(final(rs[m])[0] for m in base) if base else None,
-            "baselines": {m: (rs[m]["lr"], base.get(m)) for m in BASELINES if m in rs},
-            "best": bname, "depth": base.get(bname), "gn_lr": gn["lr"],
-            "gn": hit["interp"][0] if hit else None,
-            "ratio": base[bname] / hit["interp"][0] if hit and base else None, "seeds": stat}
+            "budget": max((final(rs[m])[0] for m in BASELINES if hit.get(m)), default=None),
+            "baselines": {m: (rs[m]["lr"], steps(m)) for m in BASELINES if m in rs},
+            "depth": best and best[0], "gn_lr": gn["lr"], "gn": steps("gn_full"),
+            "ratio": best[0] / steps("gn_full") if best and steps("gn_full") else None,
+            "seeds": seeds_table(seed_runs(results), target)[1]}
 
 
 def axes_points(results):
