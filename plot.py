@@ -440,6 +440,22 @@ def axes_section(results):
             "\n".join(lines)] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
+def headline_point(results):
+    """The axes' point with seeds and the largest mean ratio over them: its Figure 1 in the
+    summary's sentences (the README's headline beside results' own), or ""."""
+    pts = {p["dir"]: p for ps in axes_points(results).values() for p in ps if p["seeds"] and p["dir"] != results}
+    if not pts:
+        return ""
+    p = max(pts.values(), key=lambda p: p["seeds"][0])
+    rs = runs(os.path.join(p["dir"], "fig1", "*"))
+    _, hit, best = fig1_table(rs, p["target"])
+    name = os.path.relpath(p["dir"], results)
+    return (f"**At {name}** ({p['N']} inner steps of {p['tokens_per_step'] // p['N']:,} tokens, "
+            f"{p['tokens_per_step']:,} tokens per step, a {p['budget']}-step baseline budget, target "
+            f"{p['target']:.4f}; its Figure 1 and tables: {name}/results.md): "
+            + " ".join(summary(rs, hit, best, p["target"], p["seeds"])))
+
+
 def oracle_summary(results):
     """The oracle in one paragraph, from oracle/oracle.jsonl: f and e of the step each run takes
     (GN along its run, per step), the layerwise oracle's f, over every point, set and lam; and
@@ -487,10 +503,10 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     s_table, stat = seeds_table(seeds, target)
     K = rs[0]["K"] if rs else None
     tok = rs[0]["conf"]["tokens_per_micro_batch"] if rs else None
-    head = summary(rs, hit, best, target, stat)
+    head, at = summary(rs, hit, best, target, stat), headline_point(results)
     parts = [f"Target validation loss: **{target!r}** (OUT/target.txt: the best baseline's loss at "
              f"80% of its Figure-1 budget). Figure 1 runs {K} micro-batches of {tok:,} tokens per step."
-             if rs else "", " ".join(head), "![Figure 1](fig1_iterations.png)", md_table]
+             if rs else "", " ".join(head), at, "![Figure 1](fig1_iterations.png)", md_table]
     if s_table:
         parts += ["Seeds (the start's init and the data order): seed 0 is the Figure-1 run.", s_table]
     if sweep_by:
@@ -541,7 +557,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
-        short = "\n\n".join([" ".join(head), md_table] + ([s_table] if s_table else [])
+        short = "\n\n".join([" ".join(head)] + ([at] if at else []) + [md_table] + ([s_table] if s_table else [])
                               + axes[1:3] + ([ora] if ora else []))
         open(readme, "w").write(src[:a] + "\n" + short + "\n" + src[b:])
     return text

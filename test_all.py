@@ -2426,6 +2426,16 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     assert "**2.13**" in text and "**3.20**" in text and "**2.29**" in text
     assert os.path.exists(f"{R}/axes_N.png") and os.path.exists(f"{R}/axes_depth.png")
     assert not os.path.exists(f"{R}/axes_N+tokens.png")                      # no axis of its own
+    assert plot.headline_point(R) == ""                                       # no point with seeds yet
+    fake_run(f"{deep}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.5, 5.3])      # 5.3: 3.0
+    fake_run(f"{deep}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.3])              # 1.0: ratio 3.0
+    fake_run(f"{n8}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3])  # 8/3
+    fake_run(f"{n8}/seeds/seed1", "gn_full", 1e-2, [6.0, 5.7, 5.6, 5.2])     # 2.25: ratio 1.19
+    # the headline: the largest mean over seeds (depth6: 2.64), not the largest seed-0 ratio (n8: 3.20)
+    at, mean = plot.headline_point(R), (4.0 / 1.75 + 3.0) / 2
+    assert at.startswith("**At axes/depth6** (4 inner steps of 1,000 tokens, 4,000 tokens per step, a 6-step")
+    assert f"**{4.0 / 1.75:.2f}x fewer steps**" in at and f"Over 2 seeds the ratio is {mean:.2f} on average, " \
+        f"range {4.0 / 1.75:.2f} to 3.00." in at
 
 
 def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
