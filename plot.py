@@ -342,6 +342,10 @@ def summary(rs, hit, best, target, stat):
                    f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
                    f"(line-search batches counted) and {word(r[2], 'seconds')} (the paper: 5.4x fewer "
                    f"steps than SOAP, 292/54).")
+        if gn["first"][0] == 1:
+            out.append("GN's first step already reaches the target, so this ratio divides the "
+                       "baseline's steps by a fraction of one GN step: bounded by GN's step, not "
+                       "measured (the target is too shallow to tell more).")
     elif best is None:
         out.append(f"No first-order baseline reached {target:.4f}.")
     if stat:
@@ -363,6 +367,9 @@ AXES = {"N": ("GN inner steps N per outer step (micro-batch = tokens / N)", 1831
         "depth": ("best baseline's steps to the target (its budget x 0.8)", 292)}
 
 
+TRIVIAL = " (GN's step 1)"   # the axes table's mark of a point whose target GN's first step reaches
+
+
 def point_of(results):
     """One plan's point: its coordinates on the axes and its ratio, from fig1/ and target.txt."""
     rs = {r["name"]: r for r in runs(os.path.join(results, "fig1", "*"))}
@@ -379,6 +386,7 @@ def point_of(results):
             "baselines": {m: (rs[m]["lr"], steps(m)) for m in BASELINES if m in rs},
             "depth": best and best[0], "gn_lr": gn["lr"], "gn": steps("gn_full"),
             "ratio": best[0] / steps("gn_full") if best and steps("gn_full") else None,
+            "trivial": bool(hit.get("gn_full")) and hit["gn_full"]["first"][0] == 1,   # GN's 1st step
             "seeds": seeds_table(seed_runs(results), target)[1]}
 
 
@@ -413,12 +421,20 @@ def axes_section(results):
             seeds = f"{p['seeds'][0]:.2f} [{p['seeds'][1]:.2f}, {p['seeds'][2]:.2f}] ({p['seeds'][4]})" if p["seeds"] else "-"
             lines.append(f"| {axis} | {os.path.relpath(p['dir'], results)} | {p['N']} | {p['tokens_per_step']:,} "
                          f"({p['tokens']:.3f}) | {p['budget']} | {p['target']:.4f} | {bl} | {p['gn_lr']:g} | "
-                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}** | {seeds} |")
+                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}**{TRIVIAL if p['trivial'] else ''} | {seeds} |")
         if axis not in AXES:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
         got = [p for p in pts if p["ratio"]]
         ax.plot([p[axis] for p in got], [p["ratio"] for p in got], "o-", color=COLORS["gn_full"], label="seed 0")
+        for k in [k for k in by if k.startswith(axis + "+")]:   # points that moved another axis too
+            more = [p for p in by[k] if p["ratio"]]
+            ax.plot([p[axis] for p in more], [p["ratio"] for p in more], "D", color=COLORS["gn_full"],
+                    label=f"seed 0, {k.split('+', 1)[1]} moved too")
+            got += more
+        if any(p["trivial"] for p in got):   # open markers: GN's first step reaches the target
+            ax.plot([p[axis] for p in got if p["trivial"]], [p["ratio"] for p in got if p["trivial"]], "o",
+                    ms=9, mfc="none", color="k", label="GN's first step reaches the target")
         for p in got:
             ax.annotate(f"{p['ratio']:.2f}", (p[axis], p["ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
             if p["seeds"]:          # mean and range over the point's seeds
@@ -437,13 +453,18 @@ def axes_section(results):
             f"is {results}'s own plan), every method's lr swept at that point and its target by the "
             "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
             "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
-            "\n".join(lines)] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
+            "\n".join(lines) + (f"\n\n{TRIVIAL.strip()}: GN full's first step already reaches the target, so "
+                                "the ratio divides the baseline's steps by a fraction of one GN step: bounded "
+                                "by GN's step, not measured (open circles in the figures); the headline leaves "
+                                "such points out." if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
 def headline_point(results):
-    """The axes' point with seeds and the largest mean ratio over them: its Figure 1 in the
-    summary's sentences (the README's headline beside results' own), or ""."""
-    pts = {p["dir"]: p for ps in axes_points(results).values() for p in ps if p["seeds"] and p["dir"] != results}
+    """The axes' point with seeds and the largest mean ratio over them, of those where GN's
+    first step does not already reach the target: its Figure 1 in the summary's sentences (the
+    README's headline beside results' own), or ""."""
+    pts = {p["dir"]: p for ps in axes_points(results).values() for p in ps
+           if p["seeds"] and p["dir"] != results and not p["trivial"]}
     if not pts:
         return ""
     p = max(pts.values(), key=lambda p: p["seeds"][0])

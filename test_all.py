@@ -2404,7 +2404,7 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     fake_run(f"{R}/fig1", "gn_full", 3e-3, [6.0, 5.6, 5.2])                   # 5.5: interp 1.25
     open(f"{R}/target.txt", "w").write("5.5\n")
     n8 = f"{R}/axes/n8"                                # N = 8 at the same 4,000 tokens per step
-    fake_run(f"{n8}/fig1", "gn_full", 1e-2, [6.0, 5.4], K=8, tok=500)         # interp 5/6
+    fake_run(f"{n8}/fig1", "gn_full", 1e-2, [6.0, 5.52, 5.3], K=8, tok=500)   # interp 1 + 1/11
     os.symlink("../../../fig1/soap", f"{n8}/fig1/soap")                       # run.sh's BASE_FROM
     open(f"{n8}/target.txt", "w").write("5.5\n")
     deep = f"{R}/axes/depth6"                          # a 6-step baseline budget, a deeper target
@@ -2412,18 +2412,21 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     fake_run(f"{deep}/fig1", "gn_full", 3e-3, [6.0, 5.6, 5.2])                      # 5.3: 1.75
     open(f"{deep}/target.txt", "w").write("5.3\n")
     both = f"{R}/axes/both"                            # N and tokens per step moved together
-    fake_run(f"{both}/fig1", "gn_full", 1e-2, [6.0, 5.4], K=8)
+    fake_run(f"{both}/fig1", "gn_full", 1e-2, [6.0, 5.4], K=8)               # step 1: 5/6 (trivial)
     os.symlink("../../../fig1/soap", f"{both}/fig1/soap")
     open(f"{both}/target.txt", "w").write("5.5\n")
     by = plot.axes_points(R)
     assert set(by) == {"N", "depth", "N+tokens"}
     assert [p["N"] for p in by["N"]] == [4, 8]                                # the centre joins its axes
-    assert [p["ratio"] for p in by["N"]] == pytest.approx([(8 / 3) / 1.25, (8 / 3) / (5 / 6)])
+    assert [p["ratio"] for p in by["N"]] == pytest.approx([(8 / 3) / 1.25, (8 / 3) / (1 + 1 / 11)])
+    assert [p["trivial"] for p in by["N"] + by["N+tokens"]] == [False, False, True]
     assert [p["depth"] for p in by["depth"]] == pytest.approx([8 / 3, 4.0])
     assert by["depth"][1]["ratio"] == pytest.approx(4.0 / 1.75) and by["depth"][1]["budget"] == 6
     assert by["N"][0]["tokens"] == pytest.approx(4 * 1000 / 10_000)          # per parameter
     text = "\n\n".join(plot.axes_section(R))
-    assert "**2.13**" in text and "**3.20**" in text and "**2.29**" in text
+    assert "**2.13** |" in text and "**2.44** |" in text and "**2.29** |" in text
+    assert "| N+tokens | axes/both |" in text and "**3.20** (GN's step 1) |" in text
+    assert "(GN's step 1): GN full's first step already reaches the target" in text
     assert os.path.exists(f"{R}/axes_N.png") and os.path.exists(f"{R}/axes_depth.png")
     assert not os.path.exists(f"{R}/axes_N+tokens.png")                      # no axis of its own
     assert plot.headline_point(R) == ""                                       # no point with seeds yet
@@ -2431,11 +2434,17 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     fake_run(f"{deep}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.3])              # 1.0: ratio 3.0
     fake_run(f"{n8}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3])  # 8/3
     fake_run(f"{n8}/seeds/seed1", "gn_full", 1e-2, [6.0, 5.7, 5.6, 5.2])     # 2.25: ratio 1.19
-    # the headline: the largest mean over seeds (depth6: 2.64), not the largest seed-0 ratio (n8: 3.20)
+    fake_run(f"{both}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.45, 5.3])
+    fake_run(f"{both}/seeds/seed1", "gn_full", 1e-2, [6.0, 5.4], K=8)        # mean 3.20, but trivial
+    # the headline: the largest mean over seeds (depth6: 2.64), not the largest seed-0 ratio (n8:
+    # 2.44), and never a point whose target GN's first step reaches (both: mean 3.20)
     at, mean = plot.headline_point(R), (4.0 / 1.75 + 3.0) / 2
     assert at.startswith("**At axes/depth6** (4 inner steps of 1,000 tokens, 4,000 tokens per step, a 6-step")
     assert f"**{4.0 / 1.75:.2f}x fewer steps**" in at and f"Over 2 seeds the ratio is {mean:.2f} on average, " \
-        f"range {4.0 / 1.75:.2f} to 3.00." in at
+        f"range {4.0 / 1.75:.2f} to 3.00." in at and "first step already" not in at
+    rs = plot.runs(f"{both}/fig1/*")                   # a trivial point's own results.md says so
+    _, hit, best = plot.fig1_table(rs, 5.5)
+    assert "GN's first step already reaches the target" in " ".join(plot.summary(rs, hit, best, 5.5, None))
 
 
 def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
