@@ -2571,6 +2571,7 @@ def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
         assert r[r.index("--init-from") + 1] == want
     assert float((p / "target.txt").read_text()) == 6.0 - 0.03 * 11   # quick's rule: SOAP's at step 11 of 14
     assert (p / "fig1" / "gn_full").is_dir() and (p / "seeds" / "seed1" / "gn_full" / "done").exists()
+    assert "steps to target per seed" in (p / "results.md").read_text()   # written after the seeds
 
 
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
