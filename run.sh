@@ -251,11 +251,9 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
         # line-search tokens held at quick's 4,096 where a micro-batch allows (N = 8: 8,192)
       point n8 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 64" B_gn="--inner-steps 8 --ls-batches 1"
       point n128 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 4" B_gn="--inner-steps 128 --ls-batches 8" ;;
-    tokens)  # tokens per step at quick's 32 micro-batches: 16,384 (SOAP and GN), 131,072 (Muon,
-      # SOAP and GN; 13 steps) and 262,144 (every method; 7 steps): at most 2 passes of the 1.22M
-      # train tokens, the 614K of the start included
+    tokens)  # tokens per step at quick's 32 micro-batches: 16,384 (SOAP and GN) and 262,144 (every
+      # method; 7 steps: 2 passes of the 1.22M train tokens, the 614K of the start included)
       point tok16k BASELINES="soap" EXTRA="--batch-size 4"
-      point tok131k BASELINES="muon soap" EXTRA="--batch-size 32" CAP_adamw=13 CAP_muon=13 CAP_soap=13
       point tok262k EXTRA="--batch-size 64" CAP_adamw=7 CAP_muon=7 CAP_soap=7 CAP_gn_full=7 \
           SWEEP_STEPS_adamw=5 SWEEP_STEPS_muon=5 SWEEP_STEPS_soap=5 SWEEP_STEPS_gn_full=5 ;;
     depth)  # a shallower target (8-step budget: SOAP and GN) and the deepest that 2 passes allow
