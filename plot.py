@@ -74,6 +74,12 @@ def to_target(run, target):
     return None
 
 
+def first_step(hit):
+    """Whether a run's first step already reaches the target (hit: to_target's answer): its
+    steps to it are then a fraction of one step, bounded by the step, not measured."""
+    return bool(hit) and hit["first"][0] == 1
+
+
 def final(run):
     return run["val"][-1]
 
@@ -342,7 +348,7 @@ def summary(rs, hit, best, target, stat):
                    f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
                    f"(line-search batches counted) and {word(r[2], 'seconds')} (the paper: 5.4x fewer "
                    f"steps than SOAP, 292/54).")
-        if gn["first"][0] == 1:
+        if first_step(gn):
             out.append("GN's first step already reaches the target, so this ratio divides the "
                        "baseline's steps by a fraction of one GN step: bounded by GN's step, not "
                        "measured (the target is too shallow to tell more).")
@@ -368,6 +374,9 @@ AXES = {"N": ("GN inner steps N per outer step (micro-batch = tokens / N)", 1831
 
 
 TRIVIAL = " (GN's step 1)"   # the axes table's mark of a point whose target GN's first step reaches
+TRIVIAL_NOTE = (f"{TRIVIAL.strip()}: GN full's first step already reaches the target, so the ratio "
+                "divides the baseline's steps by a fraction of one GN step: bounded by GN's step, not "
+                "measured (open circles in the figures); the headline leaves such points out.")
 
 
 def point_of(results):
@@ -386,7 +395,7 @@ def point_of(results):
             "baselines": {m: (rs[m]["lr"], steps(m)) for m in BASELINES if m in rs},
             "depth": best and best[0], "gn_lr": gn["lr"], "gn": steps("gn_full"),
             "ratio": best[0] / steps("gn_full") if best and steps("gn_full") else None,
-            "trivial": bool(hit.get("gn_full")) and hit["gn_full"]["first"][0] == 1,   # GN's 1st step
+            "trivial": first_step(hit.get("gn_full")),
             "seeds": seeds_table(seed_runs(results), target)[1]}
 
 
@@ -453,10 +462,7 @@ def axes_section(results):
             f"is {results}'s own plan), every method's lr swept at that point and its target by the "
             "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
             "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
-            "\n".join(lines) + (f"\n\n{TRIVIAL.strip()}: GN full's first step already reaches the target, so "
-                                "the ratio divides the baseline's steps by a fraction of one GN step: bounded "
-                                "by GN's step, not measured (open circles in the figures); the headline leaves "
-                                "such points out." if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
+            "\n".join(lines) + ("\n\n" + TRIVIAL_NOTE if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
 def headline_point(results):
