@@ -107,7 +107,8 @@ def subprocess_job(argv, env, timeout=600):
 @pytest.fixture(scope="session", autouse=True)
 def _background(request, tmp_path_factory):
     names = [i.name for i in request.session.items if i.name in BACKGROUND]
-    env = {**os.environ, **JAX_CACHE_ENV, "FULLGN_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+    env = {**os.environ, **JAX_CACHE_ENV, "FULLGN_CACHE": str(tmp_path_factory.getbasetemp() / "cache"),
+           "PYTHON": sys.executable}       # run.sh's interpreter: this one, whatever is first on PATH
     results, done = {}, {n: threading.Event() for n in names}
 
     def work():
@@ -215,6 +216,23 @@ def micro_problem(seed=0, B=2):
     return p, flat, unravel, b, J, H
 
 
+def dense_ggn(p, batch, cfg=MICRO):
+    """g = J^T dl/dz and G = J^T H J for the mean CE over every token of a (B, T) batch, from the
+    explicit Jacobian J of the logits and the per-token softmax-CE Hessian, in float64."""
+    flat, unravel = jax.flatten_util.ravel_pytree(p)
+    f = lambda w: model.forward(unravel(w), batch["inputs"], cfg).reshape(-1, cfg.vocab)
+    J = np.asarray(jax.jit(jax.jacfwd(lambda w: f(w).reshape(-1)))(flat), np.float64)
+    z = np.asarray(f(flat), np.float64)
+    pr = np.exp(z - z.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    n, V = z.shape
+    g = J.T @ ((pr - np.eye(V)[np.asarray(batch["targets"]).reshape(-1)]).reshape(-1) / n)
+    H = np.zeros((n * V, n * V))
+    for t in range(n):
+        H[t * V:(t + 1) * V, t * V:(t + 1) * V] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / n
+    return g, J.T @ H @ J
+
+
 def synthetic_batches(k, B=8, cfg=TINY, seed=0):
     toks = np.arange(30000, dtype=np.uint16) * 7 % cfg.vocab
     return jax.tree.map(jnp.asarray, data.Batches(toks, B, cfg.seq_len, "random", seed).take(0, k))
@@ -222,6 +240,64 @@ def synthetic_batches(k, B=8, cfg=TINY, seed=0):
 
 def tree_norm(t):
     return float(np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)))
+
+
+path_str = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def flat_dict(tree):
+    """A pytree of arrays as a dict {"h.0.wq": float64 array, ...}, in the tree's leaf order."""
+    return {path_str(k): np.asarray(x, np.float64) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def optax_updates(opt, params, grads):
+    """The updates (flat dicts) an optax optimizer makes from params, fed the gradients `grads`
+    (flat dicts) one step after another."""
+    treedef, names = jax.tree.structure(params), list(flat_dict(params))
+    state, p, out, update = opt.init(params), params, [], jax.jit(opt.update)
+    for g in grads:
+        u, state = update(jax.tree.unflatten(treedef, [jnp.asarray(g[k], jnp.float32) for k in names]), state, p)
+        p = optax.apply_updates(p, u)
+        out.append(flat_dict(u))
+    return out
+
+
+def random_grads(params, scales, seed):
+    """One random gradient (flat dict) per scale: a large scale turns the clip on, a small one off."""
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(x.shape) * s for k, x in flat_dict(params).items()} for s in scales]
+
+
+def clip_groups(g, groups, clip):
+    """g with each group of keys scaled to global norm at most clip (0: no clip)."""
+    g = dict(g)
+    for keys in groups:
+        norm = np.sqrt(sum(np.sum(g[k] ** 2) for k in keys))
+        for k in keys:
+            g[k] = g[k] * clip / norm if clip and norm > clip else g[k]
+    return g
+
+
+def numpy_adamw(p0, grads, lr, b1, b2, eps, wd, clip, groups=None):
+    """AdamW (Loshchilov & Hutter) in float64, after each group's global-norm clip of the
+    gradient (groups: lists of keys; default one group of every key): the updates of each step."""
+    p, m, v, out = dict(p0), {k: 0 * x for k, x in p0.items()}, {k: 0 * x for k, x in p0.items()}, []
+    for t, g in enumerate(grads, 1):
+        g, u = clip_groups(g, groups or [list(p0)], clip), {}
+        for k in p0:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            u[k] = -lr * (m[k] / (1 - b1 ** t) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps) + wd * p[k])
+        p = {k: p[k] + u[k] for k in p}
+        out.append(u)
+    return out
+
+
+def assert_updates_match(got, want, rtol=1e-5):
+    for t, (g, w) in enumerate(zip(got, want)):
+        for k in w:
+            err = np.linalg.norm(g[k] - w[k]) / np.linalg.norm(w[k])
+            assert err < rtol, (f"step {t + 1}", k, err)
 
 
 # ============================================================================ model.py
@@ -302,17 +378,27 @@ def test_model_remat_does_not_change_the_maths():
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.slow
-def test_model_mean_loss_and_grad_is_the_mean_over_micro_batches():
-    p = tiny_params()
-    bs = [tiny_batch(2, seed=s) for s in (1, 2, 3)]
-    stacked = {k: jnp.stack([b[k] for b in bs]) for k in ("inputs", "targets")}
-    loss, g = model.mean_loss_and_grad(p, stacked, TINY)
-    big = {k: jnp.concatenate([b[k] for b in bs]) for k in ("inputs", "targets")}
-    want_l, want_g = jax.value_and_grad(model.loss_fn)(p, big, TINY)
-    np.testing.assert_allclose(loss, want_l, rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
-        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+def test_model_chunked_means_equal_the_unchunked_at_split_2_and_K_2():
+    """Every function of model.py and data.py that takes `split` (the loss, the loss and gradient
+    over stacked micro-batches, the line search's losses, the evaluator), at K = 2 micro-batches
+    of 2 rows in 1 and 2 chunks each, against plain autodiff of the loss on the 4 rows at once:
+    a mean that divides by K, or by split, alone fails."""
+    p, b = model.init_params(MICRO, jax.random.key(0)), tiny_batch(4, 1, MICRO)
+    stacked = jax.tree.map(lambda a: a.reshape(2, 2, -1), b)                   # (K, B, T)
+    d = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a), p)
+    etas = jnp.array([1.0, 0.5, 0.0])
+    want_l, want_g = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)(p, b, MICRO)
+    want_along = [float(model.loss_fn(model.axpy(e, d, p), b, MICRO)) for e in etas]
+    for split in (1, 2):
+        loss, g = jax.jit(lambda: model.mean_loss_and_grad(p, stacked, MICRO, split))()
+        np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(want_g)[0],
+                                   rtol=1e-5, atol=1e-7, err_msg=f"split {split}")
+        np.testing.assert_allclose(float(jax.jit(lambda: model.mean_loss(p, b, MICRO, split))()), float(want_l),
+                                   rtol=1e-6)
+        along = jax.jit(lambda: model.losses_along(p, d, stacked, etas, MICRO, split))()
+        np.testing.assert_allclose(along, want_along, rtol=1e-6)
+        np.testing.assert_allclose(float(data.make_evaluate(MICRO, split)(p, stacked)), float(want_l), rtol=1e-6)
 
 
 def test_model_ce_hessian_vector_product_matches_jax_hessian():
@@ -1127,6 +1213,213 @@ def test_data_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     assert open(tmp_path / "o" / "ckpt", "rb").read() == before       # the good one is untouched
 
 
+# ============================================================================ data.py: a run's log, recomputed from its definitions
+
+# A run made through main() (the real Run.train) is replayed here: the windows each step should
+# have read come from the data stream's definition (written again below from data.py's docstring,
+# not with data.Batches or Run), the state advances by the method's own step function on them,
+# and every logged number is recomputed from its definition with model.loss_fn and jax.grad at
+# the replayed parameters. A run loop that reads other windows, evaluates elsewhere, averages
+# otherwise or counts otherwise leaves the log it writes apart from this one.
+
+def stream_starts(n, pos, B, T, order, seed):
+    """The token offsets of micro-batch `pos` of a train stream of n tokens: B windows of T + 1
+    tokens. "stream" (the paper's order): consecutive windows, micro-batch pos holding windows
+    pos B .. pos B + B - 1, window w at token w T (wrapping at n - T - 1); "random": B offsets
+    from numpy's default_rng((seed, pos)), so that no two (seed, pos) share a generator."""
+    if order == "stream":
+        return ((pos * B + np.arange(B)) * T) % (n - T - 1)
+    return np.random.default_rng((seed, pos)).integers(0, n - T - 1, size=B)
+
+
+def windows(tokens, starts, T):
+    w = np.stack([np.asarray(tokens[s:s + T + 1]) for s in starts]).astype(np.int32)
+    return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+
+def baseline_lr(a, c):
+    """The baselines' lr at optimizer step c (0-based), the authors' optimizers.py: constant;
+    warmup_constant: linear from 0 over --warmup steps, then lr; warmup_cosine: the same warmup,
+    then a cosine to 0 at --steps."""
+    W = max(a.warmup, 1)
+    if a.schedule == "constant":
+        return a.lr
+    if c < W:
+        return a.lr * c / W
+    if a.schedule == "warmup_constant":
+        return a.lr
+    return a.lr * 0.5 * (1 + math.cos(math.pi * (c - W) / (a.steps - W)))
+
+
+def gn_inner_lr(a, s, k):
+    """The GN scripts' inner lr at inner step k of outer step s (0-based), the authors'
+    llama_train_gn.py lr_sched: constant; constant_with_inner_cosine: lr (1 + cos(pi k / N)) / 2
+    in every outer step, its peak warmed up linearly from 0.1 lr over --warmup outer steps;
+    global_cosine over the global inner step i = s N + k: linear from 0.1 lr over --warmup outer
+    steps, then a cosine to 0 at (--schedule-steps or --steps) outer steps."""
+    N, lr, W = a.inner_steps, a.lr, a.warmup
+    if a.schedule == "constant":
+        return lr
+    if a.schedule == "constant_with_inner_cosine":
+        peak = lr * min(1.0, 0.1 + 0.9 * s / W) if W else lr
+        return peak * 0.5 * (1 + math.cos(math.pi * k / N))
+    i, w, total = s * N + k, W * N, (a.schedule_steps or a.steps) * N
+    return lr * (0.1 + 0.9 * i / w) if i < w else lr * 0.5 * (1 + math.cos(math.pi * (i - w) / (total - w)))
+
+
+loss_at = jax.jit(model.loss_fn, static_argnums=2)
+loss_grad_at = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)
+NOT_RECOMPUTED = set(TIMING) | {  # checked against autodiff or dense solves in the GN sections' tests:
+    "model_grad_norm",             # test_gn_full_gn_metrics_against_autodiff
+    "rho", "phi", "cg_iters", "cg_residual",                       # CG's: test_gn_cg_rho_..., test_gn_full_cg_...
+    "fwd_passes", "jvp_passes", "vjp_passes"}   # CG's (the inner solvers' are recomputed here)
+
+
+def recompute_log(mod, out):
+    """Replay the run in `out` (its config.json) and check every row of its metrics.jsonl. Returns
+    the rows."""
+    conf = json.load(open(os.path.join(out, "config.json")))
+    a = argparse.Namespace(**conf["args"])
+    cfg = model.CONFIGS[a.size]
+    assert a.dtype == "float32" and not a.remat and not a.init_from
+    rows = read_metrics(out)
+    train, val = (np.asarray(data.load_tokens(a.data, s, cfg.vocab)) for s in ("train", "validation"))
+    B, T = a.batch_size, cfg.seq_len
+    gn = hasattr(a, "inner_steps")      # N inner (cg: outer) micro-batches, then n_ls fresh ones
+    cg = getattr(a, "solver", "inner") == "cg"
+    N, n_ls = (a.inner_steps, a.ls_batches) if gn else (a.grad_accum, 0)
+    M = N + n_ls                         # micro-batches per step
+    tmpl = {"params": jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))}
+    if conf["start"]:        # the paper start: S AdamW steps of B0 sequences from the stream's head
+        S, B0 = conf["start"]["key"]["steps"], conf["start"]["key"]["batch_size"]
+        pos0 = -(-S * B0 // B)          # the first micro-batch that holds none of its S B0 windows
+        params = data.load_checkpoint(conf["start"]["ckpt"], tmpl, keys=["params"])[0]["params"]
+    else:
+        pos0, params = 0, model.init_params(cfg, jax.random.key(a.seed))
+    n_val, vB = conf["eval"]["batches"], conf["eval"]["batch_size"]
+    assert (n_val, vB) == (a.eval_batches, a.eval_batch_size)
+    val_sets = [windows(val, s, T) for s in   # spread evenly over the validation split
+                np.linspace(0, len(val) - T - 1, n_val * vB).astype(np.int64).reshape(n_val, vB)]
+    val_loss = lambda p: np.mean([float(loss_at(p, b, cfg)) for b in val_sets])
+    step, state = mod.make_step(a, cfg), mod.init_state(a, cfg, params)
+    ema, scale, lam = params, 1.0, getattr(a, "lam", None)
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-5)
+    steps = [r["step"] for r in rows]     # (a paper start's own run logs no step 0)
+    assert steps == list(range(steps[0], steps[0] + len(rows))) and steps[0] in (0, 1), steps
+    if steps[0] == 0:
+        assert rows[0]["tokens"] == 0
+        close(rows[0]["val_loss"], val_loss(params), err_msg="step 0: val_loss")
+    for r in rows[1 - steps[0]:]:
+        t = r["step"]
+        mbs = [windows(train, stream_starts(len(train), pos0 + (t - 1) * M + j, B, T, a.order, a.seed), T)
+               for j in range(M)]
+        theta = state["params"]
+        new, m = step(state, jax.tree.map(lambda *x: jnp.stack(x), *mbs), t - 1)
+        theta1 = new["params"]
+        lg = [loss_grad_at(theta, b, cfg) for b in mbs[:N]]
+        mean_g = jax.tree.map(lambda *x: sum(x) / N, *[g for _, g in lg])
+        # grad_norm: of the step's mean gradient (the baselines, CG); the inner solvers log it on
+        # their first inner micro-batch (finish_gn_step: one gradient rather than N)
+        want = {"step": t, "tokens": t * M * B * T, "train_loss": np.mean([float(l) for l, _ in lg]),
+                "grad_norm": tree_norm(lg[0][1] if gn and not cg else mean_g)}
+        evaluated = t % a.eval_every == 0 or t == a.steps
+        assert ("val_loss" in r) == evaluated, (t, r)
+        if evaluated:
+            want["val_loss"] = val_loss(theta1)                         # after the step
+        if not gn:
+            want["lr"] = baseline_lr(a, t - 1)
+        else:
+            eta = r["eta"]
+            want |= {"tokens_trained": N * B * T, "step_norm": tree_norm(model.axpy(-1.0, theta, theta1))}
+            if n_ls:
+                ls = mbs[N:]
+                want |= {"rejected": float(eta == 0),
+                         "ls_loss_eta0": np.mean([float(loss_at(theta, b, cfg)) for b in ls])}
+                assert eta == 0 or any(abs(eta - 2 ** (-i / 2)) < 1e-7 for i in range(a.ls_range)), eta
+                if eta > 0:                 # the best eta's loss: at theta_{t+1}
+                    want["ls_loss"] = np.mean([float(loss_at(theta1, b, cfg)) for b in ls])
+            else:
+                want["eta"] = 1.0
+            if cg:
+                want["lam"] = lam
+                lam = lam * 2 if eta == 0 else lam
+            else:
+                want["lr"] = gn_inner_lr(a, t - 1, 0) * scale
+                K = len(state["opt"]) if mod is gn_layerwise else 1         # the blocks
+                want |= {"fwd_passes": K * N + 1 + (a.ls_range + 1) * n_ls, "jvp_passes": K * N,
+                         "vjp_passes": K * N + 1}
+                if eta > 0:                 # d = theta-hat - theta_t, the unscaled inner direction
+                    want["inner_norm"] = tree_norm(model.axpy(-1.0, theta, new["inner"]))
+                scale = scale / 2 if eta == 0 else scale
+            if a.ema:                   # the EMA of the outer iterates, from theta_0
+                ema = jax.tree.map(lambda e, p: a.ema * e + (1 - a.ema) * p, ema, theta1)
+                if evaluated:
+                    want["val_loss_ema"] = val_loss(ema)
+        unchecked = set(r) - set(want) - {"eta"} - NOT_RECOMPUTED
+        assert not unchecked, f"step {t}: logged but not recomputed: {unchecked}"
+        for k, v in want.items():
+            close(r[k], v, rtol=1e-4 if "norm" in k else 2e-5, err_msg=f"step {t}: {k}")
+        state = new
+    ckpt = data.load_checkpoint(os.path.join(out, "ckpt"), tmpl, keys=["params"])[0]["params"]
+    close(jax.flatten_util.ravel_pytree(ckpt)[0], jax.flatten_util.ravel_pytree(state["params"])[0], atol=1e-6)
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["adamw", "gn_full"])
+def test_data_run_log_recomputed_from_the_paper_start_through_a_resume(script, tmp_path, monkeypatch, capsys):
+    """From the built-in paper start (3 AdamW steps of 32 sequences, the paper-start test's: its
+    cached start serves both) in micro-batches of 5 sequences, which the start's 96 windows do not
+    fill (the run's first micro-batch is 20, from window 100), stopped after step 1 by --stop-at
+    and resumed: the start's own log and the run's recomputed. gn_full with --ema 0.8 (an EMA
+    whose two weights differ) and a warmup of 2 outer steps."""
+    for k, v in JAX_CACHE_ENV.items():          # the start's child process shares the compilations
+        monkeypatch.setenv(k, v)
+    extra = {"adamw": ["--grad-accum", "2", "--schedule", "warmup_cosine", "--warmup", "2"],
+             "gn_full": ["--inner-steps", "2", "--ls-batches", "1", "--ema", "0.8",
+                         "--schedule", "constant_with_inner_cosine", "--warmup", "2"]}[script]
+    out = tmp_path / "run"
+    argv = ["--size", "tiny", "--start", "paper", "--start-steps", "3", "--batch-size", "5", "--steps", "3",
+            "--eval-every", "1", "--order", "stream", "--out", str(out), *extra]
+    mod = globals()[script]
+    mod.main([*argv, "--stop-at", "1"])
+    mod.main([*argv, "--resume"])
+    assert f"resumed {out / 'ckpt'} at step 1" in capsys.readouterr().out
+    conf = json.load(open(out / "config.json"))
+    assert len(recompute_log(adamw, os.path.dirname(conf["start"]["ckpt"]))) == 3      # the start's own
+    assert len(recompute_log(mod, str(out))) == 4
+
+
+LOG_RUNS = {      # id: (script, flags); each run 2 steps at tiny, evaluated at every step
+    "adamw-random": ("adamw", ["--order", "random", "--seed", "2", "--grad-accum", "2",
+                               "--schedule", "warmup_constant", "--warmup", "1"]),
+    "muon-random": ("muon", ["--order", "random", "--seed", "1", "--grad-accum", "2"]),
+    "soap-stream": ("soap", ["--order", "stream", "--grad-accum", "2", "--steps", "3"]),
+    "gn_full-inner-random": ("gn_full", ["--order", "random", "--seed", "1", "--inner-steps", "2",
+                                         "--ls-batches", "2", "--schedule", "global_cosine", "--warmup", "1",
+                                         "--lr", "0.3"]),
+    "gn_full-cg-stream": ("gn_full", ["--solver", "cg", "--order", "stream", "--inner-steps", "3",
+                                      "--curvature-batches", "1", "--ls-batches", "1"]),
+    "gn_layerwise-random": ("gn_layerwise", ["--order", "random", "--seed", "3", "--inner-steps", "2",
+                                             "--schedule", "global_cosine", "--warmup", "1"]),
+    "gn_proxlinear-stream": ("gn_proxlinear", ["--order", "stream", "--ema", "0.7", "--inner-steps", "2",
+                                               "--schedule", "constant_with_inner_cosine", "--warmup", "1"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", list(LOG_RUNS))
+def test_data_run_log_recomputed_from_its_definitions(run, tmp_path):
+    """Each method script from random init, in the paper's stream order or in random windows
+    (seeds 1 to 3), with the schedules' warmups and an EMA whose weights differ (prox-linear's
+    0.7): its log recomputed. CG's gradient is on all 3 outer micro-batches although its
+    curvature is on 1."""
+    script, flags = LOG_RUNS[run]
+    mod = globals()[script]
+    mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", str(tmp_path / "run"), *flags])
+    recompute_log(mod, str(tmp_path / "run"))
+
+
 # ============================================================================ data.py: the GN scripts' shared pieces
 
 def test_data_inner_lr_schedules():
@@ -1142,6 +1435,25 @@ def test_data_inner_lr_schedules():
     np.testing.assert_allclose(got[4:], [0.005 * (1 + math.cos(math.pi * i / 8)) for i in range(8)], rtol=1e-5)
     a.schedule = "constant"
     assert float(data.inner_lr(a, 2, 3)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("inner_opt", ["muon", "adamw"])
+def test_data_gn_inner_optimizer_routing_clipping_and_decay(inner_opt, params):
+    """The GN scripts' inner optimizer at unit lr (the scripts scale its update by the inner lr),
+    two steps (gradient norms above and below --clip) against numpy, with --wd 0.1: muon, Muon on
+    the blocks' matrices with no decay and AdamW with decay on wte, lm_head and the 1-D leaves,
+    each group clipped by its own norm; adamw, AdamW with decay on everything, one clip."""
+    args = gn_full.parse(["--size", "tiny", "--inner-opt", inner_opt, "--wd", "0.1"])
+    grads = random_grads(params, (0.3, 0.001), seed=6)
+    got = optax_updates(data.inner_optimizer(args, params)[0], params, grads)
+    p0 = flat_dict(params)
+    if inner_opt == "muon":
+        ref = argparse.Namespace(lr=1.0, adam_lr=1.0, beta=args.beta, b1=args.inner_b1, b2=args.inner_b2,
+                                 eps=1e-8, wd=args.wd, clip=args.clip)
+        want = reference_steps(ref, p0, grads)
+    else:
+        want = numpy_adamw(p0, grads, 1.0, args.inner_b1, args.inner_b2, 1e-8, args.wd, args.clip)
+    assert_updates_match(got, want, rtol=1e-4)
 
 
 # ============================================================================ data.py: devices, processes, FSDP
@@ -1245,6 +1557,17 @@ def test_data_gn_full_same_on_1_device_and_on_4_with_fsdp(tmp_path):
 
 # ============================================================================ adamw.py
 
+def test_adamw_clips_the_gradient_then_steps_as_numpy_adamw(params):
+    """adamw.py's update rule, three steps against float64 numpy: the global-norm clip acts on the
+    gradient, before Adam's moments (gradient norms 30, 0.01 and 5 against --clip 1), and the
+    decoupled decay lr wd theta reaches every leaf."""
+    args = adamw.parse(["--size", "tiny", "--wd", "0.1"])
+    grads = random_grads(params, (30.0, 0.01, 5.0), seed=4)
+    got = optax_updates(adamw.make_optimizer(args)[0], params, grads)
+    assert_updates_match(got, numpy_adamw(flat_dict(params), grads, args.lr, args.b1, args.b2, args.eps, args.wd,
+                                          args.clip))
+
+
 @pytest.mark.slow
 def test_adamw_run_and_exact_resume(tmp_path):
     full = check_run_and_resume("adamw.py", tmp_path)
@@ -1262,9 +1585,6 @@ def test_adamw_run_and_exact_resume(tmp_path):
 # ============================================================================ muon.py
 
 NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315
-
-
-path_str = lambda path: jax.tree_util.keystr(path, simple=True, separator=".")
 
 
 HIDDEN = ("wq", "wk", "wv", "wo", "w1", "w2")
@@ -1363,13 +1683,7 @@ def reference_steps(args, p0, grads):
     p, m, v, out = dict(p0), {k: 0 * x for k, x in p0.items()}, {k: 0 * x for k, x in p0.items()}, []
     beta, b1, b2 = args.beta, args.b1, args.b2
     for t, g in enumerate(grads, 1):
-        g = dict(g)
-        for group in (True, False):
-            keys = [k for k in g if is_muon[k] == group]
-            norm = np.sqrt(sum(np.sum(g[k] ** 2) for k in keys))
-            for k in keys:
-                g[k] = g[k] if norm < args.clip else g[k] / norm * args.clip
-        u = {}
+        g, u = clip_groups(g, [[k for k in g if is_muon[k] == group] for group in (True, False)], args.clip), {}
         for k, x in p.items():
             if is_muon[k]:
                 m[k] = beta * m[k] + (1 - beta) * g[k]
@@ -1388,23 +1702,9 @@ def reference_steps(args, p0, grads):
 def test_muon_two_steps_match_numpy(params):
     args = muon.parse(["--size", "tiny", "--wd", "0.1", "--beta", "0.9"])
     assert args.adam_lr != args.lr and args.clip == 1.0
-    opt = muon.make_optimizer(args, params)[0]
-    rng = np.random.default_rng(3)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    grads = [[rng.standard_normal(x.shape) * s for _, x in flat] for s in (0.3, 0.001)]  # clip on, off
-    treedef = jax.tree.structure(params)
-    state, p, got, update = opt.init(params), params, [], jax.jit(opt.update)
-    for g in grads:
-        u, state = update(jax.tree.unflatten(treedef, [jnp.asarray(x, jnp.float32) for x in g]), state, p)
-        p = optax.apply_updates(p, u)
-        got.append({path_str(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(u)[0]})
-    p0 = {path_str(k): np.asarray(x, np.float64) for k, x in flat}
-    names = list(p0)
-    want = reference_steps(args, p0, [dict(zip(names, g)) for g in grads])
-    for t in range(2):
-        for k in names:
-            err = np.linalg.norm(got[t][k] - want[t][k]) / np.linalg.norm(want[t][k])
-            assert err < 1e-5, (t + 1, k, err)
+    grads = random_grads(params, (0.3, 0.001), seed=3)                    # clip on, off
+    got = optax_updates(muon.make_optimizer(args, params)[0], params, grads)
+    assert_updates_match(got, reference_steps(args, flat_dict(params), grads))
 
 
 @pytest.mark.slow
@@ -1584,6 +1884,34 @@ def test_soap_alias_weight_decay_and_schedule():
     np.testing.assert_allclose(ps2[-1]["vec"], (1 - 0.05) ** 2 * np.ones(5), rtol=1e-6)
 
 
+def test_soap_preconditions_every_matrix_embedding_and_head_included(params):
+    """soap.py's routing and order: SOAP on every 2-D parameter (wte and lm_head included, their
+    vocab side unrotated), AdamW on the 1-D ones, each group clipped by its own global norm before
+    its optimizer, decay lr wd p in both (SOAP's from its second step). Four steps (the first only
+    builds the preconditioner; a refresh at step 2) against the numpy SOAP and AdamW."""
+    # sides above 32 unrotated: the other factors have full rank (a rank-deficient factor's null
+    # eigenvectors, and with them Adam's coordinates, are arbitrary), and each matrix keeps one
+    args = soap.parse(["--size", "tiny", "--wd", "0.1", "--precondition-frequency", "2", "--max-precond-dim", "32"])
+    grads = random_grads(params, (30.0, 0.01, 5.0, 2.0), seed=5)
+    got = optax_updates(soap.make_optimizer(args, params)[0], params, grads)
+    p0 = flat_dict(params)
+    mats, vecs = [k for k, x in p0.items() if x.ndim == 2], [k for k, x in p0.items() if x.ndim == 1]
+    assert {"wte", "lm_head"} <= set(mats) and len(mats) == 2 + 6 * TINY.n_layers
+    clipped = [clip_groups(g, [mats, vecs], args.clip) for g in grads]
+    want = numpy_adamw({k: p0[k] for k in vecs}, clipped, args.lr, args.b1, args.b2, args.eps, args.wd, 0)
+    for k in mats:
+        dirs = _np_soap_directions([g[k] for g in clipped], args.b1, args.b2, args.eps, args.b2,
+                                   args.precondition_frequency, args.max_precond_dim)
+        p = p0[k]
+        for t, d in enumerate(dirs):
+            want[t][k] = -args.lr * d - (args.lr * args.wd * p if t else 0)
+            p = p + want[t][k]
+    assert all(np.all(got[0][k] == 0) for k in mats)          # the first step moves no matrix
+    # the first real step is the sign of the rotated gradient, which fp32 flips where it is ~0
+    assert_updates_match(got[1:2], want[1:2], rtol=1e-2)
+    assert_updates_match(got[2:], want[2:], rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_soap_run_and_exact_resume(tmp_path):
     check_run_and_resume("soap.py", tmp_path)
@@ -1620,6 +1948,30 @@ def test_gn_full_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
     for split in (1, 2):
         g = jax.flatten_util.ravel_pytree(jax.jit(lambda: gn_full.gn_model(p, b, MICRO, split)[1])())[0]
         np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+
+
+def test_gn_full_chunked_products_equal_the_dense_ones_at_split_2_and_K_2():
+    """gn_full's functions that take `split`, at K = 2 stacked micro-batches of 2 rows in 1 and 2
+    chunks each (quad_model_grad: one micro-batch of 4 rows), against the dense g = J^T dl/dz and
+    G = J^T H J over the 4 rows: gn_model's loss, g and G v; Algorithm 1's inner gradient
+    g + G D; the GN model's coefficients g^T d and d^T G d."""
+    p, flat, unravel, b, J, H = micro_problem(seed=5, B=4)
+    stacked = jax.tree.map(lambda a: a.reshape(2, 2, -1), b)
+    want_l, want_g = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)(p, b, MICRO)
+    g, G = np.asarray(jax.flatten_util.ravel_pytree(want_g)[0], np.float64), J.T @ H @ J
+    np.testing.assert_allclose(g, J.T @ np.asarray(jax.grad(model.cross_entropy)(
+        model.forward(p, b["inputs"], MICRO), b["targets"]), np.float64).reshape(-1), rtol=1e-4, atol=1e-7)
+    v = np.random.default_rng(0).normal(size=flat.size)
+    V = unravel(jnp.asarray(v, jnp.float32))
+    rel = lambda got, want: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(got)[0]) - want) / np.linalg.norm(want)
+    for split in (1, 2):
+        loss, g_got, Gv = jax.jit(lambda: (lambda l, gg, mv: (l, gg, mv(V)))(*gn_full.gn_model(p, stacked, MICRO, split)))()
+        np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
+        assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, split
+        _, q_grad = jax.jit(lambda: gn_full.quad_model_grad(p, V, b, MICRO, split))()
+        assert rel(q_grad, g + G @ v) < 1e-5, split
+        a, c = jax.jit(lambda: gn_full.model_change_coeffs(p, V, stacked, MICRO, split))()
+        np.testing.assert_allclose([float(a), float(c)], [g @ v, v @ G @ v], rtol=1e-4)
 
 
 def test_gn_full_cg_solves_random_spd_system():
@@ -1752,6 +2104,39 @@ def test_gn_full_gn_metrics_against_autodiff():
     assert float(m["model_change"]) < 0
 
 
+def test_gn_full_cg_on_the_whole_outer_batch_warm_starts_from_its_own_last_iterate():
+    """One CG step on MICRO, --curvature-batches 1 of N = 2 outer micro-batches, 3 CG iterations,
+    at a point where backtracking (Martens 2010 §4.6) takes an earlier iterate than CG's last.
+    Dense references: g over both outer micro-batches, G = J^T H J over the first, A = G + lam I;
+    CG from 0 after i iterations is x_i, the minimiser of 1/2 x^T A x + g^T x over span(g, A g,
+    ..., A^(i-1) g). The step taken is a stored iterate x_1 or x_2; the state's warm start for the
+    next solve (which begins at 0.95 of it, Martens 2010 §4.5) is CG's own x_3, not the step;
+    grad_norm is |g|."""
+    args = gn_full.parse(["--size", "tiny", "--solver", "cg", "--inner-steps", "2", "--ls-batches", "1",
+                          "--curvature-batches", "1", "--cg-iters", "3", "--lam", "1e-2", "--batch-size", "2"])
+    p = model.init_params(MICRO, jax.random.key(1))
+    mbs = [tiny_batch(2, 10 + s, MICRO) for s in (1, 2, 3)]
+    new, m = gn_full.make_step(args, MICRO)(gn_full.init_state(args, MICRO, p),
+                                           jax.tree.map(lambda *x: jnp.stack(x), *mbs), 0)
+    g = dense_ggn(p, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), mbs[0], mbs[1]))[0]
+    A = dense_ggn(p, mbs[0])[1] + args.lam * np.eye(len(g))
+
+    def krylov(i):
+        Q = np.linalg.qr(np.stack([np.linalg.matrix_power(A, j) @ g for j in range(i)], 1))[0]
+        return -Q @ np.linalg.solve(Q.T @ A @ Q, Q.T @ g)
+    vec = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+    eta = float(m["eta"])
+    assert int(m["cg_iters"]) == 3 and eta > 0
+    taken = (vec(new["params"]) - vec(p)) / eta
+    r1, r2, r3 = (rel(taken, krylov(i)) for i in (1, 2, 3))
+    assert r3 > 0.1, "the test needs a step where backtracking takes an earlier iterate"
+    assert min(r1, r2) < 1e-3, f"the step taken is {r1:.2e} from x_1 and {r2:.2e} from x_2"
+    warm = rel(vec(new["delta"]), krylov(3))
+    assert warm < 1e-3, f"the warm start is {warm:.2e} from CG's last iterate x_3"
+    np.testing.assert_allclose(float(m["grad_norm"]), np.linalg.norm(g), rtol=1e-5)
+
+
 def test_gn_full_backtracking_keeps_the_best_iterate():
     # Martens' backtracking: from the last CG iterate walk back while the loss falls
     stash = {"w": jnp.arange(5.0)[:, None]}                      # stored iterates 0, 1, 2, 3, 4
@@ -1860,7 +2245,7 @@ def test_gn_step_rejects_a_catastrophe_and_restarts_the_solve(script):
     np.testing.assert_allclose(float(m["grad_norm"]), tree_norm(jax.grad(model.loss_fn)(params, first, TINY)),
                                rtol=1e-4)
     _, m2 = step(new, synthetic_batches(3, seed=1), 1)
-    assert float(m2["lr"]) == pytest.approx(0.5 * float(data.inner_lr(args, 1, 0)))   # half the lr
+    assert float(m2["lr"]) == pytest.approx(0.5 * gn_inner_lr(args, 1, 0))   # half the lr
 
 
 # Observed from outside the maths: recorders wrap the functions a step calls (its inner gradient,
@@ -1961,7 +2346,8 @@ REJECT_AT = (1, 3)     # the outer steps (0-based) whose line search finds eta =
 def test_gn_applied_inner_lr_follows_schedule_and_rejections(script, schedule, monkeypatch):
     """Five outer steps of N = 3 with a warmup of 2 outer steps, the line search forced to reject
     steps 1 and 3 (its losses rise with eta there, fall elsewhere): the lr applied at inner step k
-    of outer step s, read off the moving iterate, is inner_lr(args, s, k) times 1/2 per rejection
+    of outer step s, read off the moving iterate, is the schedule's lr (gn_inner_lr, written from
+    its definition) times 1/2 per rejection
     so far, halved at each rejection and never raised again; the state's lr_scale says the same."""
     N, S = 3, 5
     args = globals()[script].parse(["--size", "tiny", "--inner-steps", str(N), "--ls-batches", "1",
@@ -1986,7 +2372,7 @@ def test_gn_applied_inner_lr_follows_schedule_and_rejections(script, schedule, m
         its = [x for tag, x in log if tag == "iterate"]
         d = next(x for tag, x in log if tag == "d")
         assert len(its) == n_blocks * N                 # layerwise: N iterates of each block in turn
-        want = [float(data.inner_lr(args, s, k)) * scale for k in range(N)]
+        want = [gn_inner_lr(args, s, k) * scale for k in range(N)]     # the schedule's definition
         for j in range(n_blocks):
             seq = its[j * N:(j + 1) * N]
             for k in range(N - 1):
@@ -1997,7 +2383,7 @@ def test_gn_applied_inner_lr_follows_schedule_and_rejections(script, schedule, m
         if s in REJECT_AT:
             scale /= 2
         assert float(state["lr_scale"]) == scale
-        lrs.append(float(data.inner_lr(args, s, 0)))
+        lrs.append(gn_inner_lr(args, s, 0))
     if schedule != "constant":      # the schedule does move with s: a step that froze s at 0 fails
         assert len(set(lrs)) > 1
 
@@ -2017,18 +2403,8 @@ def test_gn_cg_rho_is_the_loss_change_over_the_undamped_model_change():
     assert not bool(m["rejected"]) and float(m["eta"]) == 1.0      # one CG iterate, taken whole
     delta = np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0], np.float64) - np.asarray(flat, np.float64)
     # dense g and G over both outer micro-batches (4 sequences): the mean over 4 * T tokens
-    outer = {k: batches[k][:2].reshape(4, -1) for k in ("inputs", "targets")}
-    f = lambda w: model.forward(unravel(w), outer["inputs"], MICRO).reshape(-1, MICRO.vocab)
-    J = np.asarray(jax.jit(jax.jacfwd(lambda w: f(w).reshape(-1)))(flat), np.float64)
-    z = np.asarray(f(flat), np.float64)
-    pr = np.exp(z - z.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    n, V = z.shape
-    g = J.T @ ((pr - np.eye(V)[np.asarray(outer["targets"]).reshape(-1)]).reshape(-1) / n)
-    H = np.zeros((n * V, n * V))
-    for t in range(n):
-        H[t * V:(t + 1) * V, t * V:(t + 1) * V] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / n
-    dq = g @ delta + 0.5 * delta @ (J.T @ H @ J) @ delta
+    g, G = dense_ggn(p, {k: batches[k][:2].reshape(4, -1) for k in ("inputs", "targets")})
+    dq = g @ delta + 0.5 * delta @ G @ delta
     ls = jax.tree.map(lambda a: a[2], batches)
     L = lambda w: float(model.loss_fn(unravel(jnp.asarray(w, jnp.float32)), ls, MICRO))
     rho = (L(flat + delta) - L(flat)) / dq
@@ -2049,6 +2425,15 @@ def test_gn_layerwise_blocks_cover_every_parameter_exactly_once(size):
     assert got == list(range(len(jax.tree.leaves(shapes)))) and len(blocks) == cfg.n_layers + 2
     # exact keys: block h[1] is h[1] alone (the authors' prefix match also caught h[10], h[11])
     assert sorted(jax.tree.leaves(gn_layerwise.get_block(ids, (1,)))) == sorted(jax.tree.leaves(ids["h"][1]))
+    # key by key, the authors' partition: llama_train_gn_layerwise.py's layers = ['wte', 0, ..., L-1,
+    # 'lm_head'], each block's keys from layerwise_utils.py get_layer_param_keys, which adds ln_f to
+    # the last transformer block's
+    names = {i: path_str(p) for p, i in jax.tree_util.tree_flatten_with_path(ids)[0]}
+    got = [sorted(names[i] for i in jax.tree.leaves(gn_layerwise.get_block(ids, keys))) for keys in blocks]
+    block = lambda i: sorted(p for p in names.values() if p.startswith(f"h.{i}."))
+    L = cfg.n_layers
+    assert got == [["wte"]] + [block(i) for i in range(L - 1)] + [sorted(block(L - 1) + ["ln_f"]), ["lm_head"]]
+    assert len(block(0)) == 12                 # ln_1, wq, wk, wv, wo, q_norm and k_norm (2 each), ln_2, w1, w2
 
 
 def block_ggn_vp(theta_t, keys, batch, v_k, cfg):
@@ -2095,7 +2480,6 @@ def test_gn_layerwise_single_block_layerwise_step_equals_full_gn_step():
     assert float(jnp.abs(a - jax.flatten_util.ravel_pytree(params)[0]).max()) > 1e-3   # it moved
 
 
-@pytest.mark.slow
 def test_gn_layerwise_block_inner_grad_on_real_sub_blocks_against_dense_ggn():
     # each block's inner gradient is g_k + G_kk D_k (other blocks frozen at theta_t), from dense J, H
     p, flat, unravel, b, J, H = micro_problem(seed=12)
@@ -2204,7 +2588,6 @@ def test_gn_proxlinear_prox_term_pulls_toward_theta_t():
     assert float(jnp.vdot(diff, jax.flatten_util.ravel_pytree(D)[0])) > 0
 
 
-@pytest.mark.slow
 def test_gn_proxlinear_prox_linear_matches_gn_model_to_second_order():
     # At D = 0 the prox-linear objective p and GN's quadratic q have the same value, gradient and
     # Hessian (= G, checked against the explicit J^T H J); they part at third order.
@@ -2240,7 +2623,6 @@ def test_gn_proxlinear_run_and_exact_resume(tmp_path):
 
 # ============================================================================ oracle.py
 
-@pytest.mark.slow
 def test_oracle_fractions_against_a_dense_G():
     # oracle.measure against G = J^T H J and solves in numpy, on MICRO's 3 blocks (wte; h[0] with
     # ln_f; lm_head), the model of K = 3 stacked micro-batches of 2 rows (g and G over all 6 rows:
@@ -2308,7 +2690,7 @@ def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch
     adamw.main([*common, "--steps", "2", "--out", str(R / "start")])
     S = [*common, "--init-from", str(R / "start" / "ckpt"), "--steps", "3"]
     adamw.main([*S, "--grad-accum", "4", "--out", str(R / "fig1" / "adamw")])
-    gn_full.main([*S, "--inner-steps", "4", "--ls-batches", "1", "--out", str(R / "fig1" / "gn_full")])
+    gn_full.main([*S, "--inner-steps", "4", "--ls-batches", "1", "--lr", "0.1", "--out", str(R / "fig1" / "gn_full")])
     seen, real = [], oracle.measure
 
     def spy(th, b, lam, dirs, *a, **k):        # traced inside jit: the arrays come back by callback
@@ -2348,6 +2730,26 @@ def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch
     # the GN direction at step 1 has the logged inner_norm |d| of step 2: the warm-started d
     gn_rows = [json.loads(l) for l in open(R / "fig1" / "gn_full" / "metrics.jsonl")]
     np.testing.assert_allclose(tree_norm(seen[2][2]["u0"]), gn_rows[2]["inner_norm"], rtol=1e-5)
+    # e(u) of the direction GN took from theta_2, recomputed: d = theta-hat_3 - theta_2 (the inner
+    # iterate its step 3 left, unscaled, minus the params after step 2; eta* < 1 there, so d is not
+    # the step taken), q(d) = g^T d + 1/2 d^T G d on the set's K = 2 micro-batches from the logits
+    # z0, J d (a JVP) and the explicit per-token CE Hessian diag(p) - p p^T in float64, over q(d*)
+    assert 0 < gn_rows[3]["eta"] < 1, "the test needs a GN step that the line search scales down"
+    tmpl = gn_full.init_state(oracle.run_args(str(R / "fig1" / "gn_full")), TINY, tiny_params())
+    theta = data.load_checkpoint(str(R / "fig1" / "gn_full" / "ckpt.prev"), tmpl)[0]["params"]
+    d = model.axpy(-1.0, theta, data.load_checkpoint(str(R / "fig1" / "gn_full" / "ckpt"), tmpl)[0]["inner"])
+    step3 = data.Batches(tokens, 8, TINY.seq_len, "random", 3).take(2 * 5, 4)
+    for j in (0, 1):
+        x, y = (step3[k][2 * j:2 * j + 2].reshape(16, -1) for k in ("inputs", "targets"))
+        z0, u = jax.jvp(lambda w: model.forward(w, jnp.asarray(x), TINY), (theta,), (d,))
+        z0, u = np.asarray(z0, np.float64).reshape(-1, TINY.vocab), np.asarray(u, np.float64).reshape(-1, TINY.vocab)
+        pr = np.exp(z0 - z0.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        n = len(pr)
+        gd = np.sum((pr - np.eye(TINY.vocab)[y.reshape(-1)]) * u) / n
+        dGd = sum(u[t] @ (np.diag(pr[t]) - np.outer(pr[t], pr[t])) @ u[t] for t in range(n)) / n
+        (row,) = [r for r in rows if (r["theta"], r["point"], r["batch"]) == ("gn_full", 2, j)]
+        np.testing.assert_allclose(row["dirs"]["gn_full"]["e"], (gd + 0.5 * dGd) / row["q_star"], rtol=1e-3)
     # a run logged with other code is refused, not measured
     path = R / "fig1" / "adamw" / "metrics.jsonl"
     logged = [json.loads(l) for l in open(path)]
@@ -2512,7 +2914,8 @@ def test_bench_every_section_writes_its_table_at_tiny(background):
 
 def run_sh(*argv, env=None, timeout=600):
     """bash run.sh ARGV in a subprocess sharing the tests' compilation cache; (rc, stdout, stderr)."""
-    return subprocess_job(["bash", "run.sh", *argv], {**os.environ, **JAX_CACHE_ENV, **(env or {})}, timeout)
+    return subprocess_job(["bash", "run.sh", *argv], {**os.environ, **JAX_CACHE_ENV, "PYTHON": sys.executable,
+                                                      **(env or {})}, timeout)
 
 
 FAKE_PY = """import json, os, subprocess, sys
