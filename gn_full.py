@@ -125,25 +125,25 @@ def make_inner_step(args, cfg):
     """One outer step of Algorithm 1: N inner steps on the GN model at theta_t, each on a fresh
     micro-batch, then the line search on its own fresh micro-batches."""
     N = args.inner_steps
-    opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
+    opt = model.inner_optimizer(args, data.param_shapes(cfg))[0]
     inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = data.split_step_batches(batches, N)
+        inner, ls = model.split_step_batches(batches, N)
 
         grad_q = lambda theta, b: quad_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.split)
         (theta, opt_state), (loss0, model_gnorm, lr) = model.inner_solve(
             grad_q, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
+            lambda k: model.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)    # rejected: eta = 0
-        new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
+        new = model.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
         n_ls = ls["inputs"].shape[0]
-        return data.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
+        return model.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
                                    jvp=N, vjp=N + 1, inner=inner, d=d)
     return step
 
@@ -263,7 +263,7 @@ def make_cg_step(args, cfg):
     @jax.jit
     def step(state, batches, s):
         theta, lam = state["params"], state["lam"]
-        outer, ls = data.split_step_batches(batches, N)
+        outer, ls = model.split_step_batches(batches, N)
         Kc = args.curvature_batches or N
         loss, g, Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg, args.split)
         if Kc < N:   # gradient on the whole outer batch, curvature on a subsample
@@ -299,7 +299,7 @@ def make_cg_step(args, cfg):
         # the gradient, the line search, and with --split > 1 one re-linearisation per product
         lin = 0 if args.split > 1 and Kc < N else Kc
         refwd = products * Kc if args.split > 1 else 0
-        return data.finish_gn_step(args, cfg, state, new, m, fwd=lin + grad_passes + n_ls_fwd + refwd,
+        return model.finish_gn_step(args, cfg, state, new, m, fwd=lin + grad_passes + n_ls_fwd + refwd,
                                    jvp=products * Kc, vjp=(grad_passes or Kc) + products * Kc)
     return step
 
@@ -344,7 +344,7 @@ def init_state(args, cfg, params):
     """The state at step 0. inner: theta_t, the inner iterate and its optimizer state, the lr
     scale (halved at each rejection); cg: theta_t, lambda and CG's warm start delta."""
     if args.solver == "inner":
-        state = {"params": params, "inner": params, "opt": data.inner_optimizer(args, params)[0].init(params),
+        state = {"params": params, "inner": params, "opt": model.inner_optimizer(args, params)[0].init(params),
                  "lr_scale": jnp.float32(1)}
     else:
         state = {"params": params, "lam": jnp.float32(args.lam), "delta": jax.tree.map(jnp.zeros_like, params)}
@@ -361,7 +361,7 @@ def main(argv=None):
     run = data.Run(args, cfg)
     params = run.init_params()
     if args.solver == "inner" and args.inner_opt == "muon":
-        run.log("inner-optimizer routing:\n" + data.routing_table(data.inner_optimizer(args, params)[1], params))
+        run.log("inner-optimizer routing:\n" + data.routing_table(model.inner_optimizer(args, params)[1], params))
     if args.solver == "cg" and args.split > 1:
         run.log(f"cg: --split {args.split}: each G v product re-linearises the curvature "
                 "batches chunk by chunk (one more forward per product; memory of one chunk)")

@@ -119,20 +119,20 @@ def make_step(args, cfg, blocks=None):
     N = args.inner_steps
     blocks = blocks or make_blocks(cfg)
     shapes = data.param_shapes(cfg)
-    opts = [data.inner_optimizer(args, get_block(shapes, keys))[0] for keys in blocks]
+    opts = [model.inner_optimizer(args, get_block(shapes, keys))[0] for keys in blocks]
     ls_tick = data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = data.split_step_batches(batches, N)
+        inner, ls = model.split_step_batches(batches, N)
         phi_all, opt_states, loss0, gnorms = state["inner"], [], None, []   # phi: unscaled
         for keys, opt, opt_state in zip(blocks, opts, state["opt"]):   # K sub-problems, same data
             grad_k = lambda phi, b, keys=keys: block_inner_grad(
                 theta_t, keys, axpy(-1.0, get_block(theta_t, keys), phi), b, cfg, args.objective, args.split)
             (phi, opt_state), (loss0, gnorm, _) = model.inner_solve(
                 grad_k, opt, get_block(phi_all, keys), opt_state, inner,
-                lambda k: data.inner_lr(args, s, k) * state["lr_scale"],
+                lambda k: model.inner_lr(args, s, k) * state["lr_scale"],
                 data.ticker(args, f"block {keys} inner step"))
             phi_all = set_block(phi_all, keys, phi)
             opt_states.append(opt_state)
@@ -141,11 +141,11 @@ def make_step(args, cfg, blocks=None):
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)    # rejected: eta = 0
         fresh = lambda th: [opt.init(get_block(th, keys)) for keys, opt in zip(blocks, opts)]
-        new = data.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
+        new = model.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
         K, n_ls = len(blocks), ls["inputs"].shape[0]
-        m |= {"train_loss": jnp.mean(loss0), "lr": data.inner_lr(args, s, 0) * state["lr_scale"],
+        m |= {"train_loss": jnp.mean(loss0), "lr": model.inner_lr(args, s, 0) * state["lr_scale"],
               "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)), "eta": eta}
-        return data.finish_gn_step(args, cfg, state, new, m, fwd=K * N + 1 + (args.ls_range + 1) * n_ls,
+        return model.finish_gn_step(args, cfg, state, new, m, fwd=K * N + 1 + (args.ls_range + 1) * n_ls,
                                    jvp=K * N, vjp=K * N + 1, inner=inner, d=d)
     return step
 
@@ -156,7 +156,7 @@ def make_step(args, cfg, blocks=None):
 def init_state(args, cfg, params, blocks=None):
     """theta_t, the merged inner iterate, each block's optimizer state, the lr scale."""
     blocks = blocks or make_blocks(cfg)
-    opt_states = [data.inner_optimizer(args, get_block(params, keys))[0].init(get_block(params, keys))
+    opt_states = [model.inner_optimizer(args, get_block(params, keys))[0].init(get_block(params, keys))
                   for keys in blocks]
     state = {"params": params, "inner": params, "opt": opt_states, "lr_scale": jnp.float32(1)}
     return state | ({"ema": params} if args.ema else {})

@@ -85,27 +85,27 @@ def make_step(args, cfg):
     """One outer step: N inner steps on the prox-linear model at theta_t, then eta* = 1 (or the
     line search with --ls-batches)."""
     N = args.inner_steps
-    opt = data.inner_optimizer(args, data.param_shapes(cfg))[0]
+    opt = model.inner_optimizer(args, data.param_shapes(cfg))[0]
     inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
     @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = data.split_step_batches(batches, N)
+        inner, ls = model.split_step_batches(batches, N)
 
         grad_p = lambda theta, b: prox_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.prox_lam,
                                                   args.split)
         (theta, opt_state), (loss0, gnorm, lr) = model.inner_solve(
             grad_p, opt, state["inner"], state["opt"], inner,
-            lambda k: data.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
+            lambda k: model.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
         # eta = 1 without line-search batches, the paper's default here
         eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)
-        new = data.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
+        new = model.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
         n_ls = ls["inputs"].shape[0]
-        return data.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
+        return model.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
                                    jvp=N, vjp=N + 1, inner=inner, d=d)
     return step
 
@@ -115,7 +115,7 @@ def make_step(args, cfg):
 
 def init_state(args, cfg, params):
     """theta_t, the inner iterate and its optimizer state, the lr scale (halved at a rejection)."""
-    state = {"params": params, "inner": params, "opt": data.inner_optimizer(args, params)[0].init(params),
+    state = {"params": params, "inner": params, "opt": model.inner_optimizer(args, params)[0].init(params),
              "lr_scale": jnp.float32(1)}
     return state | ({"ema": params} if args.ema else {})
 
@@ -126,7 +126,7 @@ def main(argv=None):
     run = data.Run(args, cfg)
     params = run.init_params()
     if args.inner_opt == "muon":
-        run.log("inner-optimizer routing:\n" + data.routing_table(data.inner_optimizer(args, params)[1], params))
+        run.log("inner-optimizer routing:\n" + data.routing_table(model.inner_optimizer(args, params)[1], params))
     run.train(init_state(args, cfg, params), make_step(args, cfg))
 
 

@@ -20,7 +20,9 @@ norms), params["ln_f"], params["lm_head"]. Layerwise GN selects blocks by these 
 
 Below f and l, the maths the methods share (each once, here): l's gradient and Hessian-vector
 product in logit space, vectors as pytrees (tdot, axpy), means over chunked micro-batches, the
-GN family's inner solve (N optimizer steps on a model of the loss) and its line search.
+optimizers the methods share (the schedules, Muon with AdamW), and the GN family's steps of
+Algorithm 1 but the model's gradient: the batch split, the inner optimizer and its lr, the inner
+solve, the line search, the warm start and rejection, the step's metrics.
 """
 import dataclasses
 import math
@@ -222,10 +224,83 @@ def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
     return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)
 
 
-# ----------------------------------------------------------------------------- the GN family's inner solve
+# ----------------------------------------------------------------------------- the optimizers the methods share
+
+def make_schedule(kind, lr, warmup, steps):
+    """The baselines' lr schedules, indexed by optimizer step (not micro-step); warmups start at
+    0, the authors' init_lr (optimizers.py: constant_with_warmup, cosine)."""
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_constant":
+        return optax.linear_schedule(0.0, lr, max(warmup, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), 0.0)
+
+
+def muon_label(path, leaf):
+    """Muon for the 2-D matrices inside the blocks, AdamW for wte, lm_head and every 1-D leaf."""
+    return "muon" if path[0] == jax.tree_util.DictKey("h") and leaf.ndim == 2 else "adam"
+
+
+MUON_NS = (3.4445, -4.7750, 2.0315), 5    # Newton-Schulz quintic (a, b, c) and its steps
+MUON_DIMS = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)   # W stored (in, out)
+
+
+def muon_adamw(params, muon_lr, adam_lr, beta, b1, b2, eps, wd, clip):
+    """Muon (optax.contrib.muon: Nesterov, no decay) on the blocks' 2-D matrices and AdamW on the
+    rest, each group clipped by its own global norm (clip 0: off): muon.py's optimizer, and the GN
+    scripts' inner one at unit lr. Returns it and the routing labels."""
+    labels = jax.tree_util.tree_map_with_path(muon_label, params)
+    got = jax.tree.leaves(labels)
+    assert len(got) == len(jax.tree.leaves(params)) and set(got) <= {"muon", "adam"}, got   # every leaf, once
+    clipped = lambda t: optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), t)
+    # Only "muon" leaves reach optax's muon, all of them 2-D, so its own aux Adam receives nothing.
+    muon = optax.contrib.muon(muon_lr, *MUON_NS, beta=beta, weight_decay=0.0, nesterov=True,
+                              muon_weight_dimension_numbers=MUON_DIMS)
+    adam = optax.adamw(adam_lr, b1, b2, eps, weight_decay=wd)
+    return optax.multi_transform({"muon": clipped(muon), "adam": clipped(adam)}, labels), labels
+
+
+# ----------------------------------------------------------------------------- the GN family
+# Algorithm 1 (and Algorithm 2, and each layerwise block) at outer step t: (1) linearise f at
+# theta_t; (2) N inner steps of an optimizer on the method's model of the loss, one fresh
+# micro-batch each; (3) d = theta-hat - theta_t; (4) a line search on fresh micro-batches picks
+# eta*; (5) theta_{t+1} = theta_t + eta* d; (6) the next solve starts from theta-hat with its
+# optimizer state. The model's gradient is each method's own; the rest is here.
+
+def split_step_batches(batches, N):
+    """The data of steps (2) and (4): a GN step's (N + n_ls, B, T) micro-batches, the first N for
+    the inner solve (cg: the outer batch), the n_ls after them, fresh, for the line search."""
+    return jax.tree.map(lambda a: a[:N], batches), jax.tree.map(lambda a: a[N:], batches)
+
+
+def inner_optimizer(args, params):
+    """Step (2)'s optimizer at unit lr (inner_solve scales its updates by inner_lr), and its
+    routing labels: muon_adamw, or AdamW on every leaf. As the authors: Muon matrices get no
+    weight decay; each group is clipped by its own norm."""
+    if args.inner_opt == "adamw":
+        clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
+        labels = jax.tree.map(lambda _: "adam", params)
+        return optax.chain(clip, optax.adamw(1.0, args.inner_b1, args.inner_b2, weight_decay=args.wd)), labels
+    return muon_adamw(params, 1.0, 1.0, args.beta, args.inner_b1, args.inner_b2, 1e-8, args.wd, args.clip)
+
+
+def inner_lr(args, s, k):
+    """Step (2)'s lr at inner step k of outer step s (0-based), from the global index s N + k
+    (the authors' llama_train_gn.py, lr_sched; warmup counts outer steps, end lr 0)."""
+    N, lr = args.inner_steps, args.lr
+    if args.schedule == "constant":
+        return jnp.asarray(lr, jnp.float32)
+    if args.schedule == "constant_with_inner_cosine":
+        peak = lr * jnp.minimum(1.0, 0.1 + 0.9 * s / args.warmup) if args.warmup else lr
+        return peak * 0.5 * (1 + jnp.cos(jnp.pi * k / N))
+    i, w, total = s * N + k, args.warmup * N, (args.schedule_steps or args.steps) * N   # global_cosine
+    warm = 0.1 * lr + 0.9 * lr * i / max(w, 1)
+    cos = lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(i - w, 0, total - w) / max(total - w, 1)))
+    return jnp.where(i < w, warm, cos)
+
 
 def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None):
-    """N inner steps (the paper's Algorithms 1 and 2, and each layerwise block): at step k, on
+    """Steps (2) and (3): N inner steps (the paper's Algorithms 1 and 2, each layerwise block): at step k, on
     micro-batch k of the N stacked `batches`, model_grad(theta, batch_k) -> (l(z0), gradient of
     the method's model of the loss at theta); the optax `opt` turns it into an update at unit lr,
     scaled by lr_of(k). Returns the final (theta, opt_state), and per step l(z0), the model
@@ -245,8 +320,6 @@ def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None)
     return jax.lax.scan(one, (theta, opt_state), (jnp.arange(N), batches))
 
 
-# ----------------------------------------------------------------------------- the line search
-
 def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
     """Mean loss at theta + eta d over K stacked batches, for each eta of etas."""
     def loss_at(xs):
@@ -259,7 +332,7 @@ def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
 
 
 def line_search(theta, d, batches, cfg: Config, ls_range, split=1, reject=True, on_eta=None):
-    """The GN family's line search (the authors' llama_train_gn.py, ls_range): eta* = the eta in
+    """Step (4), the line search (the authors' llama_train_gn.py, ls_range): eta* = the eta in
     (1/sqrt2)^i, i < ls_range, with the lowest mean loss at theta + eta d on the K stacked fresh
     batches. eta = 0 (theta itself) is evaluated too: when no eta > 0 beats it the step is
     rejected and eta* = 0 (reject=False: the best eta > 0 all the same, the authors' behaviour).
@@ -273,3 +346,35 @@ def line_search(theta, d, batches, cfg: Config, ls_range, split=1, reject=True, 
     rejected = (losses[i] >= losses[-1]) & reject
     return (jnp.where(rejected, 0.0, etas[i]), rejected,
             {"ls_loss": losses[i], "ls_loss_eta0": losses[-1], "rejected": rejected})
+
+
+def next_inner_state(args, state, eta, d, theta_hat, opt_state, rejected, opt_init):
+    """Steps (5) and (6): theta_{t+1} = theta_t + eta* d, and the warm start: the next solve continues
+    from the unscaled inner iterate theta_hat and its optimizer state; a rejected step (eta* = 0)
+    restarts it from theta_t with a fresh state (opt_init(theta)) and halves the lr scale, which
+    no later step raises again; --reset-start restarts every solve at theta_{t+1}."""
+    theta_t = state["params"]
+    theta_next = axpy(eta, d, theta_t)                          # theta_t if rejected
+    if args.reset_start:
+        inner, opt_state = theta_next, opt_init(theta_next)
+    else:
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
+        inner, opt_state = keep(theta_t, theta_hat), keep(opt_init(theta_t), opt_state)
+    return {"params": theta_next, "inner": inner, "opt": opt_state,    # inner: theta-hat, unscaled
+            "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
+
+
+def finish_gn_step(args, cfg, state, new, m, fwd, jvp, vjp, inner=None, d=None):
+    """Every GN step ends alike: the EMA of the outer iterates (--ema), and the counts of
+    micro-batch passes of the network (forward, JVP, VJP) and of the tokens the solve trained on.
+    With the inner micro-batches and the direction d (the inner solvers), also grad_norm
+    |grad l(theta_t)| on the first inner micro-batch (one gradient: the mean over all N would cost
+    N more backward passes), step_norm |eta* d| and inner_norm |d|."""
+    if inner is not None:
+        g1 = mean_loss_and_grad(state["params"], jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+        m |= {"grad_norm": optax.tree.norm(g1), "step_norm": m["eta"] * optax.tree.norm(d),
+              "inner_norm": optax.tree.norm(d)}
+    if args.ema:
+        new["ema"] = axpy(args.ema, axpy(-1.0, new["params"], state["ema"]), new["params"])
+    return new, m | {"fwd_passes": fwd, "jvp_passes": jvp, "vjp_passes": vjp,
+                     "tokens_trained": args.inner_steps * args.batch_size * cfg.seq_len}

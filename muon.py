@@ -66,23 +66,20 @@ def parse(argv=None):
 # ============================================================================ maths
 
 def make_optimizer(args, params):
-    """Muon on the blocks' matrices, AdamW (its own lr, --adam-lr) on the rest (data.muon_adamw,
-    shared with the GN scripts' inner optimizer), and the lr schedule."""
-    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
-    adam_lr = data.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
-    return data.muon_adamw(params, lr, adam_lr, args.beta, args.b1, args.b2, args.eps, args.wd, args.clip)[0], lr
-
-
-def labels(params):
-    """'muon' for a 2-D matrix inside a block params["h"][i]; 'adam' for wte, lm_head, 1-D leaves."""
-    return jax.tree_util.tree_map_with_path(data.muon_label, params)
+    """Muon on the blocks' matrices, AdamW (its own lr, --adam-lr) on the rest (model.muon_adamw,
+    shared with the GN scripts' inner optimizer), its routing labels ('muon' for a 2-D matrix
+    inside a block params["h"][i], 'adam' for wte, lm_head and 1-D leaves) and the lr schedule."""
+    lr = model.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
+    adam_lr = model.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
+    opt, labels = model.muon_adamw(params, lr, adam_lr, args.beta, args.b1, args.b2, args.eps, args.wd, args.clip)
+    return opt, labels, lr
 
 
 # ============================================================================ step
 
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
-    opt, lr = make_optimizer(args, data.param_shapes(cfg))
+    opt, _, lr = make_optimizer(args, data.param_shapes(cfg))
     tick = data.ticker(args, "micro-batch chunk")
 
     @jax.jit
@@ -107,7 +104,7 @@ def main(argv=None):
     cfg = data.model_config(args)
     run = data.Run(args, cfg)
     params = run.init_params()
-    run.log("routing:\n" + data.routing_table(labels(params), params))
+    run.log("routing:\n" + data.routing_table(make_optimizer(args, params)[1], params))
     run.train(init_state(args, cfg, params), make_step(args, cfg))
 
 

@@ -144,7 +144,7 @@ def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
     return jax.lax.cond(t == 0, first_step, later_step, None)
 
 
-def scale_by_soap(b1=0.95, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_frequency=10,
+def scale_by_soap(b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_frequency=10,
                   max_precond_dim=10000) -> optax.GradientTransformation:
     """SOAP direction (positive sign, like optax.scale_by_adam). The first update is exactly zero."""
     bs = b2 if shampoo_beta is None else shampoo_beta
@@ -191,7 +191,7 @@ def _decoupled_weight_decay(lr, weight_decay) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: jnp.zeros([], jnp.int32), update_fn)
 
 
-def soap(learning_rate, b1=0.95, b2=0.95, eps=1e-8, weight_decay=0.0, shampoo_beta=None,
+def soap(learning_rate, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, shampoo_beta=None,
          precondition_frequency=10, max_precond_dim=10000) -> optax.GradientTransformation:
     """SOAP optimizer. A schedule is evaluated at (number of real updates - 1): the first update() call
     is the skipped preconditioner-initialisation step, so the first REAL update uses schedule(0)."""
@@ -211,7 +211,7 @@ def label(path, leaf):
 def make_optimizer(args, params):
     labels = jax.tree_util.tree_map_with_path(label, params)
     assert len(jax.tree.leaves(labels)) == len(jax.tree.leaves(params))     # every leaf, once
-    lr = data.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
+    lr = model.make_schedule(args.schedule, args.lr, args.warmup, args.steps)
     clip = lambda: optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
     groups = {"soap": optax.chain(clip(), soap(lr, args.b1, args.b2, args.eps, args.wd,
                                                precondition_frequency=args.precondition_frequency,

@@ -952,7 +952,7 @@ def test_data_150m_defaults_are_figure_1s_and_name_their_sources(capsys):
     assert {k: getattr(a, k) for k in FIG1_GN} == FIG1_GN
     assert a.inner_steps * a.batch_size * 1024 == 239_992_832                      # 240M tokens
     # the lr over the 54 steps GN needed is within 1e-5 of the peak: cosine over 500000 outer steps
-    lr54 = float(data.inner_lr(a, 54, 1830))
+    lr54 = float(model.inner_lr(a, 54, 1830))
     assert lr54 == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi * (54 * 1831 + 1830) / (500000 * 1831))))
     assert 0.003 - lr54 < 0.003 * 1e-5
     for script in (gn_layerwise, gn_proxlinear):     # GN's values: no source gives theirs at 150m
@@ -962,7 +962,7 @@ def test_data_150m_defaults_are_figure_1s_and_name_their_sources(capsys):
     st = data.start_settings("150m")
     assert {k: st[k] for k in FIG1_START} == FIG1_START
     assert a.start_steps * st["batch_size"] * 1024 == 150_011_904                 # 150M tokens
-    lr = data.make_schedule(st["schedule"], st["lr"], st["warmup"], a.start_steps)
+    lr = model.make_schedule(st["schedule"], st["lr"], st["warmup"], a.start_steps)
     assert (float(lr(0)), float(lr(457)), float(lr(4000))) == (0.0, pytest.approx(0.003), pytest.approx(0.003))
     for script, accum in ((adamw, 305), (muon, 305), (soap, 1831)):   # the reviewer: 40M; SOAP: ours
         b = script.parse(["--size", "150m"])
@@ -1427,14 +1427,14 @@ def test_data_inner_lr_schedules():
                        "--steps", "3", "--lr", "0.01"])
     # the authors' template: lr_k = lr (1 + cos(pi k / N)) / 2 within every outer step
     for s in (0, 2):
-        got = [float(data.inner_lr(a, s, k)) for k in range(4)]
+        got = [float(model.inner_lr(a, s, k)) for k in range(4)]
         np.testing.assert_allclose(got, [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rtol=1e-6)
     a.schedule, a.warmup = "global_cosine", 1        # warmup from 0.1 lr over 1 outer step (4 inner)
-    got = [float(data.inner_lr(a, s, k)) for s in range(3) for k in range(4)]
+    got = [float(model.inner_lr(a, s, k)) for s in range(3) for k in range(4)]
     np.testing.assert_allclose(got[:4], [0.001 + 0.009 * k / 4 for k in range(4)], rtol=1e-6)
     np.testing.assert_allclose(got[4:], [0.005 * (1 + math.cos(math.pi * i / 8)) for i in range(8)], rtol=1e-5)
     a.schedule = "constant"
-    assert float(data.inner_lr(a, 2, 3)) == pytest.approx(0.01)
+    assert float(model.inner_lr(a, 2, 3)) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("inner_opt", ["muon", "adamw"])
@@ -1445,7 +1445,7 @@ def test_data_gn_inner_optimizer_routing_clipping_and_decay(inner_opt, params):
     each group clipped by its own norm; adamw, AdamW with decay on everything, one clip."""
     args = gn_full.parse(["--size", "tiny", "--inner-opt", inner_opt, "--wd", "0.1"])
     grads = random_grads(params, (0.3, 0.001), seed=6)
-    got = optax_updates(data.inner_optimizer(args, params)[0], params, grads)
+    got = optax_updates(model.inner_optimizer(args, params)[0], params, grads)
     p0 = flat_dict(params)
     if inner_opt == "muon":
         ref = argparse.Namespace(lr=1.0, adam_lr=1.0, beta=args.beta, b1=args.inner_b1, b2=args.inner_b2,
@@ -1628,7 +1628,7 @@ def test_muon_routing(params):
     assert {"wte", "lm_head", "ln_f"} <= want_adam
     assert all(x.ndim == 1 for p, x in flat if path_str(p) not in want_muon | {"wte", "lm_head"})
     # label(): one label per leaf, exactly the intended split
-    labs = dict(zip((path_str(p) for p, _ in flat), jax.tree.leaves(muon.labels(params))))
+    labs = dict(zip((path_str(p) for p, _ in flat), jax.tree.leaves(muon.make_optimizer(muon.parse(["--size", "tiny"]), params)[1])))
     assert len(labs) == len(flat) and set(labs.values()) == {"muon", "adam"}
     assert {p for p, lab in labs.items() if lab == "muon"} == want_muon
     # what the optimizer actually holds: Muon momentum for exactly the hidden matrices, Adam moments
@@ -1640,7 +1640,7 @@ def test_muon_routing(params):
     assert paths_of(adam.mu) == paths_of(adam.nu) == want_adam
     assert all(not jax.tree.leaves(s.mu) for s in find(state.inner_states["muon"], optax.ScaleByAdamState))
     # the printed table covers every parameter once
-    table = data.routing_table(muon.labels(params), params).splitlines()
+    table = data.routing_table(muon.make_optimizer(muon.parse(["--size", "tiny"]), params)[1], params).splitlines()
     assert sum(int(ln.split()[2]) for ln in table) == len(flat)
     assert sum(int(ln.split()[4].replace(",", "")) for ln in table) == model.param_count(params)
     assert {ln.split()[1] for ln in table if ln.split()[0] == "muon"} == {f"h[*]['{k}']" for k in HIDDEN}
@@ -2355,7 +2355,7 @@ def test_gn_applied_inner_lr_follows_schedule_and_rejections(script, schedule, m
     marked = lambda b: b["inputs"][0, 0, 0] == 0            # a line-search batch that says: reject
     log = recorded_gn_calls(monkeypatch, script, ls_losses=lambda etas, b: 1.0 + jnp.where(marked(b), 1, -1) * etas)
     zeros = jax.tree.map(jnp.zeros_like, tiny_params())      # the iterates hold lr sums exactly
-    monkeypatch.setattr(data, "inner_optimizer", lambda args, params: (probe_optimizer(log), None))
+    monkeypatch.setattr(model, "inner_optimizer", lambda args, params: (probe_optimizer(log), None))
     mod = globals()[script]
     step, state = mod.make_step(args, TINY), mod.init_state(args, TINY, zeros)
     n_blocks = len(gn_layerwise.make_blocks(TINY)) if script == "gn_layerwise" else 1
