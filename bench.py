@@ -11,7 +11,7 @@ given beside them: CPU time barely moves when another job takes our cores (wall 
 
 blocks   GN building blocks on one micro-batch, in gradients (jit(value_and_grad(l o f))): a G v
          product with the linearisation reused as CG reuses it, (linearise + 3 products - linearise
-         + 1) / 2; one gn_full.cg iteration likewise; the inner step gn_full.quad_model_grad.
+         + 1) / 2; one gn_cg.cg iteration likewise; the inner step gn_full.quad_model_grad.
 steps    each script's jitted step as its main() builds it (parse, state, make_step) with --micro
          micro-batches per phase, chained on device-resident batches: compile time, time per call,
          tokens/s of all it consumes (line search included), and time per token over a bare loop's
@@ -57,6 +57,7 @@ import optax
 import adamw
 import data
 import gn_full
+import gn_cg
 import gn_layerwise
 import gn_proxlinear
 import model
@@ -68,11 +69,11 @@ SCRIPTS = {  # step: (script, its flags; {K} micro-batches per phase, {cg} CG it
     "muon": (muon, "--grad-accum {K}"),
     "soap": (soap, "--grad-accum {K}"),
     "gn_full": (gn_full, "--inner-steps {K} --ls-batches 1"),
-    "gn_full --solver cg": (gn_full, "--solver cg --inner-steps {K} --ls-batches 1 --cg-iters {cg}"),
+    "gn_cg": (gn_cg, "--outer-batches {K} --ls-batches 1 --cg-iters {cg}"),
     "gn_layerwise": (gn_layerwise, "--inner-steps {K} --ls-batches 1"),
     "gn_proxlinear": (gn_proxlinear, "--inner-steps {K}"),       # the paper's default: no line search
 }
-METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear)}
+METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear)}
 T_START = time.perf_counter()
 
 
@@ -166,15 +167,15 @@ def blocks(a):
     @jax.jit
     def products(params, b, v, k):
         """One linearisation, then k chained G v (normalised to stay finite); k traced: one compile."""
-        Gv = gn_full.gn_model(params, b, cfg)[2]
+        Gv = gn_cg.gn_model(params, b, cfg)[2]
         norm = lambda u: jax.tree.map(lambda x: x / (1 + jnp.abs(x).max()), u)
         return jax.lax.fori_loop(0, k, lambda i, u: norm(Gv(u)), v)
 
     @jax.jit
     def cg(params, b, v, tol):
         """One linearisation, then 3 CG iterations at tol 0, or 1 at tol inf (it stops at once)."""
-        _, g, Gv = gn_full.gn_model(params, b, cfg)
-        return gn_full.cg(lambda u: model.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
+        _, g, Gv = gn_cg.gn_model(params, b, cfg)
+        return gn_cg.cg(lambda u: model.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
 
     peak, peak_flops = matmul_peak()
     say(f"blocks: compiling, then {a.repeats} rounds")

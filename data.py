@@ -634,12 +634,13 @@ def common_flags(parser, d):
         f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", *d["grad_accum"][1:],
           type=pos_int)
     f("--steps", d["steps"][0], "optimizer (outer) steps", *d["steps"][1:], type=pos_int)
-    f("--lr", d["lr"][0], "peak learning rate", *d["lr"][1:], type=pos_float)
-    f("--schedule", d["schedule"][0], "learning-rate schedule", *d["schedule"][1:], choices=d["schedules"])
-    f("--warmup", 0, "warmup steps: the baselines' linear from 0 (the authors' init_lr), the GN "
-      "scripts' in outer steps from 0.1 lr (as theirs)", type=nonneg_int)
-    f("--wd", d["wd"][0], "decoupled weight decay", *d["wd"][1:], type=nonneg_float)
-    f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", src=("T", "F"), type=nonneg_float)
+    if d["lr"]:                                   # an optimizer's flags (gn_cg.py has none)
+        f("--lr", d["lr"][0], "peak learning rate", *d["lr"][1:], type=pos_float)
+        f("--schedule", d["schedule"][0], "learning-rate schedule", *d["schedule"][1:], choices=d["schedules"])
+        f("--warmup", 0, "warmup steps: the baselines' linear from 0 (the authors' init_lr), the GN "
+          "scripts' in outer steps from 0.1 lr (as theirs)", type=nonneg_int)
+        f("--wd", d["wd"][0], "decoupled weight decay", *d["wd"][1:], type=nonneg_float)
+        f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", src=("T", "F"), type=nonneg_float)
     f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
     f("--dtype", "tf32", "tf32: fp32 params and activations at JAX's default matmul precision, "
       "what the authors ran as --dtype=fp32: TF32 matmuls on NVIDIA GPUs (one bf16 pass on TPUs; "
@@ -719,34 +720,38 @@ def routing_table(labels, params):
 
 # ============================================================================ the GN scripts' flags and counts
 
-def gn_flags(parser, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A", "A")),
+def gn_flags(parser, inner=True, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A", "A")),
              ls_range=(5, {"small": 7, "150m": 10}, ("T", "F"))):
-    """The flags of the GN scripts' inner solver (Algorithm 1 and its variants). The authors' line
-    search draws as many fresh micro-batches as the inner solve (llama_train_gn.py): ls_batches."""
+    """The GN scripts' flags: the inner solver's (Algorithm 1 and its variants; inner=False for
+    gn_cg.py, which has none), the line search's and the EMA's. The authors' line search draws as
+    many fresh micro-batches as the inner solve (llama_train_gn.py): ls_batches."""
     f = parser.flag
-    f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
-      {"small": 8, "tiny": 2, "150m": 1831}, src=("T", "F"), type=pos_int)
-    f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
-      {"tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
-    f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", src=("T", "F"), type=unit_float)
-    f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", src=("T", "F"), type=unit_float)
-    f("--beta", 0.95, "Muon momentum of the inner optimizer (optax's default, which theirs keeps)",
-      src=("A", "A"), type=unit_float)
+    if inner:
+        f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
+          {"small": 8, "tiny": 2, "150m": 1831}, src=("T", "F"), type=pos_int)
+        f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
+          {"tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
+        f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", src=("T", "F"), type=unit_float)
+        f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", src=("T", "F"), type=unit_float)
+        f("--beta", 0.95, "Muon momentum of the inner optimizer (optax's default, which theirs keeps)",
+          src=("A", "A"), type=unit_float)
     f("--ls-batches", ls_batches[0], "fresh micro-batches for the line search (0: none, eta = 1)",
       *ls_batches[1:], type=nonneg_int)
     f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", *ls_range[1:],
       type=pos_int)
-    f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 "
-      "run set total_steps=500000 and stopped at the target: its lr stayed within 1e-5 of the "
-      "peak for the 54 steps it took",
-      {"150m": 500000}, src=("A", "F"), type=nonneg_int)
-    parser.add_argument("--reset-start", action="store_true",
-                        help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
+    if inner:
+        f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 "
+          "run set total_steps=500000 and stopped at the target: its lr stayed within 1e-5 of the "
+          "peak for the 54 steps it took",
+          {"150m": 500000}, src=("A", "F"), type=nonneg_int)
+        parser.add_argument("--reset-start", action="store_true",
+                            help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
     parser.add_argument("--no-reject", action="store_true",
                         help="take the line search's best eta even when the loss at theta_t (eta "
                              "= 0, also evaluated) is lower: the authors' behaviour. By default "
                              "such a step is rejected: theta stays, and the next solve restarts "
-                             "from theta_t with a fresh optimizer state and half the inner lr")
+                             "from theta_t" + (" with a fresh optimizer state and half the inner lr"
+                                               if inner else " from delta = 0 with twice the damping"))
     f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off; the "
       "templates' 0.999 is a listed deviation)", src=("O", "F"), type=unit_float)
 
@@ -757,9 +762,11 @@ def param_shapes(cfg):
 
 
 def micro_per_step(args):
-    """Micro-batches a step reads: the baselines' gradient accumulation, or a GN step's inner (cg:
-    outer) micro-batches and its line-search ones."""
-    return getattr(args, "grad_accum", None) or args.inner_steps + args.ls_batches
+    """Micro-batches a step reads: the baselines' gradient accumulation, or a GN step's inner
+    (gn_cg.py: outer) micro-batches and its line-search ones."""
+    if getattr(args, "grad_accum", None):
+        return args.grad_accum
+    return (args.outer_batches if hasattr(args, "outer_batches") else args.inner_steps) + args.ls_batches
 
 
 # ============================================================================ checkpoints

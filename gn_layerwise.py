@@ -146,7 +146,7 @@ def make_step(args, cfg, blocks=None):
         m |= {"train_loss": jnp.mean(loss0), "lr": model.inner_lr(args, s, 0) * state["lr_scale"],
               "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)), "eta": eta}
         return model.finish_gn_step(args, cfg, state, new, m, fwd=K * N + 1 + (args.ls_range + 1) * n_ls,
-                                   jvp=K * N, vjp=K * N + 1, inner=inner, d=d)
+                                   jvp=K * N, vjp=K * N + 1, trained=inner, d=d)
     return step
 
 

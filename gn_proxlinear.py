@@ -106,7 +106,7 @@ def make_step(args, cfg):
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
         n_ls = ls["inputs"].shape[0]
         return model.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
-                                   jvp=N, vjp=N + 1, inner=inner, d=d)
+                                   jvp=N, vjp=N + 1, trained=inner, d=d)
     return step
 
 

@@ -364,17 +364,17 @@ def next_inner_state(args, state, eta, d, theta_hat, opt_state, rejected, opt_in
             "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
 
 
-def finish_gn_step(args, cfg, state, new, m, fwd, jvp, vjp, inner=None, d=None):
+def finish_gn_step(args, cfg, state, new, m, fwd, jvp, vjp, trained, d=None):
     """Every GN step ends alike: the EMA of the outer iterates (--ema), and the counts of
-    micro-batch passes of the network (forward, JVP, VJP) and of the tokens the solve trained on.
-    With the inner micro-batches and the direction d (the inner solvers), also grad_norm
-    |grad l(theta_t)| on the first inner micro-batch (one gradient: the mean over all N would cost
-    N more backward passes), step_norm |eta* d| and inner_norm |d|."""
-    if inner is not None:
-        g1 = mean_loss_and_grad(state["params"], jax.tree.map(lambda x: x[:1], inner), cfg, args.split)[1]
+    micro-batch passes of the network (forward, JVP, VJP) and of the tokens the solve trained on,
+    those of the (N, B, T) micro-batches `trained`. With the direction d (the inner solvers), also
+    grad_norm |grad l(theta_t)| on the first inner micro-batch (one gradient: the mean over all N
+    would cost N more backward passes), step_norm |eta* d| and inner_norm |d|."""
+    if d is not None:
+        g1 = mean_loss_and_grad(state["params"], jax.tree.map(lambda x: x[:1], trained), cfg, args.split)[1]
         m |= {"grad_norm": optax.tree.norm(g1), "step_norm": m["eta"] * optax.tree.norm(d),
               "inner_norm": optax.tree.norm(d)}
     if args.ema:
         new["ema"] = axpy(args.ema, axpy(-1.0, new["params"], state["ema"]), new["params"])
     return new, m | {"fwd_passes": fwd, "jvp_passes": jvp, "vjp_passes": vjp,
-                     "tokens_trained": args.inner_steps * args.batch_size * cfg.seq_len}
+                     "tokens_trained": trained["inputs"].size}

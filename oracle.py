@@ -5,7 +5,7 @@ approximate methods and an idealized layerwise oracle", from iteration counts. T
 the gap, and how exactly Algorithm 1's inner solve minimises its model, at points of the runs
 themselves. At the parameters theta_t of a run after t steps, the model is that of the step's own
 batch: the first K micro-batches of the outer batch its next step reads (GN: of its N inner
-micro-batches), g = mean_k grad l_k and G = mean_k J_k^T H_k J_k over those K (gn_full.gn_model),
+micro-batches), g = mean_k grad l_k and G = mean_k J_k^T H_k J_k over those K (gn_cg.gn_model),
 and a damping lam:
 
     q(u)     = g^T u + 1/2 u^T G u          the undamped GN model: what the inner solve minimises
@@ -53,6 +53,7 @@ import numpy as np
 
 import adamw
 import data
+import gn_cg
 import gn_full
 import gn_layerwise
 import model
@@ -127,11 +128,11 @@ def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, split=1):
     """f, e, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
     "layerwise"), at theta on the GN model of all K stacked micro-batches (K, B, T) of `batch`; d*
     and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost). split > 1: each product re-linearises the micro-batches
-    chunk by chunk (gn_full.gn_model), in the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*),
+    chunk by chunk (gn_cg.gn_model), in the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*),
     "residual", "iters", "dirs": {name: {"f", "e", "f_k", "cos_k"}}} and, with blocks, "block_residual"."""
-    _, g, Gv = gn_full.gn_model(theta, batch, cfg, split)
+    _, g, Gv = gn_cg.gn_model(theta, batch, cfg, split)
     A = lambda v: axpy(lam, v, Gv(v))
-    solve = lambda op, b: gn_full.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
+    solve = lambda op, b: gn_cg.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
     d_star, info = solve(A, g)
     get = gn_layerwise.get_block
     A_k = [lambda v, keys=keys: get(A(embed(theta, keys, v)), keys) for keys in blocks]  # G_kk + lam I

@@ -50,7 +50,7 @@ def load(run_dir):
     conf = json.load(open(os.path.join(run_dir, "config.json")))
     a = conf["args"]
     return {"name": os.path.basename(run_dir.rstrip("/")), "dir": run_dir, "conf": conf, "rows": rows,
-            "lr": a["lr"], "K": a.get("grad_accum") or a.get("inner_steps"),
+            "lr": a.get("lr"), "K": a.get("grad_accum") or a.get("inner_steps") or a.get("outer_batches"),
             "val": [(r["step"], r["tokens"], r.get("elapsed", 0.0), r["val_loss"])
                     for r in rows if "val_loss" in r]}
 

@@ -223,11 +223,13 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
   run "$out/ablations/gn_reset_start" gn_full.py $S --reset-start
-  run "$out/ablations/gn_cg" gn_full.py $S --solver cg
+  # Hessian-free CG on GN's outer batch and line search (no lr: CG's step is its own)
+  local C="--size $size --data $data $EXTRA --init-from $out/start/ckpt ${B_gn/--inner-steps/--outer-batches}"
+  C="$C --eval-every 1 --steps $cap --target-loss $target"
+  run "$out/ablations/gn_cg" gn_cg.py $C
   # CG with 4x the curvature data and 2x the iterations (160 G v micro-batch products per step,
   # 5x those of GN's 32 inner steps; about 2 minutes per step here, hence 6 steps)
-  run "$out/ablations/gn_cg_curv8_iters20" gn_full.py $S --solver cg --curvature-batches 8 \
-      --cg-iters 20 --steps 6
+  run "$out/ablations/gn_cg_curv8_iters20" gn_cg.py $C --curvature-batches 8 --cg-iters 20 --steps 6
   run "$out/oracle" oracle.py --results "$out" $ORACLE
   $py plot.py "$out"
 }
@@ -319,7 +321,7 @@ case "$mode" in
   test)
     exec $py -m pytest -q test_all.py ;;
   smoke)
-    for s in adamw muon soap gn_full gn_layerwise gn_proxlinear; do
+    for s in adamw muon soap gn_full gn_cg gn_layerwise gn_proxlinear; do
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;

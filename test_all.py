@@ -42,6 +42,7 @@ import adamw
 import bench
 import data
 import model
+import gn_cg
 import gn_full
 import gn_layerwise
 import gn_proxlinear
@@ -917,7 +918,7 @@ def test_data_bad_input_one_line_exit_2(argv, needle, tmp_path):
     assert len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("script", [adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear])
+@pytest.mark.parametrize("script", [adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear])
 def test_data_help_names_every_default_and_takes_no_abbreviations(script, capsys):
     with pytest.raises(SystemExit):
         script.parse(["--help"])
@@ -1009,7 +1010,7 @@ def test_data_empty_data_dir_and_batch_not_divisible(tmp_path):
 
 BAD_DRIVER = r"""
 import contextlib, io, json, os, shutil, sys, traceback, jax, data, model
-import adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear
+import adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear
 tmp = sys.argv[1]
 other = {"params": model.init_params(model.dataclasses.replace(model.CONFIGS["tiny"], d=16), jax.random.key(0))}
 data.save_checkpoint(f"{tmp}/other.ckpt", other, {"method": "adamw", "size": "tiny"})
@@ -1019,9 +1020,9 @@ CASES = [  # (name, argv, what the one line must say)
     ("negative steps", ["--steps", "-1"], "'-1' must be a positive integer"),
     ("zero batch", ["--batch-size", "0"], "'0' must be a positive integer"),
     ("batch not divisible by 4 devices", ["--batch-size", "6"], "must be divisible by"),
-    ("negative lr", ["--lr", "-1"], "must be a positive number"),
+    ("negative target loss", ["--target-loss", "-1"], "'-1' must be >= 0"),
     ("unknown size", ["--size", "huge"], "invalid choice: 'huge'"),
-    ("unknown solver", ["--solver", "newton"], "newton"),
+    ("a flag gn_full.py no longer takes", ["--solver", "cg"], "--solver"),
     ("missing data directory", ["--data", f"{tmp}/no-such-dir"], "no such directory"),
     ("cache dir is a file", ["--cache-dir", f"{tmp}/a-file"], "a file is in the way"),
     ("init from another config", ["--init-from", f"{tmp}/other.ckpt"], "does not match this run's params"),
@@ -1033,7 +1034,7 @@ CASES = [  # (name, argv, what the one line must say)
     ("abbreviated flag", ["--step", "3"], "unrecognized arguments: --step 3"),
     ("--distributed with no coordinator", ["--distributed"], "jax.distributed.initialize failed"),
 ]
-for mod in (adamw, muon, soap, gn_full, gn_layerwise, gn_proxlinear):
+for mod in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear):
     for i, (name, argv, needle) in enumerate(CASES):
         out = f"{tmp}/{mod.__name__}-{i}"
         os.makedirs(out)
@@ -1068,14 +1069,14 @@ def test_data_bad_input_table_for_every_script(tmp_path):
                               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(rows) == 6 * 17
+    assert len(rows) == 7 * 17
     bad = [r for r in rows if not (r["rc"] == 2 and r["needle"] in r["err"] and r["kept"]
                                    and len(r["err"].strip().splitlines()) == 1)]
     assert not bad, bad[:3]
 
 
 def test_data_bad_input_exit_code_of_a_real_process(tmp_path):
-    for argv, needle in ((["--solver", "newton"], "invalid choice: 'newton'"),
+    for argv, needle in ((["--size", "huge"], "invalid choice: 'huge'"),
                          (["--distributed"], "coordinator_address should be defined")):
         rc, out, err = run_script("gn_full.py", "--size", "tiny", *argv)
         assert rc == 2 and needle in err and "Traceback" not in err
@@ -1285,9 +1286,9 @@ def recompute_log(mod, out):
     rows = read_metrics(out)
     train, val = (np.asarray(data.load_tokens(a.data, s, cfg.vocab)) for s in ("train", "validation"))
     B, T = a.batch_size, cfg.seq_len
-    gn = hasattr(a, "inner_steps")      # N inner (cg: outer) micro-batches, then n_ls fresh ones
-    cg = getattr(a, "solver", "inner") == "cg"
-    N, n_ls = (a.inner_steps, a.ls_batches) if gn else (a.grad_accum, 0)
+    cg = mod is gn_cg
+    gn = cg or hasattr(a, "inner_steps")   # N inner (CG: outer) micro-batches, then n_ls fresh ones
+    N, n_ls = (a.outer_batches if cg else a.inner_steps, a.ls_batches) if gn else (a.grad_accum, 0)
     M = N + n_ls                         # micro-batches per step
     tmpl = {"params": jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))}
     if conf["start"]:        # the paper start: S AdamW steps of B0 sequences from the stream's head
@@ -1398,8 +1399,8 @@ LOG_RUNS = {      # id: (script, flags); each run 2 steps at tiny, evaluated at 
     "gn_full-inner-random": ("gn_full", ["--order", "random", "--seed", "1", "--inner-steps", "2",
                                          "--ls-batches", "2", "--schedule", "global_cosine", "--warmup", "1",
                                          "--lr", "0.3"]),
-    "gn_full-cg-stream": ("gn_full", ["--solver", "cg", "--order", "stream", "--inner-steps", "3",
-                                      "--curvature-batches", "1", "--ls-batches", "1"]),
+    "gn_cg-stream": ("gn_cg", ["--order", "stream", "--outer-batches", "3", "--curvature-batches", "1",
+                               "--ls-batches", "1"]),
     "gn_layerwise-random": ("gn_layerwise", ["--order", "random", "--seed", "3", "--inner-steps", "2",
                                              "--schedule", "global_cosine", "--warmup", "1"]),
     "gn_proxlinear-stream": ("gn_proxlinear", ["--order", "stream", "--ema", "0.7", "--inner-steps", "2",
@@ -1483,9 +1484,8 @@ def test_data_sharded_batch_placement_on_4_devices():
 
 
 DIST_DRIVER = r"""
-import sys, gn_full       # CG: the loop, data and line search of every script (adamw's, the inner solver's)
-gn_full.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/cg",
-              "--solver", "cg", *sys.argv[2:]])
+import sys, gn_cg       # CG: the loop, data and line search of every script (adamw's, the inner solver's)
+gn_cg.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{sys.argv[1]}/cg", *sys.argv[2:]])
 """
 
 
@@ -1519,15 +1519,15 @@ def test_data_two_processes_give_the_losses_of_one(tmp_path):
 
 
 SCALE_DRIVER = r"""
-import sys, jax, jax.flatten_util, numpy as np, data, gn_full
+import sys, jax, jax.flatten_util, numpy as np, data, gn_cg, gn_full
 states = []
 train = data.Run.train
 data.Run.train = lambda self, *a, **k: states.append(train(self, *a, **k)) or states[-1]
 n = jax.device_count()
-for solver, extra in [("inner", ["--inner-opt", "muon"]), ("cg", [])]:
+for solver, mod, extra in [("inner", gn_full, ["--inner-opt", "muon"]), ("cg", gn_cg, [])]:
     for fsdp in (["--fsdp"],) if n > 1 else ([],):
-        gn_full.main(["--size", "tiny", "--steps", "2", "--eval-every", "2", "--out",
-                      f"{sys.argv[1]}/{solver}{n}{len(fsdp)}", "--solver", solver, *extra, *fsdp])
+        mod.main(["--size", "tiny", "--steps", "2", "--eval-every", "2", "--out",
+                  f"{sys.argv[1]}/{solver}{n}{len(fsdp)}", *extra, *fsdp])
         np.save(f"{sys.argv[1]}/{solver}{n}{len(fsdp)}.npy", jax.flatten_util.ravel_pytree(states[-1]["params"])[0])
     leaves = [x for x in jax.tree.leaves(states[-1]) if any(d % 4 == 0 for d in x.shape)]
     split = sum(x.addressable_shards[0].data.size * 4 == x.size for x in leaves)
@@ -1537,7 +1537,7 @@ for solver, extra in [("inner", ["--inner-opt", "muon"]), ("cg", [])]:
 
 @pytest.mark.slow
 def test_data_gn_full_same_on_1_device_and_on_4_with_fsdp(tmp_path):
-    """Two steps of gn_full.main (Algorithm 1 with inner Muon, and CG) on 1 device and on 4 with
+    """Two steps of gn_full.main (Algorithm 1 with inner Muon) and gn_cg.main on 1 device and on 4 with
     --fsdp (batches split over the devices, every state leaf split too): the same params."""
     outs = {}
     for n in (1, 4):
@@ -1919,90 +1919,21 @@ def test_soap_run_and_exact_resume(tmp_path):
 
 # ============================================================================ gn_full.py
 
-@pytest.mark.slow
-def test_gn_full_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
-    p, flat, unravel, b, J, H = micro_problem()
-    G = J.T @ H @ J
-    rng = np.random.default_rng(0)
-    # jitted: eager dispatch of these products costs seconds each on the test machine
-    ggn_vp = jax.jit(lambda v: gn_full.gn_model(p, b, MICRO)[2](v))        # G v, one product
-    for _ in range(3):
-        v = rng.normal(size=flat.size)
-        got = jax.flatten_util.ravel_pytree(ggn_vp(unravel(jnp.array(v, jnp.float32))))[0]
-        want = G @ v
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
-    for split in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
-        v = rng.normal(size=flat.size)
-        got = jax.flatten_util.ravel_pytree(jax.jit(lambda v: gn_full.gn_model(p, b, MICRO, split)[2](v))(
-            unravel(jnp.array(v, jnp.float32))))[0]
-        assert np.linalg.norm(got - G @ v) / np.linalg.norm(G @ v) < 1e-5
-    Gv = jax.jit(lambda v: gn_full.gn_model(p, b, MICRO)[2](v))
-    u, v = [unravel(jnp.array(rng.normal(size=flat.size), jnp.float32)) for _ in range(2)]
-    uGv, vGu = float(model.tdot(u, Gv(v))), float(model.tdot(v, Gu := Gv(u)))
-    scale = math.sqrt(float(model.tdot(u, u)) * float(model.tdot(Gu, Gu)))
-    assert abs(uGv - vGu) < 1e-5 * scale                                    # fp32 round-off
-    assert float(model.tdot(u, Gu)) >= 0 and float(model.tdot(v, Gv(v))) >= 0
-    assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
-    # the gradient from the same linearisation (or the chunked form) is the true gradient
-    want_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(model.loss_fn), static_argnums=2)(p, b, MICRO))[0]
-    for split in (1, 2):
-        g = jax.flatten_util.ravel_pytree(jax.jit(lambda: gn_full.gn_model(p, b, MICRO, split)[1])())[0]
-        np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
-
-
-def test_gn_full_chunked_products_equal_the_dense_ones_at_split_2_and_K_2():
-    """gn_full's functions that take `split`, at K = 2 stacked micro-batches of 2 rows in 1 and 2
-    chunks each (quad_model_grad: one micro-batch of 4 rows), against the dense g = J^T dl/dz and
-    G = J^T H J over the 4 rows: gn_model's loss, g and G v; Algorithm 1's inner gradient
-    g + G D; the GN model's coefficients g^T d and d^T G d."""
+def test_gn_full_chunked_products_equal_the_dense_ones_at_split_2():
+    """gn_full's functions that take `split`, in 1 and 2 chunks, against the dense g = J^T dl/dz
+    and G = J^T H J over 4 rows: Algorithm 1's inner gradient g + G D on one micro-batch of 4
+    rows; the GN model's coefficients g^T d and d^T G d over K = 2 stacked micro-batches of 2."""
     p, flat, unravel, b, J, H = micro_problem(seed=5, B=4)
     stacked = jax.tree.map(lambda a: a.reshape(2, 2, -1), b)
-    want_l, want_g = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)(p, b, MICRO)
-    g, G = np.asarray(jax.flatten_util.ravel_pytree(want_g)[0], np.float64), J.T @ H @ J
-    np.testing.assert_allclose(g, J.T @ np.asarray(jax.grad(model.cross_entropy)(
-        model.forward(p, b["inputs"], MICRO), b["targets"]), np.float64).reshape(-1), rtol=1e-4, atol=1e-7)
+    g, G = dense_ggn(p, b)
     v = np.random.default_rng(0).normal(size=flat.size)
     V = unravel(jnp.asarray(v, jnp.float32))
     rel = lambda got, want: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(got)[0]) - want) / np.linalg.norm(want)
     for split in (1, 2):
-        loss, g_got, Gv = jax.jit(lambda: (lambda l, gg, mv: (l, gg, mv(V)))(*gn_full.gn_model(p, stacked, MICRO, split)))()
-        np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
-        assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, split
         _, q_grad = jax.jit(lambda: gn_full.quad_model_grad(p, V, b, MICRO, split))()
         assert rel(q_grad, g + G @ v) < 1e-5, split
         a, c = jax.jit(lambda: gn_full.model_change_coeffs(p, V, stacked, MICRO, split))()
         np.testing.assert_allclose([float(a), float(c)], [g @ v, v @ G @ v], rtol=1e-4)
-
-
-def test_gn_full_cg_solves_random_spd_system():
-    rng = np.random.default_rng(0)
-    M = rng.normal(size=(40, 40))
-    A = M @ M.T + 0.5 * np.eye(40)
-    b = rng.normal(size=40)
-    A32 = jnp.array(A, jnp.float32)
-    x, info = gn_full.cg(lambda v: {"w": A32 @ v["w"]}, {"w": jnp.array(b, jnp.float32)},
-                         {"w": jnp.zeros(40)}, max_iters=200, tol=1e-6, eps=0.0)
-    want = np.linalg.solve(A, b)
-    assert np.linalg.norm(x["w"] - want) / np.linalg.norm(want) < 1e-4
-    assert float(info["residual"]) <= 1e-5 and 0 < int(info["iters"]) <= 200
-    phi = np.asarray(info["phi"][: int(info["iters"]) + 1])
-    assert np.all(np.diff(phi) <= 1e-5)                                       # phi decreases
-    np.testing.assert_allclose(phi[-1], -0.5 * b @ want, rtol=1e-4)
-    # guard: an indefinite matrix stops at the first direction of negative curvature
-    x, info = gn_full.cg(lambda v: {"w": -v["w"]}, {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 10)
-    assert int(info["iters"]) == 1 and np.all(np.isfinite(x["w"])) and np.all(x["w"] == 0)
-
-
-def test_gn_full_cg_gn_step_equals_explicit_damped_solve():
-    p, flat, unravel, b, J, H = micro_problem(seed=3)
-    lam = 0.05
-    _, g, Gv = gn_full.gn_model(p, b, MICRO)
-    x, _ = gn_full.cg(lambda v: model.axpy(lam, v, Gv(v)), jax.tree.map(jnp.negative, g),
-                      jax.tree.map(jnp.zeros_like, g), max_iters=400, tol=1e-7, eps=0.0)
-    gflat = jax.flatten_util.ravel_pytree(g)[0]
-    want = -np.linalg.solve(J.T @ H @ J + lam * np.eye(flat.size), np.asarray(gflat, np.float64))
-    got = jax.flatten_util.ravel_pytree(x)[0]
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
 
 
 @pytest.mark.slow
@@ -2026,20 +1957,6 @@ def test_gn_full_inner_gradient_is_autodiff_of_quadratic_model():
     # the diagnostic's coefficients: q(eta D) - l(z0) = eta a + eta^2 b / 2
     a, c = jax.jit(lambda D: gn_full.model_change_coeffs(p, D, jax.tree.map(lambda x: x[None], b), MICRO))(D)
     np.testing.assert_allclose(float(l(z0) + a + 0.5 * c), float(jax.jit(q)(D)), rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_gn_full_cg_step_rejects_a_catastrophe(monkeypatch):
-    # the line search sees the loss rise with eta (eta = 0 best): theta stays, CG's warm start
-    # delta restarts at 0 and lam doubles
-    monkeypatch.setattr(model, "losses_along", lambda theta, d, b, etas, *a, **k: 1.0 + etas)
-    args = gn_full.parse(["--size", "tiny", "--solver", "cg", "--inner-steps", "2", "--ls-batches", "1"])
-    params = tiny_params()
-    new, m = gn_full.make_step(args, TINY)(gn_full.init_state(args, TINY, params), synthetic_batches(3), 0)
-    assert float(m["rejected"]) == 1 and float(m["eta"]) == 0 and float(new["lam"]) == pytest.approx(2 * args.lam)
-    assert np.array_equal(np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0]),
-                          np.asarray(jax.flatten_util.ravel_pytree(params)[0]))
-    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(new["delta"]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -2104,7 +2021,112 @@ def test_gn_full_gn_metrics_against_autodiff():
     assert float(m["model_change"]) < 0
 
 
-def test_gn_full_cg_on_the_whole_outer_batch_warm_starts_from_its_own_last_iterate():
+def test_gn_full_bf16_logits_are_accumulated_in_fp32():
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    p, b = tiny_params(), tiny_batch(4)
+    # jitted throughout: XLA on CPU may keep bf16 intermediates in fp32 inside one program
+    z = jax.jit(lambda w: model.forward(w, b["inputs"], cfg))(p)
+    h = np.asarray(jax.jit(lambda w: model.hidden(w, b["inputs"], cfg))(p).astype(jnp.float32), np.float64)
+    W = np.asarray(p["lm_head"].astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(z, h @ W, rtol=1e-5, atol=1e-5)                # fp32 sums of bf16 products
+    assert np.mean(np.asarray(z) != np.asarray(z.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
+    # the GN inner step's logits and head JVP likewise: l(z0) is the CE of those fp32 logits
+    D = jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), p)
+    loss0, g16 = jax.jit(lambda: gn_full.quad_model_grad(p, D, b, cfg))()
+    np.testing.assert_allclose(float(loss0), float(model.cross_entropy(z, b["targets"])), rtol=1e-6)
+    g32 = jax.jit(lambda: gn_full.quad_model_grad(p, D, b, TINY)[1])()      # the same maths in fp32
+    flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
+    assert np.linalg.norm(flat(g16) - flat(g32)) < 2e-2 * np.linalg.norm(flat(g32))
+
+
+@pytest.mark.slow
+def test_gn_full_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_full.py", tmp_path, "--model-change", steps=4)
+    assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
+    assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
+    # the GN model's predicted change, at evaluation steps only
+    assert all(r["model_change"] < 0 for r in rows[2::2]) and "model_change" not in rows[1]
+
+
+# ============================================================================ gn_cg.py
+
+@pytest.mark.slow
+def test_gn_cg_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
+    p, flat, unravel, b, J, H = micro_problem()
+    G = J.T @ H @ J
+    rng = np.random.default_rng(0)
+    # jitted: eager dispatch of these products costs seconds each on the test machine
+    ggn_vp = jax.jit(lambda v: gn_cg.gn_model(p, b, MICRO)[2](v))        # G v, one product
+    for _ in range(3):
+        v = rng.normal(size=flat.size)
+        got = jax.flatten_util.ravel_pytree(ggn_vp(unravel(jnp.array(v, jnp.float32))))[0]
+        want = G @ v
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    for split in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
+        v = rng.normal(size=flat.size)
+        got = jax.flatten_util.ravel_pytree(jax.jit(lambda v: gn_cg.gn_model(p, b, MICRO, split)[2](v))(
+            unravel(jnp.array(v, jnp.float32))))[0]
+        assert np.linalg.norm(got - G @ v) / np.linalg.norm(G @ v) < 1e-5
+    Gv = jax.jit(lambda v: gn_cg.gn_model(p, b, MICRO)[2](v))
+    u, v = [unravel(jnp.array(rng.normal(size=flat.size), jnp.float32)) for _ in range(2)]
+    uGv, vGu = float(model.tdot(u, Gv(v))), float(model.tdot(v, Gu := Gv(u)))
+    scale = math.sqrt(float(model.tdot(u, u)) * float(model.tdot(Gu, Gu)))
+    assert abs(uGv - vGu) < 1e-5 * scale                                    # fp32 round-off
+    assert float(model.tdot(u, Gu)) >= 0 and float(model.tdot(v, Gv(v))) >= 0
+    assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
+    # the gradient from the same linearisation (or the chunked form) is the true gradient
+    want_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(model.loss_fn), static_argnums=2)(p, b, MICRO))[0]
+    for split in (1, 2):
+        g = jax.flatten_util.ravel_pytree(jax.jit(lambda: gn_cg.gn_model(p, b, MICRO, split)[1])())[0]
+        np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+
+
+def test_gn_cg_solves_random_spd_system():
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(40, 40))
+    A = M @ M.T + 0.5 * np.eye(40)
+    b = rng.normal(size=40)
+    A32 = jnp.array(A, jnp.float32)
+    x, info = gn_cg.cg(lambda v: {"w": A32 @ v["w"]}, {"w": jnp.array(b, jnp.float32)},
+                         {"w": jnp.zeros(40)}, max_iters=200, tol=1e-6, eps=0.0)
+    want = np.linalg.solve(A, b)
+    assert np.linalg.norm(x["w"] - want) / np.linalg.norm(want) < 1e-4
+    assert float(info["residual"]) <= 1e-5 and 0 < int(info["iters"]) <= 200
+    phi = np.asarray(info["phi"][: int(info["iters"]) + 1])
+    assert np.all(np.diff(phi) <= 1e-5)                                       # phi decreases
+    np.testing.assert_allclose(phi[-1], -0.5 * b @ want, rtol=1e-4)
+    # guard: an indefinite matrix stops at the first direction of negative curvature
+    x, info = gn_cg.cg(lambda v: {"w": -v["w"]}, {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 10)
+    assert int(info["iters"]) == 1 and np.all(np.isfinite(x["w"])) and np.all(x["w"] == 0)
+
+
+def test_gn_cg_step_equals_explicit_damped_solve():
+    p, flat, unravel, b, J, H = micro_problem(seed=3)
+    lam = 0.05
+    _, g, Gv = gn_cg.gn_model(p, b, MICRO)
+    x, _ = gn_cg.cg(lambda v: model.axpy(lam, v, Gv(v)), jax.tree.map(jnp.negative, g),
+                      jax.tree.map(jnp.zeros_like, g), max_iters=400, tol=1e-7, eps=0.0)
+    gflat = jax.flatten_util.ravel_pytree(g)[0]
+    want = -np.linalg.solve(J.T @ H @ J + lam * np.eye(flat.size), np.asarray(gflat, np.float64))
+    got = jax.flatten_util.ravel_pytree(x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
+
+
+@pytest.mark.slow
+def test_gn_cg_step_rejects_a_catastrophe(monkeypatch):
+    # the line search sees the loss rise with eta (eta = 0 best): theta stays, CG's warm start
+    # delta restarts at 0 and lam doubles
+    monkeypatch.setattr(model, "losses_along", lambda theta, d, b, etas, *a, **k: 1.0 + etas)
+    args = gn_cg.parse(["--size", "tiny", "--outer-batches", "2", "--ls-batches", "1"])
+    params = tiny_params()
+    new, m = gn_cg.make_step(args, TINY)(gn_cg.init_state(args, TINY, params), synthetic_batches(3), 0)
+    assert float(m["rejected"]) == 1 and float(m["eta"]) == 0 and float(new["lam"]) == pytest.approx(2 * args.lam)
+    assert np.array_equal(np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0]),
+                          np.asarray(jax.flatten_util.ravel_pytree(params)[0]))
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(new["delta"]))
+
+
+def test_gn_cg_on_the_whole_outer_batch_warm_starts_from_its_own_last_iterate():
     """One CG step on MICRO, --curvature-batches 1 of N = 2 outer micro-batches, 3 CG iterations,
     at a point where backtracking (Martens 2010 §4.6) takes an earlier iterate than CG's last.
     Dense references: g over both outer micro-batches, G = J^T H J over the first, A = G + lam I;
@@ -2112,11 +2134,11 @@ def test_gn_full_cg_on_the_whole_outer_batch_warm_starts_from_its_own_last_itera
     ..., A^(i-1) g). The step taken is a stored iterate x_1 or x_2; the state's warm start for the
     next solve (which begins at 0.95 of it, Martens 2010 §4.5) is CG's own x_3, not the step;
     grad_norm is |g|."""
-    args = gn_full.parse(["--size", "tiny", "--solver", "cg", "--inner-steps", "2", "--ls-batches", "1",
+    args = gn_cg.parse(["--size", "tiny", "--outer-batches", "2", "--ls-batches", "1",
                           "--curvature-batches", "1", "--cg-iters", "3", "--lam", "1e-2", "--batch-size", "2"])
     p = model.init_params(MICRO, jax.random.key(1))
     mbs = [tiny_batch(2, 10 + s, MICRO) for s in (1, 2, 3)]
-    new, m = gn_full.make_step(args, MICRO)(gn_full.init_state(args, MICRO, p),
+    new, m = gn_cg.make_step(args, MICRO)(gn_cg.init_state(args, MICRO, p),
                                            jax.tree.map(lambda *x: jnp.stack(x), *mbs), 0)
     g = dense_ggn(p, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), mbs[0], mbs[1]))[0]
     A = dense_ggn(p, mbs[0])[1] + args.lam * np.eye(len(g))
@@ -2137,27 +2159,27 @@ def test_gn_full_cg_on_the_whole_outer_batch_warm_starts_from_its_own_last_itera
     np.testing.assert_allclose(float(m["grad_norm"]), np.linalg.norm(g), rtol=1e-5)
 
 
-def test_gn_full_backtracking_keeps_the_best_iterate():
+def test_gn_cg_backtracking_keeps_the_best_iterate():
     # Martens' backtracking: from the last CG iterate walk back while the loss falls
     stash = {"w": jnp.arange(5.0)[:, None]}                      # stored iterates 0, 1, 2, 3, 4
     f = lambda x: jnp.sum((x["w"] - 2.0) ** 2)                    # the loss is lowest at iterate 2
-    step, f_step, f_full, n_back = gn_full.backtrack(f, {"w": jnp.array([5.0])}, stash, jnp.int32(5))
+    step, f_step, f_full, n_back = gn_cg.backtrack(f, {"w": jnp.array([5.0])}, stash, jnp.int32(5))
     assert float(step["w"][0]) == 2.0 and float(f_step) == 0.0 and float(f_full) == 9.0
     assert int(n_back) == 4                                       # 4, 3, 2 better; 1 worse: stop
     # the last iterate is best: keep it, one evaluation
-    step, f_step, _, n_back = gn_full.backtrack(lambda x: jnp.sum((x["w"] - 6.0) ** 2),
+    step, f_step, _, n_back = gn_cg.backtrack(lambda x: jnp.sum((x["w"] - 6.0) ** 2),
                                                 {"w": jnp.array([5.0])}, stash, jnp.int32(5))
     assert float(step["w"][0]) == 5.0 and int(n_back) == 1
 
 
-def test_gn_full_lm_damping_follows_rho():
+def test_gn_cg_lm_damping_follows_rho():
     # more damping when the model over-predicts the decrease (rho < 1/4), less when rho > 3/4
     for rho, want in ((-1.0, 1.5), (0.1, 1.5), (0.5, 1.0), (0.9, 2 / 3)):
-        assert float(gn_full.lm_damping(1.0, rho)) == pytest.approx(want)
-    assert float(gn_full.lm_damping(1.0, 0.3, 0.1, 0.5)) == pytest.approx(1.0)   # lm-loose
+        assert float(gn_cg.lm_damping(1.0, rho)) == pytest.approx(want)
+    assert float(gn_cg.lm_damping(1.0, 0.3, 0.1, 0.5)) == pytest.approx(1.0)   # lm-loose
 
 
-def test_gn_full_cg_relative_progress_stop():
+def test_gn_cg_relative_progress_stop():
     """Martens' rule: stop at the first i > k = max(10, 0.1 i) with phi_i < 0 and
     (phi_i - phi_{i-k}) / phi_i < k eps, found here in numpy from the eps = 0 history."""
     rng = np.random.default_rng(1)
@@ -2166,60 +2188,83 @@ def test_gn_full_cg_relative_progress_stop():
     b = {"w": jnp.array(rng.normal(size=60), jnp.float32)}
     mv = lambda v: {"w": A @ v["w"]}
     x0 = {"w": jnp.zeros(60)}
-    _, info = gn_full.cg(mv, b, x0, max_iters=60, tol=0.0, eps=0.0)
+    _, info = gn_cg.cg(mv, b, x0, max_iters=60, tol=0.0, eps=0.0)
     phi = np.asarray(info["phi"], np.float64)
     assert int(info["iters"]) == 60
     eps = 2e-3
     want = next(i for i in range(1, 61) if (k := max(10, int(0.1 * i))) < i and phi[i] < 0
                 and (phi[i] - phi[i - k]) / phi[i] < k * eps)
     assert 11 < want < 60, want                                   # the rule fires mid-way
-    _, info = gn_full.cg(mv, b, x0, max_iters=60, tol=0.0, eps=eps)
+    _, info = gn_cg.cg(mv, b, x0, max_iters=60, tol=0.0, eps=eps)
     assert int(info["iters"]) == want
 
 
 @pytest.mark.slow
-def test_gn_full_cg_step_metrics_and_pass_counts():
+def test_gn_cg_step_metrics_and_pass_counts():
     # --split 2 with --curvature-batches 1 < --inner-steps 2: no stored linearisation of the
     # curvature batch; forward passes = gradient over N = 2, line search (5 etas + f(0) + f(delta)),
     # one re-linearisation per CG product. With --cg-iters 1 no iterate is stored: no backtracking.
-    args = gn_full.parse(["--size", "tiny", "--solver", "cg", "--inner-steps", "2", "--ls-batches", "1",
+    args = gn_cg.parse(["--size", "tiny", "--outer-batches", "2", "--ls-batches", "1",
                           "--split", "2", "--curvature-batches", "1", "--cg-iters", "1"])
     params = tiny_params()
-    _, m = gn_full.make_step(args, TINY)(gn_full.init_state(args, TINY, params), synthetic_batches(3), 0)
+    _, m = gn_cg.make_step(args, TINY)(gn_cg.init_state(args, TINY, params), synthetic_batches(3), 0)
     assert int(m["cg_iters"]) == 1 and "lr" not in m
     assert int(m["fwd_passes"]) == 2 + (5 + 2) + 1
     assert int(m["jvp_passes"]) == 1 and int(m["vjp_passes"]) == 2 + 1
 
 
-def test_gn_full_bf16_logits_are_accumulated_in_fp32():
-    cfg = dataclasses.replace(TINY, dtype="bfloat16")
-    p, b = tiny_params(), tiny_batch(4)
-    # jitted throughout: XLA on CPU may keep bf16 intermediates in fp32 inside one program
-    z = jax.jit(lambda w: model.forward(w, b["inputs"], cfg))(p)
-    h = np.asarray(jax.jit(lambda w: model.hidden(w, b["inputs"], cfg))(p).astype(jnp.float32), np.float64)
-    W = np.asarray(p["lm_head"].astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-    np.testing.assert_allclose(z, h @ W, rtol=1e-5, atol=1e-5)                # fp32 sums of bf16 products
-    assert np.mean(np.asarray(z) != np.asarray(z.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
-    # the GN inner step's logits and head JVP likewise: l(z0) is the CE of those fp32 logits
-    D = jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), p)
-    loss0, g16 = jax.jit(lambda: gn_full.quad_model_grad(p, D, b, cfg))()
-    np.testing.assert_allclose(float(loss0), float(model.cross_entropy(z, b["targets"])), rtol=1e-6)
-    g32 = jax.jit(lambda: gn_full.quad_model_grad(p, D, b, TINY)[1])()      # the same maths in fp32
-    flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
-    assert np.linalg.norm(flat(g16) - flat(g32)) < 2e-2 * np.linalg.norm(flat(g32))
+@pytest.mark.slow
+def test_gn_cg_rho_is_the_loss_change_over_the_undamped_model_change():
+    """rho = (L(theta + delta) - L(theta)) / (q(delta) - q(0)), q the undamped GN model
+    g^T delta + 1/2 delta^T G delta: recomputed with a dense G = J^T H J over the two outer
+    micro-batches and the losses on the line-search one. lam = 3 makes the damped model's change
+    (with + lam/2 |delta|^2) differ from the undamped one by a large factor."""
+    args = gn_cg.parse(["--size", "tiny", "--outer-batches", "2", "--ls-batches", "1",
+                          "--curvature-batches", "0", "--cg-iters", "1", "--ls-range", "1", "--lam", "3",
+                          "--batch-size", "2"])
+    p, flat, unravel, _, _, _ = micro_problem()
+    batches = jax.tree.map(lambda *bs: jnp.stack(bs), *[tiny_batch(2, s, MICRO) for s in (11, 12, 13)])
+    new, m = gn_cg.make_step(args, MICRO)(gn_cg.init_state(args, MICRO, p), batches, 0)
+    assert not bool(m["rejected"]) and float(m["eta"]) == 1.0      # one CG iterate, taken whole
+    delta = np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0], np.float64) - np.asarray(flat, np.float64)
+    # dense g and G over both outer micro-batches (4 sequences): the mean over 4 * T tokens
+    g, G = dense_ggn(p, {k: batches[k][:2].reshape(4, -1) for k in ("inputs", "targets")})
+    dq = g @ delta + 0.5 * delta @ G @ delta
+    ls = jax.tree.map(lambda a: a[2], batches)
+    L = lambda w: float(model.loss_fn(unravel(jnp.asarray(w, jnp.float32)), ls, MICRO))
+    rho = (L(flat + delta) - L(flat)) / dq
+    damped = dq + 0.5 * args.lam * delta @ delta
+    assert abs(dq / damped) > 1.5, "the test needs a damping term that changes the model's decrease"
+    np.testing.assert_allclose(float(m["rho"]), rho, rtol=2e-3)
+
+
+def test_gn_cg_chunked_gn_model_equals_the_dense_one_at_split_2_and_K_2():
+    """gn_model at K = 2 stacked micro-batches of 2 rows in 1 and 2 chunks each, against autodiff
+    of the loss and the dense g = J^T dl/dz and G = J^T H J over the 4 rows: its loss, g and G v."""
+    p, flat, unravel, b, J, H = micro_problem(seed=5, B=4)
+    stacked = jax.tree.map(lambda a: a.reshape(2, 2, -1), b)
+    want_l, want_g = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)(p, b, MICRO)
+    g, G = dense_ggn(p, b)
+    np.testing.assert_allclose(g, np.asarray(jax.flatten_util.ravel_pytree(want_g)[0]), rtol=1e-4, atol=1e-7)
+    v = np.random.default_rng(0).normal(size=flat.size)
+    V = unravel(jnp.asarray(v, jnp.float32))
+    rel = lambda got, want: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(got)[0]) - want) / np.linalg.norm(want)
+    for split in (1, 2):
+        loss, g_got, Gv = jax.jit(lambda: (lambda l, gg, mv: (l, gg, mv(V)))(*gn_cg.gn_model(p, stacked, MICRO, split)))()
+        np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
+        assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, split
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["inner", "cg"])
-def test_gn_full_run_and_exact_resume(solver, tmp_path):
-    extra = ["--model-change"] if solver == "inner" else ["--lam-rule", "lm"]
-    rows = check_run_and_resume("gn_full.py", tmp_path, "--solver", solver, *extra, steps=4)
+def test_gn_cg_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_cg.py", tmp_path, "--lam-rule", "lm", steps=4)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
-    if solver == "inner":      # the GN model's predicted change, at evaluation steps only
-        assert all(r["model_change"] < 0 for r in rows[2::2]) and "model_change" not in rows[1]
-    else:
-        assert all(r["cg_iters"] >= 1 and r["lam"] > 0 for r in rows[1:])
+    assert all(r["cg_iters"] >= 1 and r["lam"] > 0 for r in rows[1:])
+    rc, _, err = run_script("gn_full.py", "--size", "tiny", "--solver", "cg")       # where CG went
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: gn_full.py runs Algorithm 1 alone: drop --solver; Hessian-free CG (--solver cg) is gn_cg.py "
+        "(python gn_cg.py --help)"], err
 
 
 # ============================================================================ gn_full.py, gn_layerwise.py, gn_proxlinear.py: every GN step
@@ -2272,7 +2317,7 @@ def recorded_gn_calls(monkeypatch, script, solver="inner", ls_losses=None):
     search's losses when given. Returns the log of (tag, array)."""
     log = []
     if solver == "cg":
-        targets = [(gn_full, "gn_model", 1), (model, "mean_loss_and_grad", 1)]
+        targets = [(gn_cg, "gn_model", 1), (model, "mean_loss_and_grad", 1)]
     else:
         mod = globals()[INNER_GRAD[script][0]]
         argpos = {"gn_full": 2, "gn_layerwise": 3, "gn_proxlinear": 2}[script]
@@ -2307,7 +2352,7 @@ def per_step(log):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,solver", [("gn_full", "inner"), ("gn_full", "cg")])
+@pytest.mark.parametrize("script,solver", [("gn_full", "inner"), ("gn_cg", "cg")])
 def test_gn_line_search_sees_fresh_micro_batches_in_a_real_run(script, solver, tmp_path, monkeypatch):
     """Through main() and Run.train, 3 steps of N = 2 inner micro-batches and 2 line-search ones:
     each step's line search evaluates on micro-batches that its inner solve (cg: its gradient and
@@ -2316,8 +2361,9 @@ def test_gn_line_search_sees_fresh_micro_batches_in_a_real_run(script, solver, t
     gn_proxlinear's own split of a step's batches is checked in the applied-lr test below.)"""
     mod = globals()[script]
     log = recorded_gn_calls(monkeypatch, script, solver)
-    mod.main(["--size", "tiny", "--steps", "3", "--eval-every", "3", "--inner-steps", "2", "--ls-batches", "2",
-              "--out", str(tmp_path / "run"), *(["--solver", solver] if script == "gn_full" else [])])
+    n_flag = "--outer-batches" if script == "gn_cg" else "--inner-steps"
+    mod.main(["--size", "tiny", "--steps", "3", "--eval-every", "3", n_flag, "2", "--ls-batches", "2",
+              "--out", str(tmp_path / "run")])
     steps = per_step(log)
     assert len(steps) == 3
     seen = set()
@@ -2386,31 +2432,6 @@ def test_gn_applied_inner_lr_follows_schedule_and_rejections(script, schedule, m
         lrs.append(gn_inner_lr(args, s, 0))
     if schedule != "constant":      # the schedule does move with s: a step that froze s at 0 fails
         assert len(set(lrs)) > 1
-
-
-@pytest.mark.slow
-def test_gn_cg_rho_is_the_loss_change_over_the_undamped_model_change():
-    """rho = (L(theta + delta) - L(theta)) / (q(delta) - q(0)), q the undamped GN model
-    g^T delta + 1/2 delta^T G delta: recomputed with a dense G = J^T H J over the two outer
-    micro-batches and the losses on the line-search one. lam = 3 makes the damped model's change
-    (with + lam/2 |delta|^2) differ from the undamped one by a large factor."""
-    args = gn_full.parse(["--size", "tiny", "--solver", "cg", "--inner-steps", "2", "--ls-batches", "1",
-                          "--curvature-batches", "0", "--cg-iters", "1", "--ls-range", "1", "--lam", "3",
-                          "--batch-size", "2"])
-    p, flat, unravel, _, _, _ = micro_problem()
-    batches = jax.tree.map(lambda *bs: jnp.stack(bs), *[tiny_batch(2, s, MICRO) for s in (11, 12, 13)])
-    new, m = gn_full.make_step(args, MICRO)(gn_full.init_state(args, MICRO, p), batches, 0)
-    assert not bool(m["rejected"]) and float(m["eta"]) == 1.0      # one CG iterate, taken whole
-    delta = np.asarray(jax.flatten_util.ravel_pytree(new["params"])[0], np.float64) - np.asarray(flat, np.float64)
-    # dense g and G over both outer micro-batches (4 sequences): the mean over 4 * T tokens
-    g, G = dense_ggn(p, {k: batches[k][:2].reshape(4, -1) for k in ("inputs", "targets")})
-    dq = g @ delta + 0.5 * delta @ G @ delta
-    ls = jax.tree.map(lambda a: a[2], batches)
-    L = lambda w: float(model.loss_fn(unravel(jnp.asarray(w, jnp.float32)), ls, MICRO))
-    rho = (L(flat + delta) - L(flat)) / dq
-    damped = dq + 0.5 * args.lam * delta @ delta
-    assert abs(dq / damped) > 1.5, "the test needs a damping term that changes the model's decrease"
-    np.testing.assert_allclose(float(m["rho"]), rho, rtol=2e-3)
 
 
 # ============================================================================ gn_layerwise.py
