@@ -1060,10 +1060,25 @@ class Run:
                 "eval": {"batches": self.eval_batches, "batch_size": self.eval_batch_size},
                 "versions": vs, "devices": [str(d) for d in jax.devices()],
                 "processes": jax.process_count(), **extra}
+        self._dump_config(conf)
+
+    def _dump_config(self, conf):
         path = os.path.join(self.args.out, "config.json")
         with open(path + ".tmp", "w") as f:
             json.dump(conf, f, indent=1)
         os.replace(path + ".tmp", path)
+
+    def record_resume(self, step):
+        """A resumed run's config.json keeps its first flags in "args" and gains, per resume, the
+        step it continued from and every flag that differs from those (e.g. the --steps of an
+        extension), so that a run directory alone says how it was made."""
+        path = os.path.join(self.args.out, "config.json")
+        if not self.is_main or not os.path.exists(path):
+            return
+        conf, now = json.load(open(path)), vars(self.args)
+        changed = {k: v for k, v in now.items() if k not in ("resume", "explicit") and conf["args"].get(k) != v}
+        conf.setdefault("resumes", []).append({"step": step, "changed": changed})
+        self._dump_config(conf)
 
     def train(self, state, step_fn, extra_config=None, diagnose=None):
         """The outer loop. state: dict of pytrees with a "params" entry. step_fn(state, batches, step)
@@ -1078,6 +1093,7 @@ class Run:
             state, meta = self.load_own_checkpoint(state)
             step, pos, tokens, elapsed = meta["step"], meta["pos"], meta["tokens"], meta["elapsed"]
             self._trim_metrics(step)
+            self.record_resume(step)
             self.log(f"resumed {self.ckpt} at step {step}")
         elif self.is_main:
             if args.resume:

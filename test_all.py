@@ -193,6 +193,8 @@ def check_run_and_resume(script, tmp_path, *extra, steps=12):
     rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume")
     assert rc == 0 and f"resumed {tmp_path / 'cut' / 'ckpt'} at step {at}" in out, err
     assert losses(read_metrics(tmp_path / "cut")) == losses(full)
+    # the run's record says it was resumed, where, and with which flags changed (none here)
+    assert json.load(open(tmp_path / "cut" / "config.json"))["resumes"] == [{"step": at, "changed": {}}]
     return full
 
 
@@ -1387,6 +1389,7 @@ def test_data_run_log_recomputed_from_the_paper_start_through_a_resume(script, t
     mod.main([*argv, "--resume"])
     assert f"resumed {out / 'ckpt'} at step 1" in capsys.readouterr().out
     conf = json.load(open(out / "config.json"))
+    assert conf["args"]["stop_at"] == 1 and conf["resumes"] == [{"step": 1, "changed": {"stop_at": 0}}]
     assert len(recompute_log(adamw, os.path.dirname(conf["start"]["ckpt"]))) == 3      # the start's own
     assert len(recompute_log(mod, str(out))) == 4
 
