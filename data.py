@@ -64,7 +64,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tiktoken
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -750,8 +749,8 @@ def gn_flags(parser, inner=True, ls_batches=(122, {"small": 2, "tiny": 1, "150m"
                         help="take the line search's best eta even when the loss at theta_t (eta "
                              "= 0, also evaluated) is lower: the authors' behaviour. By default "
                              "such a step is rejected: theta stays, and the next solve restarts "
-                             "from theta_t" + (" with a fresh optimizer state and half the inner lr"
-                                               if inner else " from delta = 0 with twice the damping"))
+                             + ("from theta_t with a fresh optimizer state and half the inner lr"
+                                if inner else "CG from delta = 0 with twice the damping"))
     f("--ema", 0.0, "EMA decay of the outer iterates, evaluated separately (0: off; the "
       "templates' 0.999 is a listed deviation)", src=("O", "F"), type=unit_float)
 

@@ -269,7 +269,7 @@ def muon_adamw(params, muon_lr, adam_lr, beta, b1, b2, eps, wd, clip):
 
 def split_step_batches(batches, N):
     """The data of steps (2) and (4): a GN step's (N + n_ls, B, T) micro-batches, the first N for
-    the inner solve (cg: the outer batch), the n_ls after them, fresh, for the line search."""
+    the inner solve (gn_cg.py: the outer batch), the n_ls after them, fresh, for the line search."""
     return jax.tree.map(lambda a: a[:N], batches), jax.tree.map(lambda a: a[N:], batches)
 
 
@@ -300,11 +300,11 @@ def inner_lr(args, s, k):
 
 
 def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None):
-    """Steps (2) and (3): N inner steps (the paper's Algorithms 1 and 2, each layerwise block): at step k, on
-    micro-batch k of the N stacked `batches`, model_grad(theta, batch_k) -> (l(z0), gradient of
-    the method's model of the loss at theta); the optax `opt` turns it into an update at unit lr,
-    scaled by lr_of(k). Returns the final (theta, opt_state), and per step l(z0), the model
-    gradient's norm and the lr."""
+    """Steps (2) and (3): N inner steps (the paper's Algorithms 1 and 2, each layerwise block). At
+    step k, on micro-batch k of the N stacked `batches`, model_grad(theta, batch_k) -> (l(z0),
+    gradient of the method's model of the loss at theta); the optax `opt` turns it into an update
+    at unit lr, scaled by lr_of(k). Returns the final (theta, opt_state), and per step l(z0),
+    the model gradient's norm and the lr."""
     N = batches["inputs"].shape[0]
 
     def one(carry, xs):
