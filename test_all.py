@@ -201,38 +201,37 @@ def check_run_and_resume(script, tmp_path, *extra, steps=12):
 MICRO = model.Config(d=8, n_layers=1, n_heads=2, d_ff=16, seq_len=4, vocab=11)   # J fits in memory
 
 
+def dense_jacobian_and_hessian(p, batch, cfg=MICRO):
+    """For the mean CE over every token of a (B, T) batch, in float64: the explicit Jacobian J of
+    the flattened logits, the block-diagonal softmax-CE Hessian H (diag(p) - p p^T per token, / N)
+    and the probabilities (N, V)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(p)
+    f = lambda w: model.forward(unravel(w), batch["inputs"], cfg).reshape(-1)      # (B*T*V,)
+    J = np.asarray(jax.jit(jax.jacfwd(f))(flat), np.float64)
+    z = np.asarray(f(flat), np.float64).reshape(-1, cfg.vocab)
+    pr = np.exp(z - z.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    n, V = z.shape
+    H = np.zeros((n * V, n * V))
+    for t in range(n):
+        H[t * V:(t + 1) * V, t * V:(t + 1) * V] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / n
+    return J, H, pr
+
+
 @functools.lru_cache(maxsize=None)
 def micro_problem(seed=0, B=2):
     p = model.init_params(MICRO, jax.random.key(seed))
     flat, unravel = jax.flatten_util.ravel_pytree(p)
     b = tiny_batch(B, seed + 1, MICRO)
-    f = lambda w: model.forward(unravel(w), b["inputs"], MICRO).reshape(-1)      # (B*T*V,)
-    J = np.asarray(jax.jit(jax.jacfwd(f))(flat), np.float64)                       # dense Jacobian
-    z = np.asarray(f(flat), np.float64).reshape(-1, MICRO.vocab)
-    pr = np.exp(z - z.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    N = z.shape[0]
-    H = np.zeros((z.size, z.size))
-    for t in range(N):                                     # block-diagonal softmax-CE Hessian / N
-        s = slice(t * MICRO.vocab, (t + 1) * MICRO.vocab)
-        H[s, s] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / N
+    J, H, _ = dense_jacobian_and_hessian(p, b)
     return p, flat, unravel, b, J, H
 
 
 def dense_ggn(p, batch, cfg=MICRO):
-    """g = J^T dl/dz and G = J^T H J for the mean CE over every token of a (B, T) batch, from the
-    explicit Jacobian J of the logits and the per-token softmax-CE Hessian, in float64."""
-    flat, unravel = jax.flatten_util.ravel_pytree(p)
-    f = lambda w: model.forward(unravel(w), batch["inputs"], cfg).reshape(-1, cfg.vocab)
-    J = np.asarray(jax.jit(jax.jacfwd(lambda w: f(w).reshape(-1)))(flat), np.float64)
-    z = np.asarray(f(flat), np.float64)
-    pr = np.exp(z - z.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    n, V = z.shape
+    """g = J^T dl/dz and G = J^T H J for the mean CE over every token of a (B, T) batch (float64)."""
+    J, H, pr = dense_jacobian_and_hessian(p, batch, cfg)
+    n, V = pr.shape
     g = J.T @ ((pr - np.eye(V)[np.asarray(batch["targets"]).reshape(-1)]).reshape(-1) / n)
-    H = np.zeros((n * V, n * V))
-    for t in range(n):
-        H[t * V:(t + 1) * V, t * V:(t + 1) * V] = (np.diag(pr[t]) - np.outer(pr[t], pr[t])) / n
     return g, J.T @ H @ J
 
 
