@@ -390,9 +390,9 @@ SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
 
 # ---------------------------------------------------------------- plan: the cost of run.sh full
 
-# Measured on one H100 80GB at 45m, 32 x 1024 micro-batches (the README's H100 table): an AdamW step
-# (122 gradients) 4.07 s in bf16 and 7.32 s in TF32; `--sections blocks` in TF32: an inner step
-# of Algorithm 1 costs 1.72 gradients, a line-search (or eval) forward 0.36.
+# Measured on one H100 80GB at 45m, 32 x 1024 micro-batches (docs/configs-and-data.md's H100
+# table): an AdamW step (122 gradients) 4.07 s in bf16 and 7.32 s in TF32; `--sections blocks` in
+# TF32: an inner step of Algorithm 1 costs 1.72 gradients, a line-search (or eval) forward 0.36.
 H100_TOKENS_PER_S = {"bfloat16": 3_997_696 / 4.07, "tf32": 3_997_696 / 7.32}
 INNER, FORWARD = 1.72, 0.36
 C4_TRAIN_TOKENS = data.C4_TOTALS["train"] * 150e6   # ~150M GPT-2 tokens a shard (data.py's estimate)
@@ -451,7 +451,7 @@ def plan(path):
     for fig, (t, h) in [*totals.items(), ("all", everything)]:
         out.append(f"| {fig} | {t / 1e9:,.2f}B | {h:,.0f} | {h / 24:,.1f} days | {h / 8:,.1f} h "
                    f"({h / 8 / 24:,.1f} days) |")
-    out += ["", "An estimate, not a measurement. Measured on one H100 at 45m (the README): an AdamW "
+    out += ["", "An estimate, not a measurement. Measured on one H100 at 45m (docs/configs-and-data.md): an AdamW "
             f"step's {H100_TOKENS_PER_S['bfloat16']:,.0f} tokens/s in bf16 and "
             f"{H100_TOKENS_PER_S['tf32']:,.0f} in TF32 (float32 at full precision was not measured: "
             f"taken as TF32, an underestimate); an inner step of Algorithm 1 {INNER} gradients and a "

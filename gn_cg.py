@@ -54,7 +54,7 @@ def parse(argv=None):
     data.gn_flags(p, inner=False)
     f("--cg-iters", 50, "maximum CG iterations", {"small": 10, "tiny": 5}, type=data.pos_int)
     f("--lam", 0.01, "damping lambda (its initial value under lm)", type=data.pos_float)
-    f("--lam-rule", "fixed", "lambda adaptation: fixed (measured best, see the README), or lm "
+    f("--lam-rule", "fixed", "lambda adaptation: fixed (measured best: docs/running.md), or lm "
       "(Levenberg-Marquardt on rho: x3/2 below 1/4, x2/3 above 3/4)", choices=["fixed", "lm"])
     f("--curvature-batches", 1, "Kc: micro-batches of the outer batch used for G (0: all); G's "
       "linearisation keeps all their residuals in memory", {"small": 2, "tiny": 0},

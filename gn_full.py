@@ -12,7 +12,7 @@ Algorithm 1 (the authors' llama_train_gn.py), at theta_t, model.py's GN-family s
     N inner steps of Muon (AdamW on embedding, head, 1-D params) or AdamW on fresh batches x_k;
     d = theta - theta_t;  eta* = argmin_{eta in (1/sqrt2)^i, i < ls_range} L(theta_t + eta d)
     theta_{t+1} = theta_t + eta* d;  the inner iterate theta and the optimizer state carry over.
-The metrics each logs are listed in the README ("Metrics").
+The metrics each logs are listed in docs/running.md ("Metrics").
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_gn.py):
   - the line search also evaluates eta = 0 on its batches; a step that no eta > 0 improves is

@@ -494,7 +494,7 @@ def oracle_summary(results):
     k1 = os.path.join(results, "oracle_k1", "oracle.jsonl")
     if os.path.exists(k1):
         rows = [json.loads(line) for line in open(k1)]
-        oracle_k1 = (f"On one micro-batch ({rows[0]['tokens']:,} tokens; oracle_k1/, the earlier definition: "
+        oracle_k1 = (f"On one micro-batch ({rows[0]['tokens']:,} tokens; oracle_k1/: "
                      f"{len(rows)} measurements at the baselines' steps {sorted({r['point'] for r in rows})}, on "
                      "independent batches, each baseline's next update from its state, GN's inner solve from a "
                      f"fresh state with inner AdamW): f(d_LW) = {rng(val('layerwise', 'f', rows))}, "

@@ -247,7 +247,7 @@ point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in O
 }
 
 axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that separate it from
-  local q=$out      # the paper's Figure 1 (the README's "what matches"); each point's lrs swept
+  local q=$out      # the paper's Figure 1 (docs/cpu-results.md's "what matches"); each point's lrs swept
   case $1 in        # as quick's, its target by quick's 80% rule at its own budget
     n)  # inner steps N at quick's 65,536 tokens per step (quick: N = 32 of 16 x 128), the
         # line-search tokens held at quick's 4,096 where a micro-batch allows (N = 8: 8,192)
