@@ -24,16 +24,17 @@ import model
 
 # ============================================================================ config
 
-# Each flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES).
+# Each flag: (its value at every size, or {size: value}; sources of the 45m and 150m values:
+# data.SOURCES).
 DEFAULTS = {
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
-    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 305}, ("T", "R")),   # 150m: 305 x 128 x 1024 = 40M
-    "steps": (227, {"small": 30, "tiny": 4, "150m": 1500}, ("T", "O")),
-    "lr": (0.01, {"small": 1e-3, "tiny": 3e-3, "150m": 0.003}, ("T", "O")),  # 150m: the start's lr
-    "schedule": ("constant", {}, ("T", "O")),
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("T", "O")),  # 150m: GN's micro-batch
+    "grad_accum": ({"tiny": 2, "small": 8, "45m": 122, "150m": 305}, ("T", "R")),  # 150m: 305 x 128 x 1024 = 40M
+    "steps": ({"tiny": 4, "small": 30, "45m": 227, "150m": 1500}, ("T", "O")),
+    "lr": ({"tiny": 3e-3, "small": 1e-3, "45m": 0.01, "150m": 0.003}, ("T", "O")),  # 150m: the start's lr
+    "schedule": ("constant", ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}, ("T", "O")),
-    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
+    "wd": (0.0, ("T", "O")),
+    "eval_every": ({"tiny": 2, "small": 5, "45m": 1, "150m": 1}, ("T", "O")),
 }
 
 
@@ -55,14 +56,13 @@ def make_optimizer(args):
     return optax.chain(clip, optax.adamw(lr, args.b1, args.b2, args.eps, weight_decay=args.wd)), lr
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
     opt, lr = make_optimizer(args)
     tick = data.ticker(args, "micro-batch chunk")
 
-    @jax.jit
     def step(state, batches, t):
         params = state["params"]
         loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=tick)

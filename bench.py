@@ -60,6 +60,7 @@ import gn_full
 import gn_cg
 import gn_layerwise
 import gn_proxlinear
+import kfac
 import model
 import muon
 import soap
@@ -72,8 +73,9 @@ SCRIPTS = {  # step: (script, its flags; {K} micro-batches per phase, {cg} CG it
     "gn_cg": (gn_cg, "--outer-batches {K} --ls-batches 1 --cg-iters {cg}"),
     "gn_layerwise": (gn_layerwise, "--inner-steps {K} --ls-batches 1"),
     "gn_proxlinear": (gn_proxlinear, "--inner-steps {K}"),       # the paper's default: no line search
+    "kfac": (kfac, "--grad-accum {K}"),
 }
-METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear)}
+METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear, kfac)}
 T_START = time.perf_counter()
 
 
@@ -123,7 +125,8 @@ def build(name, flags):
     script = SCRIPTS[name][0]
     args = script.parse(flags.split())
     cfg = data.model_config(args)
-    return cfg, script.make_step(args, cfg), lambda p: script.init_state(args, cfg, p), data.micro_per_step(args)
+    step = jax.jit(script.make_step(args, cfg))
+    return cfg, step, lambda p: script.init_state(args, cfg, p), data.micro_per_step(args)
 
 
 def compiled_step(name, flags, batch_size, mesh):

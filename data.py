@@ -555,12 +555,16 @@ SOURCES = {  # where a paper-size default comes from (--help tags each value wit
 }
 
 
+SIZES = ("tiny", "small", "45m", "150m")       # model.CONFIGS, smallest first
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and per-size defaults.
 
-    `flag(name, default, help, presets={"small": ...}, src=("T", "F"))` records the default (the
-    paper's 45m value) and presets for other sizes, with the sources of the 45m and 150m values
-    (SOURCES); `parse()` fills each flag the user did not pass from its size's value.
+    `flag(name, value, help, src=("T", "F"))` records a flag's default: one value at every size,
+    or {"tiny": ..., "small": ..., "45m": ..., "150m": ...} naming each, with the sources of the
+    45m and 150m values (SOURCES); `parse()` fills each flag the user did not pass from its size's
+    value.
     """
 
     def __init__(self, doc="", **kw):
@@ -573,14 +577,14 @@ class Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
-    def flag(self, name, default, help, presets=None, src=None, **kw):
-        presets = dict(presets or {})
+    def flag(self, name, value, help, src=None, **kw):
+        by_size = value if isinstance(value, dict) else dict.fromkeys(SIZES, value)
+        assert tuple(by_size) == SIZES, f"{name}: name every size, in the order of SIZES"
         dest = name.lstrip("-").replace("-", "_")
         if src:                                   # a paper-size value: --help shows its source
-            presets.setdefault("150m", default)
             self.sources[dest] = dict(zip(("45m", "150m"), src))
         action = self.add_argument(name, default=None, help=help, **kw)
-        self.defaults_by_size[dest] = (default, presets, action, help)
+        self.defaults_by_size[dest] = (by_size, action, help)
 
     def parse(self, argv=None):
         if self.sources:
@@ -589,19 +593,20 @@ class Parser(argparse.ArgumentParser):
                               subsequent_indent="      ") for k, v in SOURCES.items())
         # --help leads each flag's defaults with the value at the --size asked for
         size = self._size_arg(sys.argv[1:] if argv is None else list(argv))
-        for dest, (default, presets, action, help) in self.defaults_by_size.items():
+        for dest, (by_size, action, help) in self.defaults_by_size.items():
             tag = lambda k: f" [{self.sources[dest][k]}]" if k in self.sources.get(dest, {}) else ""
-            value = lambda k: presets.get(k, default)
-            others = [f"{k}: {value(k)}{tag(k)}" for k in ("45m", *presets) if k != size]
-            if default == "" and not presets:     # the help text itself says what empty means
+            same = len(set(map(repr, by_size.values()))) == 1
+            if same and by_size[size] == "":      # the help text itself says what empty means
                 continue
-            action.help = f"{help} (default {value(size)}{tag(size)} at --size {size}" + (
+            others = [f"{k}: {v}{tag(k)}" for k, v in by_size.items()
+                      if k != size and (not same or tag(k))]
+            action.help = f"{help} (default {by_size[size]}{tag(size)} at --size {size}" + (
                 f"; {', '.join(others)})" if others else ")")
         args = self.parse_args(argv)
         args.explicit = sorted(d for d in self.defaults_by_size if getattr(args, d) is not None)
-        for dest, (default, presets, _, _) in self.defaults_by_size.items():
+        for dest, (by_size, _, _) in self.defaults_by_size.items():
             if getattr(args, dest) is None:
-                setattr(args, dest, presets.get(args.size, default))
+                setattr(args, dest, by_size[args.size])
         return args
 
     @staticmethod
@@ -615,20 +620,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def common_flags(parser, d):
-    """The flags every method script shares. d maps flag -> (45m default, {size: preset}[, the
-    sources of the 45m and 150m values])."""
+    """The flags every method script shares. d maps flag -> (its value at every size, or {size:
+    value} naming each[, the sources of the 45m and 150m values])."""
     f = parser.flag
     parser.add_argument("--size", default="small", choices=sorted(model.CONFIGS),
                         help="model config (default small; 45m and 150m are the paper's)")
     f("--data", "bbc", "`bbc` (embedded BBC news), or a directory of C4 shards or .txt files", type=str)
-    f("--order", "stream", "batch order: the paper's unshuffled stream, or random windows",
-      {"small": "random", "tiny": "random"}, choices=["stream", "random"])
+    f("--order", {"tiny": "random", "small": "random", "45m": "stream", "150m": "stream"},
+      "batch order: the paper's unshuffled stream, or random windows", choices=["stream", "random"])
     f("--batch-size", d["batch_size"][0], "sequences per micro-batch", *d["batch_size"][1:], type=pos_int)
-    f("--split", 1, "compute each micro-batch (and eval batch) in this many chunks of rows to bound "
+    f("--split", {"tiny": 1, "small": 1, "45m": 4, "150m": 16},
+      "compute each micro-batch (and eval batch) in this many chunks of rows to bound "
       "memory; the maths is unchanged. The 45m preset fits 24 GiB; 150m's fits an 80 GB GPU: a "
       "gn_full step on 128 x 1024 in 16 chunks of 8, 48.7 GiB by XLA's analysis (bench.py "
       "--sections memory --big 150m --batch-size 128 --limit 80 searches the splits for a limit)",
-      {"45m": 4, "150m": 16}, src=("O", "O"), type=pos_int)
+      src=("O", "O"), type=pos_int)
     if d["grad_accum"]:
         f("--grad-accum", d["grad_accum"][0], "micro-batches per optimizer step", *d["grad_accum"][1:],
           type=pos_int)
@@ -641,32 +647,35 @@ def common_flags(parser, d):
         f("--wd", d["wd"][0], "decoupled weight decay", *d["wd"][1:], type=nonneg_float)
         f("--clip", 1.0, "global gradient-norm clip (0 turns it off)", src=("T", "F"), type=nonneg_float)
     f("--seed", 0, "seed of the init and the random batch order", type=nonneg_int)
-    f("--dtype", "tf32", "tf32: fp32 params and activations at JAX's default matmul precision, "
+    f("--dtype", {"tiny": "float32", "small": "float32", "45m": "tf32", "150m": "tf32"},
+      "tf32: fp32 params and activations at JAX's default matmul precision, "
       "what the authors ran as --dtype=fp32: TF32 matmuls on NVIDIA GPUs (one bf16 pass on TPUs; "
       "full fp32 on CPUs); at 45m on an H100 an AdamW step took 1.8x bf16's time. float32: every "
       "matmul at full fp32 precision on every backend (G v then symmetric to fp32 round-off, "
       "as CG assumes), for the maths, the tests and CPU runs; slower than tf32 on GPUs. bfloat16: "
       "the fast accelerator path, bf16 matmuls with the logits accumulated in fp32 (params, "
-      "optimizer state, norms, softmax and CG vectors stay fp32)",
-      {"small": "float32", "tiny": "float32"}, src=("T", "F"), choices=["tf32", "float32", "bfloat16"])
+      "optimizer state, norms, softmax and CG vectors stay fp32)", src=("T", "F"),
+      choices=["tf32", "float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true",
                         help="recompute each block in the backward/transpose pass (less memory, as "
                              "the authors' nothing_saveable remat)")
     f("--eval-every", d["eval_every"][0], "evaluate every this many steps", *d["eval_every"][1:], type=pos_int)
-    f("--eval-batches", 100, "fixed validation batches (each --eval-batch-size x T)",
-      {"small": 8, "tiny": 2, "150m": 50}, src=("T", "F"), type=pos_int)
-    f("--eval-batch-size", 128, "sequences per validation batch", {"small": 32, "tiny": 8},
-      src=("T", "F"), type=pos_int)
+    f("--eval-batches", {"tiny": 2, "small": 8, "45m": 100, "150m": 50},
+      "fixed validation batches (each --eval-batch-size x T)", src=("T", "F"), type=pos_int)
+    f("--eval-batch-size", {"tiny": 8, "small": 32, "45m": 128, "150m": 128},
+      "sequences per validation batch", src=("T", "F"), type=pos_int)
     f("--target-loss", 0.0, "stop once the validation loss is at or below this (0: never)",
       type=nonneg_float)
-    f("--start", "paper", "the starting point. paper: the paper's shared AdamW checkpoint, "
+    f("--start", {"tiny": "none", "small": "none", "45m": "paper", "150m": "paper"},
+      "the starting point. paper: the paper's shared AdamW checkpoint, "
       "--start-steps AdamW steps of one 32-sequence micro-batch (45m: lr 0.01 constant [T]; 150m: "
       "lr 0.003, linear warmup from 0 over 457 steps, then constant [F]; both b1 0.9, b2 0.95, "
       "wd 0), trained by adamw.py once on first need and cached under the token cache by "
       "everything that determines it; the run then reads the data after the start's. none: the "
-      "seeded random init", {"small": "none", "tiny": "none"}, choices=["paper", "none"])
-    f("--start-steps", 1000, "AdamW steps of --start paper (45m: 32.8M tokens; 150m: 150M, 5%% of "
-      "a 3B-token Chinchilla budget)", {"150m": 4578}, src=("T", "F"), type=pos_int)
+      "seeded random init", choices=["paper", "none"])
+    f("--start-steps", {"tiny": 1000, "small": 1000, "45m": 1000, "150m": 4578},
+      "AdamW steps of --start paper (45m: 32.8M tokens; 150m: 150M, 5%% of "
+      "a 3B-token Chinchilla budget)", src=("T", "F"), type=pos_int)
     f("--init-from", "", "start from the params of this checkpoint, with a fresh optimizer state "
       "(default: none; overrides --start)", type=str)
     f("--out", "", "output directory (default runs/<script>-<size>)", type=str)
@@ -719,17 +728,18 @@ def routing_table(labels, params):
 
 # ============================================================================ the GN scripts' flags and counts
 
-def gn_flags(parser, inner=True, ls_batches=(122, {"small": 2, "tiny": 1, "150m": 1831}, ("A", "A")),
-             ls_range=(5, {"small": 7, "150m": 10}, ("T", "F"))):
+def gn_flags(parser, inner=True, ls_batches=({"tiny": 1, "small": 2, "45m": 122, "150m": 1831}, ("A", "A")),
+             ls_range=({"tiny": 5, "small": 7, "45m": 5, "150m": 10}, ("T", "F"))):
     """The GN scripts' flags: the inner solver's (Algorithm 1 and its variants; inner=False for
     gn_cg.py, which has none), the line search's and the EMA's. The authors' line search draws as
     many fresh micro-batches as the inner solve (llama_train_gn.py): ls_batches."""
     f = parser.flag
     if inner:
-        f("--inner-steps", 122, "N: inner steps (one fresh micro-batch each) per outer step",
-          {"small": 8, "tiny": 2, "150m": 1831}, src=("T", "F"), type=pos_int)
-        f("--inner-opt", "muon", "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW",
-          {"tiny": "adamw"}, src=("T", "F"), choices=["muon", "adamw"])
+        f("--inner-steps", {"tiny": 2, "small": 8, "45m": 122, "150m": 1831},
+          "N: inner steps (one fresh micro-batch each) per outer step", src=("T", "F"), type=pos_int)
+        f("--inner-opt", {"tiny": "adamw", "small": "muon", "45m": "muon", "150m": "muon"},
+          "inner optimizer: Muon (AdamW on wte, lm_head and 1-D) or AdamW", src=("T", "F"),
+          choices=["muon", "adamw"])
         f("--inner-b1", 0.9, "Adam beta1 of the inner optimizer", src=("T", "F"), type=unit_float)
         f("--inner-b2", 0.999, "Adam beta2 of the inner optimizer", src=("T", "F"), type=unit_float)
         f("--beta", 0.95, "Muon momentum of the inner optimizer (optax's default, which theirs keeps)",
@@ -739,10 +749,10 @@ def gn_flags(parser, inner=True, ls_batches=(122, {"small": 2, "tiny": 1, "150m"
     f("--ls-range", ls_range[0], "line-search grid eta in (1/sqrt2)^i, i < ls-range", *ls_range[1:],
       type=pos_int)
     if inner:
-        f("--schedule-steps", 0, "outer steps global_cosine spans (0: --steps). The fork's Figure 1 "
+        f("--schedule-steps", {"tiny": 0, "small": 0, "45m": 0, "150m": 500000},
+          "outer steps global_cosine spans (0: --steps). The fork's Figure 1 "
           "run set total_steps=500000 and stopped at the target: its lr stayed within 1e-5 of the "
-          "peak for the 54 steps it took",
-          {"150m": 500000}, src=("A", "F"), type=nonneg_int)
+          "peak for the 54 steps it took", src=("A", "F"), type=nonneg_int)
         parser.add_argument("--reset-start", action="store_true",
                             help="restart each inner solve at theta_{t+1} with a fresh optimizer state")
     parser.add_argument("--no-reject", action="store_true",
@@ -1100,7 +1110,8 @@ class Run:
                          "run over (its metrics.jsonl is replaced)")
                 os.remove(self.metrics_path)
             self.write_config({**(extra_config or {}), "start": self.start})
-        # one placement for every leaf, kept by the step's out_shardings: no retrace at step 2
+        # the one jit of a method's step; one placement for every leaf, kept by its out_shardings:
+        # no retrace at step 2
         where = state_sharding(state, self.mesh, args.fsdp)
         state = jax.device_put(state, where)
         step_fn = jax.jit(step_fn, out_shardings=(where, NamedSharding(self.mesh, P())))

@@ -36,12 +36,12 @@ from model import axpy, tdot
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --outer-batches
     "lr": None,                                          # no lr: CG's step is the solve's own
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("G", "G")),
-    "steps": (227, {"small": 10, "tiny": 4, "150m": 100}, ("G", "O")),
-    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("G", "G")),
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("G", "G")),
+    "steps": ({"tiny": 4, "small": 10, "45m": 227, "150m": 100}, ("G", "O")),
+    "eval_every": ({"tiny": 2, "small": 1, "45m": 10, "150m": 1}, ("G", "G")),
 }
 
 
@@ -49,16 +49,17 @@ def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
     f = p.flag
-    f("--outer-batches", 122, "N: micro-batches of the outer batch, on which g is taken",
-      {"small": 8, "tiny": 2, "150m": 1831}, src=("G", "G"), type=data.pos_int)
+    f("--outer-batches", {"tiny": 2, "small": 8, "45m": 122, "150m": 1831},
+      "N: micro-batches of the outer batch, on which g is taken", src=("G", "G"), type=data.pos_int)
     data.gn_flags(p, inner=False)
-    f("--cg-iters", 50, "maximum CG iterations", {"small": 10, "tiny": 5}, type=data.pos_int)
+    f("--cg-iters", {"tiny": 5, "small": 10, "45m": 50, "150m": 50},
+      "maximum CG iterations", type=data.pos_int)
     f("--lam", 0.01, "damping lambda (its initial value under lm)", type=data.pos_float)
     f("--lam-rule", "fixed", "lambda adaptation: fixed (measured best: docs/running.md), or lm "
       "(Levenberg-Marquardt on rho: x3/2 below 1/4, x2/3 above 3/4)", choices=["fixed", "lm"])
-    f("--curvature-batches", 1, "Kc: micro-batches of the outer batch used for G (0: all); G's "
-      "linearisation keeps all their residuals in memory", {"small": 2, "tiny": 0},
-      type=data.nonneg_int)
+    f("--curvature-batches", {"tiny": 0, "small": 2, "45m": 1, "150m": 1},
+      "Kc: micro-batches of the outer batch used for G (0: all); G's "
+      "linearisation keeps all their residuals in memory", type=data.nonneg_int)
     args = data.parse_common(p, argv, "gn_cg")
     if args.curvature_batches > args.outer_batches:
         raise data.UserError("--curvature-batches cannot exceed --outer-batches")
@@ -172,7 +173,7 @@ def lm_damping(lam, rho, lo=0.25, hi=0.75):
     return jnp.where(rho < lo, lam * 1.5, jnp.where(rho > hi, lam * 2 / 3, lam))
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg):
     """One outer step: g on the outer batch, CG on (G + lam I) delta = -g, backtracking, the line
@@ -181,7 +182,6 @@ def make_step(args, cfg):
     store_at = sorted({math.ceil(1.3 ** j) for j in range(40) if math.ceil(1.3 ** j) <= args.cg_iters})
     ls_tick = data.ticker(args, "line-search eta")
 
-    @jax.jit
     def step(state, batches, s):
         theta, lam = state["params"], state["lam"]
         outer, ls = model.split_step_batches(batches, N)

@@ -47,16 +47,16 @@ from model import axpy
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "F")),
-    "steps": (227, {"small": 10, "tiny": 4, "150m": 100}, ("T", "O")),    # 150m: the paper's 54 to 3.25
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("T", "F")),
-    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant",
-                                                "150m": "global_cosine"}, ("T", "F")),
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("T", "F")),
+    "steps": ({"tiny": 4, "small": 10, "45m": 227, "150m": 100}, ("T", "O")),  # 150m: the paper's 54 to 3.25
+    "lr": ({"tiny": 3e-3, "small": 3e-3, "45m": 0.01, "150m": 0.003}, ("T", "F")),
+    "schedule": ({"tiny": "constant", "small": "constant", "45m": "constant_with_inner_cosine",
+                  "150m": "global_cosine"}, ("T", "F")),
     "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("T", "F")),            # optimizer_wd
-    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("T", "F")),
+    "wd": ({"tiny": 0.0, "small": 0.0, "45m": 0.001, "150m": 0.001}, ("T", "F")),  # optimizer_wd
+    "eval_every": ({"tiny": 2, "small": 1, "45m": 10, "150m": 1}, ("T", "F")),
 }
 
 
@@ -106,12 +106,11 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
 
 def make_step(args, cfg):
     """One outer step of Algorithm 1: N inner steps on the GN model at theta_t, each on a fresh
-    micro-batch, then the line search on its own fresh micro-batches."""
+    micro-batch, then the line search on its own fresh micro-batches. data.Run.train jits it."""
     N = args.inner_steps
     opt = model.inner_optimizer(args, data.param_shapes(cfg))[0]
     inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
-    @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
         inner, ls = model.split_step_batches(batches, N)

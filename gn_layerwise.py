@@ -40,23 +40,24 @@ from model import axpy
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("G", "G")),
-    "steps": (227, {"small": 5, "tiny": 4, "150m": 120}, ("G", "O")),   # 150m: the paper's 78 to 3.25
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("G", "G")),
-    "schedule": ("constant_with_inner_cosine", {"small": "constant", "tiny": "constant",
-                                                "150m": "global_cosine"}, ("G", "G")),
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("G", "G")),
+    "steps": ({"tiny": 4, "small": 5, "45m": 227, "150m": 120}, ("G", "O")),  # 150m: the paper's 78 to 3.25
+    "lr": ({"tiny": 3e-3, "small": 3e-3, "45m": 0.01, "150m": 0.003}, ("G", "G")),
+    "schedule": ({"tiny": "constant", "small": "constant", "45m": "constant_with_inner_cosine",
+                  "150m": "global_cosine"}, ("G", "G")),
     "schedules": ["constant_with_inner_cosine", "global_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("G", "G")),
-    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("G", "G")),
+    "wd": ({"tiny": 0.0, "small": 0.0, "45m": 0.001, "150m": 0.001}, ("G", "G")),
+    "eval_every": ({"tiny": 2, "small": 1, "45m": 10, "150m": 1}, ("G", "G")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    data.gn_flags(p, ls_range=(10, {"small": 7}, ("A", "A")))   # the authors' layerwise default: 10
+    # the authors' layerwise line search: 10 etas
+    data.gn_flags(p, ls_range=({"tiny": 10, "small": 7, "45m": 10, "150m": 10}, ("A", "A")))
     p.flag("--objective", "gn", "each block's model: gn (quadratic) or proxlinear (CE of the "
            "linearised logits)", choices=["gn", "proxlinear"])
     return data.parse_common(p, argv, "gn_layerwise")
@@ -111,7 +112,7 @@ def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", split=1):
     return jnp.mean(loss0), jax.tree.map(lambda a: jnp.mean(a, 0), g)
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg, blocks=None):
     """One outer step: each block's N inner steps on the same N fresh micro-batches, all at
@@ -122,7 +123,6 @@ def make_step(args, cfg, blocks=None):
     opts = [model.inner_optimizer(args, get_block(shapes, keys))[0] for keys in blocks]
     ls_tick = data.ticker(args, "line-search eta")
 
-    @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
         inner, ls = model.split_step_batches(batches, N)

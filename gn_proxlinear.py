@@ -42,22 +42,22 @@ from model import axpy
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
     "grad_accum": None,                                  # the outer batch is --inner-steps
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("G", "G")),
-    "steps": (227, {"small": 10, "tiny": 4, "150m": 100}, ("G", "G")),
-    "lr": (0.01, {"small": 3e-3, "tiny": 3e-3, "150m": 0.003}, ("G", "G")),
-    "schedule": ("global_cosine", {}, ("P", "G")),
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("G", "G")),
+    "steps": ({"tiny": 4, "small": 10, "45m": 227, "150m": 100}, ("G", "G")),
+    "lr": ({"tiny": 3e-3, "small": 3e-3, "45m": 0.01, "150m": 0.003}, ("G", "G")),
+    "schedule": ("global_cosine", ("P", "G")),
     "schedules": ["global_cosine", "constant_with_inner_cosine", "constant"],
-    "wd": (0.001, {"small": 0.0, "tiny": 0.0}, ("G", "G")),
-    "eval_every": (10, {"small": 1, "tiny": 2, "150m": 1}, ("G", "G")),
+    "wd": ({"tiny": 0.0, "small": 0.0, "45m": 0.001, "150m": 0.001}, ("G", "G")),
+    "eval_every": ({"tiny": 2, "small": 1, "45m": 10, "150m": 1}, ("G", "G")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    data.gn_flags(p, ls_batches=(0, {}, ("P", "P")))   # the paper: prox-linear needs no line search
+    data.gn_flags(p, ls_batches=(0, ("P", "P")))   # the paper: prox-linear needs no line search
     p.flag("--prox-lam", 0.0, "lam: weight of the proximal term lam/2 |theta - theta_t|^2",
            type=data.nonneg_float)
     return data.parse_common(p, argv, "gn_proxlinear")
@@ -79,7 +79,7 @@ def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, split=1):
     return loss0, axpy(lam, D, g)
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg):
     """One outer step: N inner steps on the prox-linear model at theta_t, then eta* = 1 (or the
@@ -88,7 +88,6 @@ def make_step(args, cfg):
     opt = model.inner_optimizer(args, data.param_shapes(cfg))[0]
     inner_tick, ls_tick = data.ticker(args, "inner step"), data.ticker(args, "line-search eta")
 
-    @jax.jit
     def step(state, batches, s):
         theta_t = state["params"]
         inner, ls = model.split_step_batches(batches, N)

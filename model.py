@@ -109,27 +109,32 @@ def rope(x_BTHD, theta=1e4):
     return out.reshape(x_BTHD.shape).astype(x_BTHD.dtype)
 
 
-def attention(p, x_BTD, cfg: Config):
+def matmul(p, name, a):
+    """The dense layer `name` of block p: a W in a's compute dtype."""
+    return a @ p[name].astype(a.dtype)
+
+
+def attention(p, x_BTD, cfg: Config, dense=matmul):
     B, T, D = x_BTD.shape
     H, hd = cfg.n_heads, cfg.head_dim
     dt = x_BTD.dtype
-    q = layer_norm(x_BTD @ p["wq"].astype(dt), p["q_norm"]).reshape(B, T, H, hd)
-    k = layer_norm(x_BTD @ p["wk"].astype(dt), p["k_norm"]).reshape(B, T, H, hd)
-    v = (x_BTD @ p["wv"].astype(dt)).reshape(B, T, H, hd)
+    q = layer_norm(dense(p, "wq", x_BTD), p["q_norm"]).reshape(B, T, H, hd)
+    k = layer_norm(dense(p, "wk", x_BTD), p["k_norm"]).reshape(B, T, H, hd)
+    v = dense(p, "wv", x_BTD).reshape(B, T, H, hd)
     q, k = rope(q), rope(k)
     s_BHTT = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
     causal = jnp.tril(jnp.ones((T, T), bool))
     s_BHTT = jnp.where(causal, s_BHTT, jnp.finfo(jnp.float32).min)
     a_BHTT = jax.nn.softmax(s_BHTT, axis=-1).astype(dt)
     o_BTD = jnp.einsum("bhqk,bkhd->bqhd", a_BHTT, v).reshape(B, T, D)
-    return o_BTD @ p["wo"].astype(dt)
+    return dense(p, "wo", o_BTD)
 
 
-def block(p, x_BTD, cfg: Config):
-    dt = x_BTD.dtype
-    x_BTD = x_BTD + attention(p, rms_norm(x_BTD, p["ln_1"]), cfg)
-    h_BTF = jax.nn.gelu(rms_norm(x_BTD, p["ln_2"]) @ p["w1"].astype(dt), approximate=True)
-    return x_BTD + h_BTF @ p["w2"].astype(dt)
+def block(p, x_BTD, cfg: Config, dense=matmul):
+    """dense(p, name, a): each dense layer; kfac.py's records its input and output gradient."""
+    x_BTD = x_BTD + attention(p, rms_norm(x_BTD, p["ln_1"]), cfg, dense)
+    h_BTF = jax.nn.gelu(dense(p, "w1", rms_norm(x_BTD, p["ln_2"])), approximate=True)
+    return x_BTD + dense(p, "w2", h_BTF)
 
 
 # ----------------------------------------------------------------------------- f and l
@@ -152,6 +157,22 @@ def head(h_BTD, W_DV):
 def forward(params, tokens_BT, cfg: Config):
     """f: int tokens (B, T) -> fp32 logits (B, T, V)."""
     return head(hidden(params, tokens_BT, cfg), params["lm_head"])
+
+
+def forward_taps(params, tokens_BT, cfg: Config, taps):
+    """f with a tap on every dense layer of the blocks, for K-FAC (kfac.py): taps[i][name], zeros
+    of the shape of block i's layer `name`'s output s, is added to s, so the gradient with respect
+    to it is dl/ds; returns the logits and every layer's input a, ins[i][name]. No remat."""
+    x_BTD, ins = params["wte"][tokens_BT].astype(cfg.dtype), []
+    for p, tap in zip(params["h"], taps):
+        seen = {}
+
+        def dense(p, name, a, tap=tap, seen=seen):
+            seen[name] = a
+            return matmul(p, name, a) + tap[name].astype(a.dtype)
+        x_BTD = block(p, x_BTD, cfg, dense)
+        ins.append(seen)
+    return head(rms_norm(x_BTD, params["ln_f"]), params["lm_head"]), ins
 
 
 def cross_entropy(logits_BTV, targets_BT):

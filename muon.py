@@ -37,23 +37,23 @@ import model
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
-    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 305}, ("T", "R")),   # 150m: 305 x 128 x 1024 = 40M
-    "steps": (227, {"small": 30, "tiny": 4, "150m": 1000}, ("T", "O")),      # 150m: the paper's ~864 to 3.25
-    "lr": (0.01, {"small": 0.02, "tiny": 0.02, "150m": 0.003}, ("A", "O")),
-    "schedule": ("constant", {}, ("T", "O")),
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("T", "O")),  # 150m: GN's micro-batch
+    "grad_accum": ({"tiny": 2, "small": 8, "45m": 122, "150m": 305}, ("T", "R")),  # 150m: 305 x 128 x 1024 = 40M
+    "steps": ({"tiny": 4, "small": 30, "45m": 227, "150m": 1000}, ("T", "O")),  # 150m: the paper's ~864 to 3.25
+    "lr": ({"tiny": 0.02, "small": 0.02, "45m": 0.01, "150m": 0.003}, ("A", "O")),
+    "schedule": ("constant", ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}, ("T", "O")),
-    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
+    "wd": (0.0, ("T", "O")),
+    "eval_every": ({"tiny": 2, "small": 5, "45m": 1, "150m": 1}, ("T", "O")),
 }
 
 
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    p.flag("--adam-lr", 0.0, "peak lr of the AdamW group (0: same as --lr)", {"small": 1e-3, "tiny": 3e-3},
-           type=data.nonneg_float)
+    p.flag("--adam-lr", {"tiny": 3e-3, "small": 1e-3, "45m": 0.0, "150m": 0.0},
+           "peak lr of the AdamW group (0: same as --lr)", type=data.nonneg_float)
     p.flag("--beta", 0.95, "Muon Nesterov momentum", type=data.unit_float)
     p.flag("--b1", 0.9, "AdamW beta1", type=data.unit_float)
     p.flag("--b2", 0.95, "AdamW beta2", type=data.unit_float)
@@ -75,14 +75,13 @@ def make_optimizer(args, params):
     return opt, labels, lr
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
     opt, _, lr = make_optimizer(args, data.param_shapes(cfg))
     tick = data.ticker(args, "micro-batch chunk")
 
-    @jax.jit
     def step(state, batches, t):
         params = state["params"]
         loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=tick)

@@ -193,7 +193,7 @@ def replay(path, name, upto, params0, tokens, log):
     cfg = data.model_config(args)
     logged = {r["step"]: r for r in map(json.loads, open(os.path.join(path, "metrics.jsonl")))}
     stream = data.Batches(tokens, args.batch_size, cfg.seq_len, args.order, args.seed)
-    n, step = data.micro_per_step(args), mod.make_step(args, cfg)
+    n, step = data.micro_per_step(args), jax.jit(mod.make_step(args, cfg))
     state, dev = mod.init_state(args, cfg, params0), 0.0
     for t in range(upto):
         if t + 1 not in logged:

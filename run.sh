@@ -18,6 +18,8 @@
 #                               experiment instead (4M tokens per step); SIZE=tiny: a CPU rehearsal
 #                               of the same plan. --dry-run prints every run with its tokens,
 #                               passes of the data and estimated H100-hours, and runs nothing
+#   ./run.sh reject [OUT]       GN's rejection of a step that no eta > 0 improves, at a too-large
+#                               inner lr from random init: with and without it (5 minutes)
 #   ./run.sh gpu-check [OUT]    the one-GPU acceptance check (at most 8 minutes): OUT/report.md
 #
 # Plan (quick and full), every method from one shared AdamW checkpoint as the paper does:
@@ -223,6 +225,7 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
   run "$out/ablations/gn_reset_start" gn_full.py $S --reset-start
+  run "$out/ablations/gn_inner_adamw" gn_full.py $S --inner-opt adamw   # (the paper's: Muon)
   # Hessian-free CG on GN's outer batch and line search (no lr: CG's step is its own)
   local C="--size $size --data $data $EXTRA --init-from $out/start/ckpt ${B_gn/--inner-steps/--outer-batches}"
   C="$C --eval-every 1 --steps $cap --target-loss $target"
@@ -321,7 +324,7 @@ case "$mode" in
   test)
     exec $py -m pytest -q test_all.py ;;
   smoke)
-    for s in adamw muon soap gn_full gn_cg gn_layerwise gn_proxlinear; do
+    for s in adamw muon soap gn_full gn_cg gn_layerwise gn_proxlinear kfac; do
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
@@ -365,8 +368,13 @@ case "$mode" in
     fi
     echo "run.sh full at $size: $what (./run.sh full --dry-run lists its runs and their estimated cost)"
     time plan ;;
+  reject)  # GN at a too-large inner lr from random init, with and without rejecting a step
+    R="--size small --data ${DATA:-bbc} --lr 0.5 --schedule constant_with_inner_cosine --inner-steps 32"
+    R="$R --ls-batches 2 --eval-every 1"
+    run "$out/no_reject" gn_full.py $R --steps 3 --no-reject
+    run "$out/with_rejection" gn_full.py $R --steps 5 ;;
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,22p' "$0"; exit 2 ;;
+    sed -n '2,24p' "$0"; exit 2 ;;
 esac

@@ -34,16 +34,16 @@ import model
 
 # ============================================================================ config
 
-DEFAULTS = {  # flag: (45m default, {size: preset}, sources of the 45m and 150m values: data.SOURCES)
-    "batch_size": (32, {"small": 32, "tiny": 8, "150m": 128}, ("T", "O")),   # 150m: GN's micro-batch
+DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m values: data.SOURCES)
+    "batch_size": ({"tiny": 8, "small": 32, "45m": 32, "150m": 128}, ("T", "O")),  # 150m: GN's micro-batch
     # 150m: GN's 240M tokens per step (1831 x 128 x 1024): no source gives SOAP's batch in Figure 1
-    "grad_accum": (122, {"small": 8, "tiny": 2, "150m": 1831}, ("T", "O")),
-    "steps": (227, {"small": 30, "tiny": 4, "150m": 400}, ("T", "O")),       # 150m: the paper's 292 to 3.25
-    "lr": (3e-3, {"small": 3e-3, "tiny": 3e-3}, ("O", "O")),
-    "schedule": ("constant", {}, ("T", "O")),
+    "grad_accum": ({"tiny": 2, "small": 8, "45m": 122, "150m": 1831}, ("T", "O")),
+    "steps": ({"tiny": 4, "small": 30, "45m": 227, "150m": 400}, ("T", "O")),  # 150m: the paper's 292 to 3.25
+    "lr": (3e-3, ("O", "O")),
+    "schedule": ("constant", ("T", "O")),
     "schedules": ["constant", "warmup_constant", "warmup_cosine"],
-    "wd": (0.0, {}, ("T", "O")),
-    "eval_every": (1, {"small": 5, "tiny": 2}, ("T", "O")),
+    "wd": (0.0, ("T", "O")),
+    "eval_every": ({"tiny": 2, "small": 5, "45m": 1, "150m": 1}, ("T", "O")),
 }
 
 
@@ -54,9 +54,9 @@ def parse(argv=None):
     p.flag("--b2", 0.95, "beta2 (SOAP and AdamW; also SOAP's preconditioner beta)", type=data.unit_float)
     p.flag("--eps", 1e-8, "epsilon", type=data.pos_float)
     p.flag("--precondition-frequency", 10, "f: steps between eigenbasis refreshes", type=data.pos_int)
-    p.flag("--max-precond-dim", 10000, "sides longer than this are not rotated (CPU presets keep "
-           "the vocab side unrotated, as V = 32000 > 10000 does at the paper's sizes)",
-           {"small": 4096, "tiny": 256}, type=data.pos_int)
+    p.flag("--max-precond-dim", {"tiny": 256, "small": 4096, "45m": 10000, "150m": 10000},
+           "sides longer than this are not rotated (CPU presets keep "
+           "the vocab side unrotated, as V = 32000 > 10000 does at the paper's sizes)", type=data.pos_int)
     return data.parse_common(p, argv, "soap")
 
 
@@ -220,14 +220,13 @@ def make_optimizer(args, params):
     return optax.multi_transform(groups, labels), lr
 
 
-# ============================================================================ step
+# =============================================== the step (data.Run.train jits it)
 
 def make_step(args, cfg):
     """One optimizer step on the mean gradient of the step's --grad-accum micro-batches."""
     opt, lr = make_optimizer(args, data.param_shapes(cfg))
     tick = data.ticker(args, "micro-batch chunk")
 
-    @jax.jit
     def step(state, batches, t):
         params = state["params"]
         loss, g = model.mean_loss_and_grad(params, batches, cfg, args.split, on_micro=tick)
