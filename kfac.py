@@ -8,7 +8,7 @@ et al. 2023, arXiv 2311.00636, the choice for a loss that sums over positions, a
     g_n = d/ds_n sum_m CE(z_m, y^_m),   y^_m ~ softmax(z_m)          targets sampled from the model
 So E[G] is the GGN's (for softmax CE the Fisher is the GGN, H = diag(p) - p p^T), and the layer's
 GGN block F_W = 1/N sum_n (a_n a_n^T) (x) E[g_n g_n^T] is approximated by A (x) G. Then, step t:
-    A_t = rho A_{t-1} + (1 - rho) A,  G_t likewise,  rho = min(1 - 1/t, --stat-decay)   [M&G §5]
+    A_t = rho A_{t-1} + (1 - rho) A,  G_t likewise,  rho = min(1 - 1/t, --stat-decay)  [M&G's estimates]
     every f = --precondition-frequency steps, factored Tikhonov damping [M&G §6.3]:
         pi = sqrt((tr A_t / in) / (tr G_t / out))
         A^-1 = (A_t + pi sqrt(lam) I)^-1,   G^-1 = (G_t + sqrt(lam) / pi I)^-1
@@ -20,19 +20,20 @@ routed as Muon and GN's inner optimizer route them (model.muon_label); the head'
 V x V. One forward and two backward passes per micro-batch: one on the data's targets (the
 gradient), one on the sampled ones (G); A comes from the forward.
 
-Cost at the paper's sizes: factors of d x d (wq wk wv wo w1's A, w2's G) and d_ff x d_ff (w1's G,
-w2's A); at 150m the largest is 3072^2 floats (36 MiB), 12 x 6 pairs in all about 1.4 GiB with
-their inverses, replicated like the params (sharded with --fsdp); an eigh of each pair every f
-steps (about 2 x 12 x (3 x 768^3 + 2 x 3072^3 ...) flops: seconds on a GPU, amortised over f).
+Cost at the paper's sizes: per block ten d x d factors (the A of wq wk wv wo w1, the G of wq wk wv
+wo w2) and two d_ff x d_ff (w1's G, w2's A). At 150m (d 768, d_ff 3072) that is 24.8M floats a
+block, 99 MB; with their inverses 2.4 GB over the 12 blocks (the largest factor 3072^2, 36 MiB),
+replicated like the params; one eigh of each every f steps, about 10 n^3 flops each: 7.5e12 flops
+at 150m, amortised over f.
 
 Choices and their sources (no authors' code: the paper does not run K-FAC):
-  - sampled-target G, one sample per token (M&G §5; not the empirical Fisher of the data's labels);
+  - sampled-target G, one sample per token (M&G; not the empirical Fisher of the data's labels);
   - K-FAC-expand over positions (Eschenhagen et al. 2023); K-FAC-reduce would sum a and g over a
     sequence's positions first, a different approximation for shared weights;
   - factored Tikhonov damping with a fixed lam (M&G §6.3); M&G adapt lam, lr and momentum from a
     quadratic model, which kfac-jax's examples call of questionable use in the stochastic setting:
     here lr and lam are swept like every method's hyperparameters;
-  - inverses by eigh, refreshed every f steps (M&G §8 amortise them; SOAP's f, same default 10),
+  - inverses by eigh, refreshed every f steps (M&G amortise them; SOAP's f, same default 10),
     and at step 1; the factors themselves are updated every step;
   - no decay on the K-FAC matrices (as Muon's): --wd acts on the AdamW group.
 """

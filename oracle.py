@@ -20,8 +20,8 @@ and a damping lam:
 Per block k (the L + 2 blocks of gn_layerwise.py: wte, each transformer block, lm_head), f_k(u_k)
 uses g_k and the diagonal block G_kk against d_LW,k = -(G_kk + lam I)^-1 g_k, the layerwise oracle
 (f_k = 1 by definition); cos_k is the cosine of u_k and d*_k. The directions u at a point:
-    adamw, muon, soap   the step the run takes from theta_t: its step function from its own
-                        optimizer state on its own batch (SOAP's first step only builds its
+    adamw, muon, soap,  the step the run takes from theta_t: its step function from its own
+    kfac                optimizer state on its own batch (SOAP's first step only builds its
                         preconditioner, u = 0: it is measured from its second step on)
     gn_full             the direction Algorithm 1 takes: d = theta_hat - theta_t from its run's
                         warm-started inner iterate and optimizer state, on its N inner micro-batches,
@@ -56,11 +56,12 @@ import data
 import gn_cg
 import gn_full
 import gn_layerwise
+import kfac
 import model
 import muon
 import soap
 
-METHODS = {"adamw": adamw, "muon": muon, "soap": soap, "gn_full": gn_full}
+METHODS = {"adamw": adamw, "muon": muon, "soap": soap, "kfac": kfac, "gn_full": gn_full}
 
 # ============================================================================ config
 
@@ -228,7 +229,8 @@ def main(argv=None):
                                    keys=["params"])[0]["params"]
     tokens = data.load_tokens(args0.data, "train", cfg.vocab, a.cache_dir)
     gn_steps = max(r["step"] for r in map(json.loads, open(os.path.join(gn_path, "metrics.jsonl"))))
-    want = {m: a.points for m in ("adamw", "muon", "soap") if os.path.exists(os.path.join(a.results, "fig1", m))}
+    want = {m: a.points for m in ("adamw", "muon", "soap", "kfac")
+            if os.path.exists(os.path.join(a.results, "fig1", m))}
     want["gn_full"] = list(range(gn_steps)) if a.gn_points is None else a.gn_points
     split = 2 if args0.batch_size % 2 == 0 else 1   # K stored linearisations would not fit at small
     # the directions go in as a list (names outside): one compilation per count, whatever the run

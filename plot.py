@@ -36,11 +36,17 @@ PAPER = {"gn_full": "54", "gn_layerwise": "78", "soap": "292", "muon": "~864", "
 BASELINES = ("adamw", "muon", "soap")
 NAMES = {"adamw": "AdamW", "muon": "Muon", "soap": "SOAP", "gn_full": "GN full (Algorithm 1)",
          "gn_layerwise": "GN layerwise", "gn_proxlinear": "GN prox-linear (line search)",
-         "gn_proxlinear_no_ls": "GN prox-linear (no line search)"}
+         "gn_proxlinear_no_ls": "GN prox-linear (no line search)", "kfac": "K-FAC"}
 COLORS = {"adamw": "tab:gray", "muon": "tab:orange", "soap": "tab:green", "gn_full": "tab:blue",
-          "gn_layerwise": "tab:purple", "gn_proxlinear": "tab:red", "gn_proxlinear_no_ls": "tab:pink"}
+          "gn_layerwise": "tab:purple", "gn_proxlinear": "tab:red", "gn_proxlinear_no_ls": "tab:pink",
+          "kfac": "tab:brown"}
 PREAMBLE = ("# Results\n\nWritten by `python plot.py` from the config.json and metrics.jsonl files "
             "beside this file; run.sh states the plan.\n\n")
+def display(m):
+    """A run or sweep's name as printed: K-FAC's sweeps are one per damping (kfac_lam<lam>)."""
+    return f"K-FAC (lam {m[len('kfac_lam'):]})" if m.startswith("kfac_lam") else NAMES.get(m, m)
+
+
 README_BEGIN, README_END = "<!-- results:begin (plot.py --readme) -->", "<!-- results:end -->"
 
 
@@ -102,8 +108,8 @@ def rank_key(run, target):
 
 # ---------------------------------------------------------------- run.sh's choices
 def pick(what, args):
-    if what == "lr":                                    # lr DIR
-        return repr(load(args[0])["lr"])
+    if what in ("lr", "damping"):                       # lr DIR, damping DIR (K-FAC's lam)
+        return repr(load(args[0])["conf"]["args"][what])
     if what == "target":                                # target STEP DIR...: lowest val at STEP
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
@@ -209,7 +215,7 @@ def sweeps(results):
     for ax, (m, rs) in zip(axes[0], sorted(by.items())):
         for i, r in enumerate(sorted(rs, key=lambda r: r["lr"])):
             curve(ax, r, "step", color=plt.cm.viridis(i / max(len(rs) - 1, 1)), label=f"lr {r['lr']:g}")
-        style(ax, f"{NAMES.get(m, m)} sweep", "step")
+        style(ax, f"{display(m)} sweep", "step")
     save(fig, results, "sweeps.png")
     return by
 
@@ -311,7 +317,9 @@ def fig1_table(rs, target):
                      f"{h['interp'][2]:.0f}", ratio]
         else:
             cells = [f"not reached in {final(r)[0]} (final {final(r)[3]:.4f})", "-", "-", "-"]
-        lines.append(f"| {NAMES.get(r['name'], r['name'])} | {r['lr']:g} | " + " | ".join(cells)
+        lam = r["conf"]["args"].get("damping")                           # K-FAC's lam beside its lr
+        lines.append(f"| {NAMES.get(r['name'], r['name'])} | {r['lr']:g}{f' (lam {lam:g})' if lam else ''} | "
+                     + " | ".join(cells)
                      + f" | {PAPER.get(r['name'], '')} |")
     return "\n".join(lines), hit, best
 
@@ -514,13 +522,13 @@ def oracle_summary(results):
         f"{sum(v) / len(v):.2f}" for p in gn if (v := val("gn_full", "f", [r for r in rows if r["point"] == p
                                                                             and r["lam"] == lam])))
         for lam in lams)
-    base = [m for m in BASELINES if val(m, "f")]
+    base = [m for m in (*BASELINES, "kfac") if val(m, "f")]
     text = (f"Oracle (oracle.py, {len(rows)} measurements; the GN model of K = {rows[0]['K']} micro-batches "
             f"({rows[0]['tokens']:,} tokens) of each step's own batch, lam {', '.join(f'{x:g}' for x in lams)}): "
             f"along GN full's Figure-1 run (steps {gn[0]}-{gn[-1]}), the direction it takes (its warm-started "
             f"d) keeps f = {rng(val('gn_full', 'f'))} of the damped model's best decrease (per step, mean "
             f"over sets: {per}) and e = q(d)/q(d*) = {rng(val('gn_full', 'e'))} of the reference solve's "
-            "decrease; the baselines' own steps keep f = " + ", ".join(f"{NAMES[m]} {rng(val(m, 'f'))}" for m in base)
+            "decrease; the other methods' own steps keep f = " + ", ".join(f"{NAMES[m]} {rng(val(m, 'f'))}" for m in base)
             + f" (steps {sorted({r['point'] for r in rows if any(m in r['dirs'] for m in base)})})")
     if val("layerwise", "f"):
         text += (f"; the layerwise oracle d_LW keeps f = {rng(val('layerwise', 'f'))} (steps "
@@ -545,7 +553,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
         for m, srs in sorted(sweep_by.items()):
             srs = sorted(srs, key=lambda r: r["lr"])
             bestr = min(srs, key=lambda r: rank_key(r, target if m.startswith("gn") else None))
-            rows.append(f"| {NAMES.get(m, m)} | " + ", ".join(
+            rows.append(f"| {display(m)} | " + ", ".join(
                 f"{'**' if r is bestr else ''}{r['lr']:g}: {final(r)[3]:.4f} at step {final(r)[0]}"
                 f"{'**' if r is bestr else ''}" for r in srs) + " |")
         parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps (validation loss at the sweep's last step; GN sweeps stop at "

@@ -88,7 +88,7 @@ train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; sto
 
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
   if [ -n "$dry" ]; then  # a dry run has no logs: the choices are named, the grids not extended
-    case $1 in lr) echo "LR_OF_${2##*/}" ;; target) echo TARGET ;; reached) echo no ;; *) echo "" ;; esac
+    case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; reached) echo no ;; *) echo "" ;; esac
     return
   fi
   $py plot.py --pick "$@"
@@ -153,6 +153,10 @@ plan() {  # plan [SEED]
     done
     run "$o/gn_full" gn_full.py $S $B_gn $(steps_of gn_full) --lr "$(pick lr "$out/fig1/gn_full")" \
         $E --target-loss "$target" $GN_EXTRA
+    if [ -n "${KFAC:-}" ]; then
+      run "$o/kfac" kfac.py $S $B_kfac $(steps_of kfac) --lr "$(pick lr "$out/fig1/kfac")" \
+          --damping "$(pick damping "$out/fig1/kfac")" $E --target-loss "$target"
+    fi
     return
   fi
   # 2. baseline sweeps; Figure 1 continues each best run (to the target, when it is fixed)
@@ -189,6 +193,19 @@ plan() {  # plan [SEED]
     if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
       FROM=$SWEEP_STEPS_gn_full extend "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
     fi
+  fi
+  # 4b. K-FAC (KFAC=1: quick; beyond the paper): its lr swept at each damping lam in KFAC_LAMS as
+  # the baselines' (lowest loss at the sweep's last step, the grid extended at its edge), the best
+  # of every (lr, lam) continued to its cap or the target, which the baselines alone set
+  if [ -n "${KFAC:-}" ]; then
+    local lam
+    for lam in $KFAC_LAMS; do
+      sweep "kfac_lam$lam" kfac.py "$SWEEP_KFAC" $S $B_kfac --damping "$lam" --steps "$SWEEP_STEPS_kfac" $E > /dev/null
+    done
+    best=$(pick best "$o"/sweep/kfac_lam*_*)
+    if [ -z "$dry" ] && [ ! -d "$o/fig1/kfac" ]; then cp -r "$best" "$o/fig1/kfac"; fi
+    FROM=$SWEEP_STEPS_kfac extend "$o/fig1/kfac" kfac.py $S $B_kfac $(steps_of kfac) --lr "$(pick lr "$best")" \
+        --damping "$(pick damping "$best")" $E --target-loss "$target"
   fi
   if [ -n "${VARIANTS-1}" ]; then             # (VARIANTS="": the axes' points, GN and baselines only)
     run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G $(steps_of gn_layerwise) --lr "$lr_gn"
@@ -277,6 +294,7 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
   SWEEP_STEPS_adamw=8 SWEEP_STEPS_muon=8 SWEEP_STEPS_soap=8 SWEEP_STEPS_gn_full=8
   CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
   B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
+  B_kfac=$B_adamw SWEEP_KFAC="0.01 0.03 0.1" KFAC_LAMS="1e-4 1e-3 1e-2" SWEEP_STEPS_kfac=8 CAP_kfac=14
   GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
   FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
   EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
@@ -329,7 +347,7 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick|seeds)
-    quick_settings
+    quick_settings; KFAC=1      # (axes: quick_settings alone, no K-FAC)
     if [ "$mode" = quick ]; then time plan; else time seeds; fi ;;
   axes)
     quick_settings; out=${3:-results/quick}
