@@ -35,7 +35,8 @@
 #               validation loss at 80% of its budget (OUT/target.txt, unrounded)
 #   4. GN:      GN's inner lr swept the same way (3 lrs, stopping at the target; best = fewest
 #               steps to it); layerwise and prox-linear (with and without line search) at GN's lr
-#               until the target or their cap
+#               until the target or their cap; quick and seeds: also K-FAC (kfac.py), its lr swept
+#               at 3 dampings as the baselines' are, its best continued to its cap or the target
 #   5. fig2/3:  a fixed token budget at several batch sizes, each method at its Figure-1 lr
 #               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to seeds
 #   6. plot.py: figures and OUT/results.md
