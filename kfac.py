@@ -20,11 +20,12 @@ routed as Muon and GN's inner optimizer route them (model.muon_label); the head'
 V x V. One forward and two backward passes per micro-batch: one on the data's targets (the
 gradient), one on the sampled ones (G); A comes from the forward.
 
-Cost at the paper's sizes: per block ten d x d factors (the A of wq wk wv wo w1, the G of wq wk wv
-wo w2) and two d_ff x d_ff (w1's G, w2's A). At 150m (d 768, d_ff 3072) that is 24.8M floats a
-block, 99 MB; with their inverses 2.4 GB over the 12 blocks (the largest factor 3072^2, 36 MiB),
-replicated like the params; one eigh of each every f steps, about 10 n^3 flops each: 7.5e12 flops
-at 150m, amortised over f.
+Cost at the paper's sizes: per block eight d x d factors (the A of wq wk wv, which read one input,
+of wo and w1; the G of wq wk wv wo w2) and two d_ff x d_ff (w1's G, w2's A). At 150m (d 768, d_ff
+3072) that is 23.6M floats a block, 94 MB; with the inverses (one A^-1 and G^-1 per layer: pi
+differs) 2.3 GB over the 12 blocks (the largest factor 3072^2, 36 MiB), replicated like the
+params; one eigh of each factor every f steps, about 10 n^3 flops each: 7.4e12 flops at 150m,
+amortised over f.
 
 Choices and their sources (no authors' code: the paper does not run K-FAC):
   - sampled-target G, one sample per token (M&G; not the empirical Fisher of the data's labels);
@@ -82,6 +83,7 @@ def parse(argv=None):
 # ============================================================================ maths
 
 DENSE = ("wq", "wk", "wv", "wo", "w1", "w2")
+A_OF = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wo": "wo", "w1": "w1", "w2": "w2"}  # wq wk wv: one input
 
 
 def factors_and_grad(params, batches, key, cfg, split=1, on_micro=None):
@@ -103,15 +105,14 @@ def factors_and_grad(params, batches, key, cfg, split=1, on_micro=None):
         y_hat = jax.random.categorical(jax.random.fold_in(key, i), z_BTV)
         g_taps = vjp(model.ce_grad_logits(p_BTV, y_hat, 1))[1]                 # sum loss, sampled targets
         outer = lambda v: jnp.einsum("bti,btj->ij", v.astype(jnp.float32), v.astype(jnp.float32))
-        A = [{n: outer(a[n]) for n in DENSE} for a in ins]
+        A = [{A_OF[n]: outer(a[n]) for n in ("wq", "wo", "w1", "w2")} for a in ins]   # wk wv: wq's
         G = [{n: outer(g[n]) for n in DENSE} for g in g_taps]
         if on_micro is not None:
             jax.debug.callback(on_micro, i, K * split)
         loss = model.cross_entropy(z_BTV, y_BT)
         return jax.tree.map(jnp.add, acc, (loss, g_params, A, G)), None
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: (jnp.zeros(()), params, *factor_shapes(params))))
+    zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), *factor_shapes(params))
     (loss, g, A, G), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
     n = K * split
     N = n * chunks["inputs"].shape[1] * chunks["inputs"].shape[2]               # tokens
@@ -119,21 +120,36 @@ def factors_and_grad(params, batches, key, cfg, split=1, on_micro=None):
 
 
 def factor_shapes(params):
-    """Zeros of A (in x in) and G (out x out) for each dense layer of each block."""
+    """Zeros of A (in x in, one per input: A_OF) and G (out x out, one per layer) of each block."""
     sq = lambda k: jnp.zeros((k, k), jnp.float32)
-    return ([{n: sq(p[n].shape[0]) for n in DENSE} for p in params["h"]],
+    return ([{A_OF[n]: sq(p[n].shape[0]) for n in DENSE} for p in params["h"]],
             [{n: sq(p[n].shape[1]) for n in DENSE} for p in params["h"]])
 
 
-def damped_inverses(A, G, lam):
-    """(A + pi sqrt(lam) I)^-1 and (G + sqrt(lam)/pi I)^-1, pi = sqrt((tr A / in)/(tr G / out)),
-    by eigh (A and G are symmetric PSD)."""
-    def inv(M, d):
-        e, Q = jnp.linalg.eigh(M)
-        return (Q / (jnp.maximum(e, 0.0) + d)) @ Q.T
+def damping(A, G, lam):
+    """Factored Tikhonov damping of A (x) G: A's pi sqrt(lam) and G's sqrt(lam) / pi, with
+    pi = sqrt((tr A / in) / (tr G / out))."""
     pi = jnp.sqrt((jnp.trace(A) / A.shape[0]) / jnp.maximum(jnp.trace(G) / G.shape[0], 1e-30))
     pi = jnp.clip(pi, 1e-6, 1e6)                      # a layer with G = 0 (no signal yet)
-    return inv(A, pi * jnp.sqrt(lam)), inv(G, jnp.sqrt(lam) / pi)
+    return pi * jnp.sqrt(lam), jnp.sqrt(lam) / pi
+
+
+def damped_inverse(eig, d):
+    """(M + d I)^-1 from eig = (e, Q) = eigh(M), M symmetric PSD."""
+    e, Q = eig
+    return (Q / (jnp.maximum(e, 0.0) + d)) @ Q.T
+
+
+def damped_inverses(A, G, lam):
+    """A^-1[i][n] = (A + pi sqrt(lam) I)^-1 and G^-1[i][n] = (G + sqrt(lam)/pi I)^-1 for every
+    dense layer n of every block i: one eigh per factor (wq wk wv's shared A once)."""
+    A_inv, G_inv = [], []
+    for a, g in zip(A, G):
+        eig = {k: jnp.linalg.eigh(M) for k, M in a.items()}
+        d = {n: damping(a[A_OF[n]], g[n], lam) for n in DENSE}
+        A_inv.append({n: damped_inverse(eig[A_OF[n]], d[n][0]) for n in DENSE})
+        G_inv.append({n: damped_inverse(jnp.linalg.eigh(g[n]), d[n][1]) for n in DENSE})
+    return A_inv, G_inv
 
 
 def precondition(A_inv, grad_W, G_inv):
@@ -165,10 +181,8 @@ def make_step(args, cfg):
         loss, g, (A, G) = factors_and_grad(params, batches, key, cfg, args.split, on_micro=tick)
         rho = jnp.minimum(1.0 - 1.0 / (t + 1), args.stat_decay)              # t + 1 = 1: the batch's own
         A, G = jax.tree.map(lambda old, new: rho * old + (1 - rho) * new, (state["A"], state["G"]), (A, G))
-        def refresh():
-            inv = [{n: damped_inverses(a[n], g_[n], args.damping) for n in DENSE} for a, g_ in zip(A, G)]
-            return [{n: v[n][0] for n in DENSE} for v in inv], [{n: v[n][1] for n in DENSE} for v in inv]
-        A_inv, G_inv = jax.lax.cond(t % args.precondition_frequency == 0, refresh,
+        A_inv, G_inv = jax.lax.cond(t % args.precondition_frequency == 0,
+                                    lambda: damped_inverses(A, G, args.damping),
                                     lambda: (state["A_inv"], state["G_inv"]))
         g_kfac = [{n: gi[n] for n in DENSE} for gi in g["h"]]
         c = jnp.minimum(1.0, args.clip / (optax.tree.norm(g_kfac) + 1e-12)) if args.clip else 1.0
@@ -187,10 +201,11 @@ def make_step(args, cfg):
 
 def init_state(args, cfg, params):
     A, G = factor_shapes(params)
-    eye = lambda f: jax.tree.map(lambda x: jnp.eye(x.shape[0], dtype=x.dtype), f)
+    eye = lambda n: jnp.eye(n, dtype=jnp.float32)
     return {"params": params, "opt": make_optimizer(args)[0].init(params), "A": A, "G": G,
-            "A_inv": eye(A), "G_inv": eye(G), "mom": [{n: jnp.zeros_like(p[n]) for n in DENSE}
-                                                     for p in params["h"]]}
+            "A_inv": [{n: eye(p[n].shape[0]) for n in DENSE} for p in params["h"]],
+            "G_inv": [{n: eye(p[n].shape[1]) for n in DENSE} for p in params["h"]],
+            "mom": [{n: jnp.zeros_like(p[n]) for n in DENSE} for p in params["h"]]}
 
 
 def main(argv=None):

@@ -2747,7 +2747,7 @@ def test_kfac_factors_against_explicit_activations_and_output_gradients():
                 A_ref[0][n] = A_ref[0][n] + ins[0][n].T @ ins[0][n] / N
                 G_ref[0][n] = G_ref[0][n] + gs[0][n].T @ gs[0][n] / N
     for n in kfac.DENSE:
-        assert_close_to_ref(A[0][n], A_ref[0][n], 1e-5)
+        assert_close_to_ref(A[0][kfac.A_OF[n]], A_ref[0][n], 1e-5)   # wq wk wv: one A
         assert_close_to_ref(G[0][n], G_ref[0][n], 1e-4)
     want = jax.grad(lambda p: (model.loss_fn(p, jax.tree.map(lambda a: a[0], batches), MICRO)
                                + model.loss_fn(p, jax.tree.map(lambda a: a[1], batches), MICRO)) / 2)(p)
@@ -2781,8 +2781,9 @@ def test_kfac_two_steps_are_the_damped_kronecker_solves_with_momentum():
              for t, (p, b) in enumerate([(p0, bs[0]), (s1["params"], bs[1])])]
     for n in kfac.DENSE:
         (_, g0, (A0, G0)), (_, g1, (A1, G1)) = stats
-        U1 = np_damped_kronecker_solve(A0[0][n], G0[0][n], g0["h"][0][n], 1e-2)
-        U2 = np_damped_kronecker_solve((A0[0][n] + A1[0][n]) / 2, (G0[0][n] + G1[0][n]) / 2, g1["h"][0][n], 1e-2)
+        a = kfac.A_OF[n]
+        U1 = np_damped_kronecker_solve(A0[0][a], G0[0][n], g0["h"][0][n], 1e-2)
+        U2 = np_damped_kronecker_solve((A0[0][a] + A1[0][a]) / 2, (G0[0][n] + G1[0][n]) / 2, g1["h"][0][n], 1e-2)
         W0 = np.asarray(p0["h"][0][n], np.float64)
         np.testing.assert_allclose(s1["params"]["h"][0][n], W0 - 0.2 * U1, rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(s2["params"]["h"][0][n], W0 - 0.2 * U1 - 0.2 * (0.5 * U1 + U2),
