@@ -1,7 +1,7 @@
 """Figures and results.md from run directories: reads only config.json and metrics.jsonl.
 
     python plot.py RESULTS_DIR [--target LOSS] [--readme README.md]
-    python plot.py --pick WHAT ARGS...        (run.sh's choices: best, next-lr, lr, target, ...)
+    python plot.py --pick WHAT ARGS...        (run.sh's choices: best, next-lr, next-damping, lr, ...)
 
 RESULTS_DIR holds the layout that `run.sh quick|full` (and `run.sh seeds`) writes:
   sweep/<method>_<lr>/       lr sweeps                                          -> sweeps.png
@@ -119,12 +119,13 @@ def pick(what, args):
     rs = [load(d) for d in args]
     if what == "best":                                  # best [--target T] DIR...: its directory
         return min(rs, key=lambda r: rank_key(r, target))["dir"]
-    if what == "next-lr":                               # next-lr [--target T] DIR...: grid extension
-        lrs = sorted(r["lr"] for r in rs)
-        best = min(rs, key=lambda r: rank_key(r, target))["lr"]
-        if len(lrs) < 3 or lrs[0] < best < lrs[-1]:
+    if what in ("next-lr", "next-damping"):             # next-lr|next-damping [--target T] DIR...:
+        key, by = ("lr", 3) if what == "next-lr" else ("damping", 10)     # grid extension, x3 or x10
+        grid = sorted({r["conf"]["args"][key] for r in rs})
+        best = min(rs, key=lambda r: rank_key(r, target))["conf"]["args"][key]
+        if len(grid) < 3 or grid[0] < best < grid[-1]:
             return ""
-        return f"{best / 3:.3g}" if best == lrs[0] else f"{best * 3:.3g}"
+        return f"{best / by if best == grid[0] else best * by:.3g}".replace("e-0", "e-")
     if what == "reached":                               # reached --target T DIR: yes or no
         return "yes" if to_target(rs[0], target) else "no"
     if what == "two-best":                              # two-best --target T DIR...: method names

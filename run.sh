@@ -203,6 +203,10 @@ plan() {  # plan [SEED]
     for lam in $KFAC_LAMS; do
       sweep "kfac_lam$lam" kfac.py "$SWEEP_KFAC" $S $B_kfac --damping "$lam" --steps "$SWEEP_STEPS_kfac" $E > /dev/null
     done
+    for _ in 1 2; do  # a best lam at the grid's edge extends the lam grid x10, as the lr grid x3
+      lam=$(pick next-damping "$o"/sweep/kfac_lam*_*); [ -z "$lam" ] && break
+      sweep "kfac_lam$lam" kfac.py "$SWEEP_KFAC" $S $B_kfac --damping "$lam" --steps "$SWEEP_STEPS_kfac" $E > /dev/null
+    done
     best=$(pick best "$o"/sweep/kfac_lam*_*)
     if [ -z "$dry" ] && [ ! -d "$o/fig1/kfac" ]; then cp -r "$best" "$o/fig1/kfac"; fi
     FROM=$SWEEP_STEPS_kfac extend "$o/fig1/kfac" kfac.py $S $B_kfac $(steps_of kfac) --lr "$(pick lr "$best")" \

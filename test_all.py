@@ -3012,6 +3012,16 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     assert plot.pick("next-lr", [a, c, b]) == "0.03" and plot.pick("next-lr", [b, a]) == ""
     d = fake_run(tmp_path, "adamw_1e-4", 1e-4, [6.0, 5.9, 5.8, 5.7])
     assert plot.pick("next-lr", [a, b, d]) == ""                         # best (1e-3) inside
+    # K-FAC's damping grid, over every (lr, lam) run, x10 past the best lam at an edge
+    lam = lambda d, v: json.dump({**json.load(open(f"{d}/config.json")), "args": {
+        **json.load(open(f"{d}/config.json"))["args"], "damping": v}}, open(f"{d}/config.json", "w"))
+    for run_dir, v in ((a, 1e-4), (b, 1e-3), (c, 1e-4), (d, 1e-2)):
+        lam(run_dir, v)
+    assert plot.pick("next-damping", [a, b, c, d]) == "1e-5"             # best c: lam 1e-4, the lowest
+    lam(c, 1e-3)
+    assert plot.pick("next-damping", [a, b, c, d]) == ""                 # best inside the grid
+    lam(c, 1e-2)
+    assert plot.pick("next-damping", [a, b, c, d]) == "0.1"
     # with a target, fewer steps to it beats a lower final loss
     e = fake_run(tmp_path, "gn_fast", 3e-3, [6.0, 5.3])
     assert plot.pick("best", ["--target", "5.5", e, c]) == e
