@@ -13,7 +13,9 @@ blocks   GN building blocks on one micro-batch, in gradients (jit(value_and_grad
          product with the linearisation reused as CG reuses it, (linearise + 3 products - linearise
          + 1) / 2; one gn_cg.cg iteration likewise; the inner step gn_full.quad_model_grad.
 steps    each script's jitted step as its main() builds it (parse, state, make_step) with --micro
-         micro-batches per phase, chained on device-resident batches: compile time, time per call,
+         micro-batches per phase, chained on device-resident batches at steps t = 0, 1, 2, ... (SOAP
+         and K-FAC refresh their eigendecompositions at t = 0, 10, ...: the median is a step
+         without; *_refresh rows refresh at every step): compile time, time per call,
          tokens/s of all it consumes (line search included), and time per token over a bare loop's
          (jit(value_and_grad) per micro-batch, one jitted optax.adamw update): adamw does the same
          work, so its excess is overhead.
@@ -74,6 +76,9 @@ SCRIPTS = {  # step: (script, its flags; {K} micro-batches per phase, {cg} CG it
     "gn_layerwise": (gn_layerwise, "--inner-steps {K} --ls-batches 1"),
     "gn_proxlinear": (gn_proxlinear, "--inner-steps {K}"),       # the paper's default: no line search
     "kfac": (kfac, "--grad-accum {K}"),
+    # every call refreshes the eigendecompositions, which the rows above do one step in 10
+    "soap_refresh": (soap, "--grad-accum {K} --precondition-frequency 1"),
+    "kfac_refresh": (kfac, "--grad-accum {K} --precondition-frequency 1"),
 }
 METHODS = {m.__name__: m for m in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear, kfac)}
 T_START = time.perf_counter()
@@ -138,9 +143,11 @@ def compiled_step(name, flags, batch_size, mesh):
     batches = data.shard_batch(token_batches(cfg, batch_size, micro), mesh, batch_axis=1)
     t0 = time.perf_counter()
     compiled = step.lower(state[0], batches, 0).compile()
+    t = [0]                                               # the loop's step: 0, 1, 2, ... as in a run
 
     def call():
-        state[0] = compiled(state[0], batches, 0)[0]
+        state[0] = compiled(state[0], batches, t[0])[0]
+        t[0] += 1
         return state[0]
     return call, {"micro": micro, "compile": time.perf_counter() - t0}
 
@@ -340,7 +347,7 @@ def memory(a):
     lines = [f"| step ({a.big}, {B} x {T}, 1 micro-batch per phase) | --split 4 (GiB) | --split 1 (GiB) | "
              f"fits {a.limit:g} GiB at {B} x {T} with | largest micro-batch at --split 1 |",
              "|---|---|---|---|---|"]
-    for name in [n for n in a.steps.split(",") if n in SCRIPTS]:      # the scripts of --steps
+    for name in [n for n in a.steps.split(",") if n in SCRIPTS and not n.endswith("_refresh")]:  # (same memory)
         say(f"memory: {name}")
         gib = {s: analysed_gib(name, B, s, a.big) for s in (4, 1)}
         fit, s = next((s for s in (1, 4) if gib[s] <= a.limit), None), 4
