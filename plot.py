@@ -101,9 +101,16 @@ def target_of(results, override=None):
 
 
 def rank_key(run, target):
-    """A sweep's ranking: fewest interpolated steps to the target, then the lowest final loss."""
-    hit = to_target(run, target) if target is not None else None
+    """The one rule that ranks every sweep, baselines and GN alike: fewest interpolated steps to
+    the target, then (runs that miss it) the lowest final validation loss."""
+    hit = to_target(run, target)
     return (hit["interp"][0] if hit else math.inf, final(run)[3])
+
+
+def flag(argv, name, default=None):
+    """The value after `name` in a command's argv (the last one given), or default."""
+    at = [i for i, x in enumerate(argv[:-1]) if x == name]
+    return argv[at[-1] + 1] if at else default
 
 
 # ---------------------------------------------------------------- run.sh's choices
@@ -113,23 +120,28 @@ def pick(what, args):
     if what == "target":                                # target STEP DIR...: lowest val at STEP
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
-    target = None
-    if args[0] == "--target":
-        target, args = float(args[1]), args[2:]
-    rs = [load(d) for d in args]
-    if what == "best":                                  # best [--target T] DIR...: its directory
+    if what == "made-with":                             # made-with DIR SCRIPT ARGS...: yes, longer, no
+        r, argv = load(args[0]), args[2:]               # (whether a finished run is what ARGS ask)
+        a = r["conf"]["args"]
+        if any(flag(argv, f"--{k}") is not None and float(flag(argv, f"--{k}")) != a.get(k)
+               for k in ("lr", "damping")):
+            return "no"                                 # another lr or lam: made again
+        steps, target = flag(argv, "--steps"), float(flag(argv, "--target-loss", 0))
+        if (target and to_target(r, target)) or steps is None or final(r)[0] >= int(steps):
+            return "yes"
+        return "longer"                                 # the same run, resumed to the new budget
+    if args[:1] != ["--target"]:
+        raise SystemExit(f"error: --pick {what} ranks by steps to a target: give --target T first")
+    target, rs = float(args[1]), [load(d) for d in args[2:]]
+    if what == "best":                                  # best --target T DIR...: its directory
         return min(rs, key=lambda r: rank_key(r, target))["dir"]
-    if what in ("next-lr", "next-damping"):             # next-lr|next-damping [--target T] DIR...:
+    if what in ("next-lr", "next-damping"):             # next-lr|next-damping --target T DIR...:
         key, by = ("lr", 3) if what == "next-lr" else ("damping", 10)     # grid extension, x3 or x10
         grid = sorted({r["conf"]["args"][key] for r in rs})
         best = min(rs, key=lambda r: rank_key(r, target))["conf"]["args"][key]
         if len(grid) < 3 or grid[0] < best < grid[-1]:
             return ""
         return f"{best / by if best == grid[0] else best * by:.3g}".replace("e-0", "e-")
-    if what == "reached":                               # reached --target T DIR: yes or no
-        return "yes" if to_target(rs[0], target) else "no"
-    if what == "two-best":                              # two-best --target T DIR...: method names
-        return " ".join(r["name"] for r in sorted(rs, key=lambda r: rank_key(r, target))[:2])
     raise SystemExit(f"error: unknown --pick {what}")
 
 
@@ -396,6 +408,8 @@ def point_of(results):
     target, gn = target_of(results), rs["gn_full"]
     _, hit, best = fig1_table(list(rs.values()), target)      # best: the best baseline's (steps, ...)
     steps = lambda m: hit[m]["interp"][0] if hit.get(m) else None
+    first = lambda m: hit[m]["first"][0] if hit.get(m) else None
+    base_first = min((first(m) for m in BASELINES if first(m)), default=None)
     c = gn["conf"]
     return {"dir": results, "target": target, "N": gn["K"],
             "tokens": gn["K"] * c["tokens_per_micro_batch"] / c["params"],
@@ -404,6 +418,7 @@ def point_of(results):
             "baselines": {m: (rs[m]["lr"], steps(m)) for m in BASELINES if m in rs},
             "depth": best and best[0], "gn_lr": gn["lr"], "gn": steps("gn_full"),
             "ratio": best[0] / steps("gn_full") if best and steps("gn_full") else None,
+            "ratio_first": base_first / first("gn_full") if base_first and first("gn_full") else None,
             "trivial": first_step(hit.get("gn_full")),
             "seeds": seeds_table(seed_runs(results), target)[1]}
 
@@ -432,14 +447,15 @@ def axes_section(results):
     if not by:
         return []
     lines = ["| axis | point | N | tokens per step (per param) | baseline budget | target | baselines: lr, steps "
-             "| GN lr | GN steps | ratio | seeds: mean ratio [range] |", "|" + "---|" * 11]
+             "| GN lr | GN steps | ratio | ratio at evaluations | seeds: mean ratio [range] |", "|" + "---|" * 12]
     for axis, pts in by.items():
         for p in pts:
             bl = "; ".join(f"{m} {lr:g}: {fmt(st)}" for m, (lr, st) in p["baselines"].items())
             seeds = f"{p['seeds'][0]:.2f} [{p['seeds'][1]:.2f}, {p['seeds'][2]:.2f}] ({p['seeds'][4]})" if p["seeds"] else "-"
             lines.append(f"| {axis} | {os.path.relpath(p['dir'], results)} | {p['N']} | {p['tokens_per_step']:,} "
                          f"({p['tokens']:.3f}) | {p['budget']} | {p['target']:.4f} | {bl} | {p['gn_lr']:g} | "
-                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}**{TRIVIAL if p['trivial'] else ''} | {seeds} |")
+                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}**{TRIVIAL if p['trivial'] else ''} | "
+                         f"{fmt(p['ratio_first'])} | {seeds} |")
         if axis not in AXES:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -470,7 +486,9 @@ def axes_section(results):
             f"Each point is the quick plan with one setting moved ({results}/axes/<point>; the point `.` "
             f"is {results}'s own plan), every method's lr swept at that point and its target by the "
             "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
-            "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
+            "over GN full's; at evaluations, the same ratio of the first evaluated steps at or below the "
+            "target (whole steps: what the runs resolve without interpolation). The dashed line marks "
+            "the paper's Figure-1 value of the axis.",
             "\n".join(lines) + ("\n\n" + TRIVIAL_NOTE if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
@@ -553,13 +571,15 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
         rows = []
         for m, srs in sorted(sweep_by.items()):
             srs = sorted(srs, key=lambda r: r["lr"])
-            bestr = min(srs, key=lambda r: rank_key(r, target if m.startswith("gn") else None))
+            bestr = min(srs, key=lambda r: rank_key(r, target))
+            cell = lambda r: (f"{h['interp'][0]:.2f} steps" if (h := to_target(r, target))
+                              else f"{final(r)[3]:.4f} at step {final(r)[0]}")
             rows.append(f"| {display(m)} | " + ", ".join(
-                f"{'**' if r is bestr else ''}{r['lr']:g}: {final(r)[3]:.4f} at step {final(r)[0]}"
-                f"{'**' if r is bestr else ''}" for r in srs) + " |")
-        parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps (validation loss at the sweep's last step; GN sweeps stop at "
-                  "the target and are ranked by steps to it; best in bold):",
-                  "| method | lr: loss |\n|---|---|\n" + "\n".join(rows)]
+                f"{'**' if r is bestr else ''}{r['lr']:g}: {cell(r)}{'**' if r is bestr else ''}" for r in srs) + " |")
+        parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps, every method ranked by one rule "
+                  "(plot.rank_key): fewest interpolated steps to the target, then the lowest final "
+                  "validation loss; each run to its budget or the target; the best in bold:",
+                  "| method | lr: steps to target (or final loss at its last step) |\n|---|---|\n" + "\n".join(rows)]
     if by:
         rows = []
         for method, pts in sorted(by.items()):
