@@ -121,7 +121,9 @@ def pick(what, args):
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
     if what == "made-with":                             # made-with DIR SCRIPT ARGS...: yes, longer, no
-        r, argv = load(args[0]), args[2:]               # (whether a finished run is what ARGS ask)
+        if not os.path.exists(os.path.join(args[0], "metrics.jsonl")):    # (whether a finished run is
+            return "yes"                                # what ARGS ask; oracle.py's tables: done)
+        r, argv = load(args[0]), args[2:]
         a = r["conf"]["args"]
         if any(flag(argv, f"--{k}") is not None and float(flag(argv, f"--{k}")) != a.get(k)
                for k in ("lr", "damping")):

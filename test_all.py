@@ -3036,6 +3036,8 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     assert cmd("--lr", "0.03", "--steps", "9") == "longer"                      # a longer budget
     assert cmd("--lr", "0.03", "--steps", "9", "--target-loss", "5.5") == "yes"  # reached it at step 2
     assert cmd("--lr", "0.03", "--steps", "9", "--target-loss", "5.2") == "longer"
+    os.makedirs(tmp_path / "oracle")                                            # no training log
+    assert plot.pick("made-with", [str(tmp_path / "oracle"), "oracle.py", "--points", "0"]) == "yes"
 
 
 def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
