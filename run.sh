@@ -108,12 +108,13 @@ sweep() {  # sweep NAME "LRS" SCRIPT ARGS...: one method's lr sweep, ranked by s
   local name=$1 lrs=$2; shift 2   # (plot.py's one rule); prints the best run's directory
   for lr in $lrs; do run "$out/sweep/${name}_$lr" "$@" --lr "$lr" >&2; done
   if [ -n "$dry" ]; then set -- $lrs; echo "$out/sweep/${name}_$2"; return; fi   # (the middle lr)
-  for _ in 1 2; do  # a best lr at the grid's edge extends the grid
-    local next; next=$(pick next-lr --target "$target" "$out"/sweep/"${name}"_*)
-    [ -z "$next" ] && break
+  local runs=("$out"/sweep/"${name}"_[0-9]*) next   # a best lr at the grid's edge extends the grid,
+  while [ ${#runs[@]} -lt $(( $(wc -w <<< "$lrs") + 2 )) ]; do   # by 2 lrs at most (a rerun: none more)
+    next=$(pick next-lr --target "$target" "${runs[@]}"); [ -z "$next" ] && break
     run "$out/sweep/${name}_$next" "$@" --lr "$next" >&2
+    runs=("$out"/sweep/"${name}"_[0-9]*)
   done
-  pick best --target "$target" "$out"/sweep/"${name}"_*
+  pick best --target "$target" "$out"/sweep/"${name}"_[0-9]*
 }
 
 steps_of() {  # steps_of METHOD: "--steps N" from CAP_<method>, or nothing (the script's preset)
@@ -233,15 +234,17 @@ plan() {  # plan [SEED]
 kfac_sweep() {  # kfac_sweep "ARGS": K-FAC's lr over SWEEP_KFAC at the middle lam of KFAC_LAMS,
   local lams=($KFAC_LAMS) lam lr_k next   # then lam over KFAC_LAMS at that lr, each grid extended
   local lam0=${lams[1]}                   # at its edge (lam x10); prints the best run's directory
-  lr_k=$(pick lr "$(sweep "kfac_lam$lam0" "$SWEEP_KFAC" $(row kfac) $1 --damping "$lam0")")
-  [ -n "$dry" ] && lr_k=${SWEEP_KFAC#* } && lr_k=${lr_k%% *}
+  lr_k=$(sweep "kfac_lam$lam0" "$SWEEP_KFAC" $(row kfac) $1 --damping "$lam0")
+  lr_k=${lr_k##*_}                        # (the best run's lr as its directory spells it)
   for lam in "${lams[@]}"; do
     [ "$lam" = "$lam0" ] || run "$out/sweep/kfac_lam${lam}_$lr_k" $(row kfac) $1 --damping "$lam" --lr "$lr_k" >&2
   done
   if [ -n "$dry" ]; then echo "$out/sweep/kfac_lam${lam0}_$lr_k"; return; fi
-  for _ in 1 2; do
-    next=$(pick next-damping --target "$target" "$out"/sweep/kfac_lam*_"$lr_k"); [ -z "$next" ] && break
+  local runs=("$out"/sweep/kfac_lam*_"$lr_k")
+  while [ ${#runs[@]} -lt $(( ${#lams[@]} + 2 )) ]; do
+    next=$(pick next-damping --target "$target" "${runs[@]}"); [ -z "$next" ] && break
     run "$out/sweep/kfac_lam${next}_$lr_k" $(row kfac) $1 --damping "$next" --lr "$lr_k" >&2
+    runs=("$out"/sweep/kfac_lam*_"$lr_k")
   done
   pick best --target "$target" "$out"/sweep/kfac_lam*_*
 }
@@ -319,7 +322,7 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
   SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2" SWEEP_GN="3e-3 1e-2 3e-2"
   CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
   B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
-  B_kfac=$B_adamw SWEEP_KFAC="0.01 0.03 0.1" KFAC_LAMS="1e-4 1e-3 1e-2" CAP_kfac=14
+  B_kfac=$B_adamw SWEEP_KFAC="3e-3 1e-2 3e-2" KFAC_LAMS="1e-5 1e-4 1e-3" CAP_kfac=14
   GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
   FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
   EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
@@ -327,8 +330,8 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
   # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; a budget of
   # 14 steps (GN and its variants at most 10); Figures 2-3 (in the seeds mode) at 128
   # micro-batches. The grids are centred on the best lrs that earlier runs of this plan found
-  # (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2); the plan still extends a grid whose best lr lies
-  # at its edge
+  # (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2, K-FAC from lam 1e-4..1e-2 and lr 0.01..0.1); the
+  # plan still extends a grid whose best lies at its edge
 }
 
 gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report

@@ -152,7 +152,7 @@ def tiny_batch(B=2, seed=1, cfg=TINY):
 
 # ============================================================================ helpers shared by several files
 
-TIMING = ("step_time", "tokens_per_s", "elapsed")
+TIMING = ("step_time", "tokens_per_s", "elapsed", "load", "compile_s")
 
 
 def losses(rows):
@@ -3040,6 +3040,28 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     assert plot.pick("made-with", [str(tmp_path / "oracle"), "oracle.py", "--points", "0"]) == "yes"
 
 
+def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
+    """Each metrics row records the 1-minute load average: a run is alone while it stays at most
+    its cores + 0.5; Figure 1's seconds ratio is given only when every row was made alone."""
+    import plot
+    def run(name, vals, loads):
+        d = fake_run(str(tmp_path / "fig1"), name, 1e-2, vals)
+        rows = [json.loads(l) for l in open(f"{d}/metrics.jsonl")]
+        with open(f"{d}/metrics.jsonl", "w") as f:
+            f.writelines(json.dumps({**r, "load": x}) + "\n" for r, x in zip(rows, loads))
+        conf = json.load(open(f"{d}/config.json"))
+        json.dump({**conf, "cpus": 2}, open(f"{d}/config.json", "w"))
+        return plot.load(d)
+    soap = run("soap", [6.0, 5.8, 5.6, 5.4], [2.0, 2.1, 2.4, 2.2])
+    gn = run("gn_full", [6.0, 5.4], [1.9, 2.6])                       # 2.6 > 2 + 0.5: not alone
+    assert plot.alone(soap) is True and plot.alone(gn) is False
+    text, _, best = plot.fig1_table([soap, gn], 5.5)
+    assert best[2] is None and "(not alone)" in text and "(alone)" in text
+    gn["rows"][-1]["load"] = 2.5
+    text, _, best = plot.fig1_table([soap, gn], 5.5)
+    assert best[2] == pytest.approx(2 * 2.5) and "| 3.00 / 3.00 / 3.00 |" in text   # 2.5 steps / 0.83
+
+
 def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     import plot
     R = str(tmp_path / "r")
@@ -3167,17 +3189,58 @@ if sys.argv[1] == "plot.py":                 # run.sh's choices: the real plot.p
 a = sys.argv[2:]
 arg = lambda k, d=None: a[a.index(k) + 1] if k in a else d
 out, steps, lr = arg("--out"), int(arg("--steps", 3)), float(arg("--lr", 1e-3))
+lam = float(arg("--damping", 0))
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps([sys.argv[1]] + a) + "\\n")
 os.makedirs(out, exist_ok=True)
-json.dump({"args": {"lr": lr, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100, "params": 1000},
-          open(os.path.join(out, "config.json"), "w"))
-with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs, below 5.9 at step 2
-    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr)}) + "\\n"
-                 for s in range(steps + 1))
+json.dump({"args": {"lr": lr, "damping": lam, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100,
+           "params": 1000}, open(os.path.join(out, "config.json"), "w"))
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs (and lams), below 5.9 at step 2
+    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr + lam)})
+                 + "\\n" for s in range(steps + 1))
 open(os.path.join(out, "ckpt"), "w").write("")
 print("done: fake")
 """
+
+
+@pytest.mark.slow
+def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
+    """./run.sh quick with a fake of every script (faster at larger lrs and dampings): every lr of
+    the baselines' grids runs to the 14-step budget, the target is the lowest loss of their first
+    grids at step 11 (80%), GN, its variants and K-FAC run to it; each grid extends twice past a
+    best lr at its edge (x3); K-FAC sweeps its lr at the middle damping, then the damping at that
+    lr (x10); every Figure-1 row is its sweep's best run; the same command again runs nothing."""
+    fake, calls, q = tmp_path / "fake.py", tmp_path / "calls.jsonl", tmp_path / "q"
+    fake.write_text(FAKE_PY)
+    env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls)}
+    rc, out, err = run_sh("quick", str(q), env=env, timeout=600)
+    assert rc == 0, out[-2000:] + err[-2000:]
+    runs = {r[r.index("--out") + 1]: r for r in map(json.loads, open(calls))}
+    arg = lambda d, k: runs[str(q / d)][runs[str(q / d)].index(k) + 1] if k in runs[str(q / d)] else None
+    grids = {"adamw": "3e-4 1e-3 3e-3 0.009 0.027", "muon": "0.01 0.02 0.04 0.12 0.36",
+             "soap": "3e-3 1e-2 3e-2 0.09 0.27"}
+    for m, lrs in grids.items():                             # to the budget: the target comes from them
+        assert all(arg(f"sweep/{m}_{lr}", "--steps") == "14" and not arg(f"sweep/{m}_{lr}", "--target-loss")
+                   for lr in lrs.split())
+    target = float((q / "target.txt").read_text())
+    assert target == 6.0 - 11 * (0.05 + 0.04)                # Muon's 0.04, the first grids' largest lr
+    gn = "3e-3 1e-2 3e-2 0.09 0.27".split()
+    for m in ("gn_full", "gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls"):
+        assert all(arg(f"sweep/{m}_{lr}", "--target-loss") == repr(target) for lr in gn), m
+    assert arg("sweep/gn_proxlinear_0.27", "--ls-batches") == "2"              # GN's default at small
+    assert arg("sweep/gn_proxlinear_no_ls_0.27", "--ls-batches") == "0"
+    kfac = sorted(os.path.relpath(d, q) for d in runs if "/sweep/kfac_" in d)
+    assert kfac == sorted([f"sweep/kfac_lam1e-4_{lr}" for lr in gn]
+                          + [f"sweep/kfac_lam{lam}_0.27" for lam in ("1e-5", "1e-3", "0.01", "0.1")])
+    best = {**{m: lrs.split()[-1] for m, lrs in grids.items()}, "gn_full": "0.27", "gn_layerwise": "0.27",
+            "gn_proxlinear": "0.27", "gn_proxlinear_no_ls": "0.27", "kfac_lam0.1": "0.27"}
+    for m, lr in best.items():
+        row = q / "fig1" / m.split("_lam")[0]
+        assert (row / "from").read_text().strip() == str(q / "sweep" / f"{m}_{lr}"), m
+        assert (row / "metrics.jsonl").read_text() == (q / "sweep" / f"{m}_{lr}" / "metrics.jsonl").read_text()
+    n = len(runs)
+    rc, out, err = run_sh("quick", str(q), env=env, timeout=600)
+    assert rc == 0 and sum(1 for _ in open(calls)) == n, err[-2000:]
 
 
 @pytest.mark.slow
