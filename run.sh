@@ -4,9 +4,13 @@
 #   ./run.sh test               the test suite (the README's test command)
 #   ./run.sh smoke [OUT]        every script for 2 steps on the tiny config, in seconds
 #   ./run.sh quick [OUT]        the paper's experiments at CPU scale (small config, embedded data):
-#                               figures + results in OUT (measured on 2 CPU cores: see README)
-#   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, GN
-#                               ablations, the oracle gap and the inner solve's exactness (oracle.py)
+#                               the baselines' and GN's Figure-1 rows, each swept (OUT: results/quick)
+#   ./run.sh variants [OUT]     after quick, in its OUT: layerwise GN and prox-linear (with and
+#                               without line search), each swept
+#   ./run.sh kfac [OUT]         after quick: K-FAC (beyond the paper), its lr and damping swept
+#   ./run.sh seeds [OUT]        after those: seeds 1-2 of every Figure-1 row
+#   ./run.sh extras [OUT]       after quick: Figures 2-3, GN's ablations, the oracle gap and the
+#                               inner solve's exactness (oracle.py)
 #   ./run.sh axes GROUP [OUT]   after quick, in its OUT: the ratio along one axis that separates it
 #                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
 #                               step; depth: of the target), each point in OUT/axes/<point>;
@@ -49,7 +53,7 @@ cd "$(dirname "$0")"
 mode=${1:-}
 dry=""
 if [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
-out=${2:-results/${mode/seeds/quick}}
+case $mode in variants|kfac|seeds|extras) out=${2:-results/quick} ;; *) out=${2:-results/$mode} ;; esac
 py=${PYTHON:-python}
 fig=fig1
 
@@ -150,7 +154,8 @@ row() {  # row METHOD: Figure 1's row METHOD as SCRIPT ARGS (no lr, seed or targ
   esac
 }
 
-rows() {  # Figure 1's rows in this plan
+rows() {  # Figure 1's rows in this plan (ROWS: those alone)
+  if [ -n "${ROWS:-}" ]; then echo "$ROWS"; return; fi
   echo "adamw muon soap gn_full"
   [ -z "${VARIANTS-1}" ] || echo "gn_layerwise gn_proxlinear_no_ls gn_proxlinear"
   [ -z "${KFAC:-}" ] || echo kfac
@@ -263,11 +268,10 @@ batch_sizes() {  # batch_sizes S: Figures 2-3, each of FIG2_METHODS at its Figur
   done
 }
 
-seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the oracle and exactness
+extras() {  # after quick: Figures 2-3, GN's ablations, the oracle gap and the inner solve's exactness
   local target cap=$CAP_gn_full
   batch_sizes "--size $size --data $data --seed 0 $EXTRA --init-from $out/start/ckpt"
   fig=fig1
-  for s in 1 2; do plan "$s"; done
   target=$(cat "$out/target.txt")
   local S="--size $size --data $data $EXTRA --init-from $out/start/ckpt $B_gn"
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
@@ -374,9 +378,15 @@ case "$mode" in
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
-  quick|seeds)
+  quick|variants|kfac|seeds|extras)   # quick's plan in pieces of at most 100 minutes each
     quick_settings; KFAC=1      # (axes: quick_settings alone, no K-FAC)
-    if [ "$mode" = quick ]; then time plan; else time seeds; fi ;;
+    case $mode in
+      quick) time ROWS="adamw muon soap gn_full" plan ;;
+      variants) time ROWS="gn_layerwise gn_proxlinear_no_ls gn_proxlinear" plan ;;
+      kfac) time ROWS=kfac plan ;;
+      seeds) time (for s in 1 2; do plan "$s"; done; $py plot.py "$out") ;;
+      extras) time extras ;;
+    esac ;;
   axes)
     quick_settings; out=${3:-results/quick}
     time axes "${2:-}" ;;
@@ -419,5 +429,5 @@ case "$mode" in
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,24p' "$0"; exit 2 ;;
+    sed -n '2,27p' "$0"; exit 2 ;;
 esac

@@ -3205,16 +3205,18 @@ print("done: fake")
 
 @pytest.mark.slow
 def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
-    """./run.sh quick with a fake of every script (faster at larger lrs and dampings): every lr of
-    the baselines' grids runs to the 14-step budget, the target is the lowest loss of their first
-    grids at step 11 (80%), GN, its variants and K-FAC run to it; each grid extends twice past a
-    best lr at its edge (x3); K-FAC sweeps its lr at the middle damping, then the damping at that
-    lr (x10); every Figure-1 row is its sweep's best run; the same command again runs nothing."""
+    """./run.sh quick, variants and kfac with a fake of every script (faster at larger lrs and
+    dampings): every lr of the baselines' grids runs to the 14-step budget, the target is the
+    lowest loss of their first grids at step 11 (80%), GN, its variants and K-FAC run to it; each
+    grid extends twice past a best lr at its edge (x3); K-FAC sweeps its lr at the middle damping,
+    then the damping at that lr (x10); every Figure-1 row is its sweep's best run; the same
+    commands again run nothing."""
     fake, calls, q = tmp_path / "fake.py", tmp_path / "calls.jsonl", tmp_path / "q"
     fake.write_text(FAKE_PY)
     env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls)}
-    rc, out, err = run_sh("quick", str(q), env=env, timeout=600)
-    assert rc == 0, out[-2000:] + err[-2000:]
+    for mode in ("quick", "variants", "kfac"):               # quick's plan in its pieces
+        rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
+        assert rc == 0, out[-2000:] + err[-2000:]
     runs = {r[r.index("--out") + 1]: r for r in map(json.loads, open(calls))}
     arg = lambda d, k: runs[str(q / d)][runs[str(q / d)].index(k) + 1] if k in runs[str(q / d)] else None
     grids = {"adamw": "3e-4 1e-3 3e-3 0.009 0.027", "muon": "0.01 0.02 0.04 0.12 0.36",
@@ -3239,8 +3241,9 @@ def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
         assert (row / "from").read_text().strip() == str(q / "sweep" / f"{m}_{lr}"), m
         assert (row / "metrics.jsonl").read_text() == (q / "sweep" / f"{m}_{lr}" / "metrics.jsonl").read_text()
     n = len(runs)
-    rc, out, err = run_sh("quick", str(q), env=env, timeout=600)
-    assert rc == 0 and sum(1 for _ in open(calls)) == n, err[-2000:]
+    for mode in ("quick", "variants", "kfac"):
+        rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
+        assert rc == 0 and sum(1 for _ in open(calls)) == n, err[-2000:]
 
 
 @pytest.mark.slow
