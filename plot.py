@@ -506,8 +506,37 @@ def axes_section(results):
             "\n".join(lines) + ("\n\n" + TRIVIAL_NOTE if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
-def readme_headline(rs, hit, best, stat):
-    """The README's three lines: Figure 1's ratio, its seeds' range, the paper's."""
+def kfac_line(results, hit, seeds, target):
+    """Where K-FAC sits between the best baseline and layerwise GN, in steps to the target (and
+    over its seeds) and in the oracle's f (oracle/oracle.jsonl): "" without a K-FAC row."""
+    k = hit.get("kfac", False)
+    if k is False:
+        return ""
+    steps = lambda m: f"{hit[m]['interp'][0]:.2f}" if hit.get(m) else "not reached"
+    bname = min((m for m in BASELINES if hit.get(m)), key=lambda m: hit[m]["interp"][0], default=None)
+    ks = [x for x in seed_stats(seeds, target)[0].get("kfac", []) if x is not None]
+    out = (f"K-FAC (beyond the paper): {steps('kfac')} steps to the target"
+           + (f" ({min(ks):.2f}-{max(ks):.2f} over {len(ks)} seeds)" if len(ks) > 1 else "")
+           + (f", {NAMES[bname]} {steps(bname)}" if bname else "")
+           + (f", layerwise GN {steps('gn_layerwise')}" if "gn_layerwise" in hit else "")
+           + f", full GN {steps('gn_full')}")
+    path = os.path.join(results, "oracle", "oracle.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    f = lambda m: [r["dirs"][m]["f"] for r in rows if m in r["dirs"]]
+    rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+    if f("kfac"):
+        out += (f"; of the damped GN model's best decrease its steps keep f = {rng(f('kfac'))}"
+                + (f" ({NAMES[bname]}'s {rng(f(bname))}" if bname and f(bname) else " (")
+                + (f", the layerwise oracle's {rng(f('layerwise'))})" if f("layerwise") else ")"))
+        fk = [x for r in rows if "f_k" in r["dirs"].get("kfac", {})
+              for name, x in zip(r["blocks"], r["dirs"]["kfac"]["f_k"]) if name.startswith("h[")]
+        if fk:
+            out += f", and per transformer block f_k = {rng(fk)} of the layerwise oracle's (1 by definition)"
+    return out + "."
+
+
+def readme_headline(rs, hit, best, stat, kfac=""):
+    """The README's lines: Figure 1's ratio, its seeds' range, the paper's; K-FAC's place."""
     gn = hit.get("gn_full")
     if not (rs and gn and best):
         return "Not yet measured: GN full or every baseline misses the target (results.md)."
@@ -519,7 +548,7 @@ def readme_headline(rs, hit, best, stat):
             f"{gn['interp'][0]:.2f} steps, "
             f"{NAMES[bname]} (the best baseline) in {best[0]:.2f}: {best[0] / gn['interp'][0]:.2f}x fewer "
             f"steps{seeds}**.\nThe paper, at 150M parameters and 240M tokens per GN step: 5.4x (SOAP 292 "
-            "steps, GN 54).")
+            "steps, GN 54)." + (f"\n{kfac}" if kfac else ""))
 
 
 def headline_point(results):
@@ -576,6 +605,8 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     K = rs[0]["K"] if rs else None
     tok = rs[0]["conf"]["tokens_per_micro_batch"] if rs else None
     head, at = summary(rs, hit, best, target, stat), headline_point(results)
+    kfac = kfac_line(results, hit, seeds, target)
+    head += [kfac] if kfac else []
     parts = [f"Target validation loss: **{target!r}** (OUT/target.txt: the best baseline's loss at "
              f"80% of its Figure-1 budget). Figure 1 runs {K} micro-batches of {tok:,} tokens per step."
              if rs else "", " ".join(head), at, "![Figure 1](fig1_iterations.png)", md_table]
@@ -631,7 +662,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
-        open(readme, "w").write(src[:a] + "\n" + readme_headline(rs, hit, best, stat) + "\n" + src[b:])
+        open(readme, "w").write(src[:a] + "\n" + readme_headline(rs, hit, best, stat, kfac) + "\n" + src[b:])
     return text
 
 

@@ -3121,13 +3121,19 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     fake_run(f"{R}/fig1", "adamw", 1e-3, [6.0, 5.9, 5.8, 5.7, 5.65])        # never
     fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.7, 5.5])              # 2.0
     fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                # 1.0
+    fake_run(f"{R}/fig1", "kfac", 1e-2, [6.0, 5.9, 5.7, 5.4])                # 5.5: 2 + 2/3
+    fake_run(f"{R}/seeds/seed1", "kfac", 1e-2, [6.0, 5.9, 5.5])              # 2.0
     open(f"{R}/target.txt", "w").write("5.5\n")
     os.makedirs(f"{R}/oracle")                                              # oracle.py's rows
     row = lambda p, th, lam, dirs: json.dumps({"point": p, "theta": th, "lam": lam, "K": 8, "tokens": 16384,
                                                "residual": 0.02 + p / 100, "dirs": dirs}) + "\n"
     with open(f"{R}/oracle/oracle.jsonl", "w") as f:
-        f.write(row(0, "start", 0.1, {"gn_full": {"f": 0.3, "e": 0.5}, "soap": {"f": 0.05, "e": 0.1},
-                                      "layerwise": {"f": 0.9, "e": 1.2}}))
+        f.write(json.dumps({"point": 0, "theta": "start", "lam": 0.1, "K": 8, "tokens": 16384, "residual": 0.02,
+                            "blocks": ["wte", "h[0]", "h[1]", "lm_head"], "dirs": {
+                                "gn_full": {"f": 0.3, "e": 0.5}, "soap": {"f": 0.05, "e": 0.1},
+                                "layerwise": {"f": 0.9, "e": 1.2},
+                                "kfac": {"f": 0.2, "e": 0.4, "f_k": [0.11, 0.4, 0.6, 0.12]}}}) + "\n")
+        f.write(row(8, "kfac", 0.1, {"kfac": {"f": 0.1, "e": 0.3}}))
         f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.5, "e": 0.7}}))
         f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.7, "e": 0.9}}))          # a second set
     open(f"{R}/oracle/oracle.md", "w").write("| table |\n")
@@ -3146,12 +3152,17 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps; over 2 seeds {(r0 + r1) / 2:.2f}x ({min(r0, r1):.2f}-{max(r0, r1):.2f})" in text
-    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 6
+    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 7
+    kfac = ("K-FAC (beyond the paper): 2.67 steps to the target (2.00-2.67 over 2 seeds), SOAP 2.67, full GN "
+            "1.25; of the damped GN model's best decrease its steps keep f = 0.10-0.20 (SOAP's 0.05-0.05, the "
+            "layerwise oracle's 0.90-0.90), and per transformer block f_k = 0.40-0.60 of the layerwise "
+            "oracle's (1 by definition).")
+    assert kfac in text and kfac in md
     assert "| gn_cg | not reached | 5.6000 (2) | 10 to 10, 0.62 to 1.25, -0.15 to 0.09 |" in md
     ora = ("keeps f = 0.30-0.70 of the damped model's best decrease (per step, mean over sets: lam 0.1: "
            "0.30, 0.60) and e = q(d)/q(d*) = 0.50-0.90")
-    assert ora in md and "SOAP 0.05-0.05 (steps [0])" in md and "d_LW keeps f = 0.90-0.90" in md
-    assert "CG residuals of d*: 0.02-0.03." in md and "| table |" in md
+    assert ora in md and "SOAP 0.05-0.05, K-FAC 0.10-0.20 (steps [0, 8])" in md and "d_LW keeps f = 0.90-0.90" in md
+    assert "CG residuals of d*: 0.02-0.10." in md and "| table |" in md
     assert os.path.exists(f"{R}/fig1_iterations.png")
 
 
