@@ -408,14 +408,14 @@ INNER, FORWARD = 1.72, 0.36
 C4_TRAIN_TOKENS = data.C4_TOTALS["train"] * 150e6   # ~150M GPT-2 tokens a shard (data.py's estimate)
 
 
-def run_cost(script, argv, done_steps=0):
+def run_cost(script, argv):
     """One planned run of `script` with argv (its lr and target, which do not change the cost,
-    dropped), after step done_steps (an extension of a run): its parsed args, config, steps, train
-    and line-search tokens, and its cost in gradient-equivalent tokens."""
+    dropped): its parsed args, config, steps, train and line-search tokens, and its cost in
+    gradient-equivalent tokens."""
     drop = {i + d for i, x in enumerate(argv) if x in ("--lr", "--target-loss") for d in (0, 1)}
     args = METHODS[script].parse([x for i, x in enumerate(argv) if i not in drop])
     cfg = data.model_config(args)
-    T, steps = cfg.seq_len, args.steps - done_steps
+    T, steps = cfg.seq_len, args.steps
     tok = args.batch_size * T                                   # tokens per micro-batch
     if script in ("adamw", "muon", "soap"):
         train, ls, grads = args.grad_accum * tok, 0, args.grad_accum * tok
@@ -439,8 +439,7 @@ def plan(path):
     for line in open(path):
         fig, run, command = line.rstrip("\n").split("\t")
         script, *argv = command.split()
-        done = int(run.split("from step ")[1].rstrip(")")) if "from step " in run else 0
-        args, cfg, steps, train, ls, grads = run_cost(script.removesuffix(".py"), argv, done)
+        args, cfg, steps, train, ls, grads = run_cost(script.removesuffix(".py"), argv)
         rate = H100_TOKENS_PER_S.get(args.dtype, H100_TOKENS_PER_S["tf32"]) * ref / train_flops(cfg)
         st = data.start_settings(args.size)
         if args.start == "paper" and not args.init_from and "start" not in totals:   # trained once

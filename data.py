@@ -1068,7 +1068,7 @@ class Run:
                 "tokens_per_step": self.micro_per_step * self.tokens_per_micro,
                 "eval": {"batches": self.eval_batches, "batch_size": self.eval_batch_size},
                 "versions": vs, "devices": [str(d) for d in jax.devices()],
-                "processes": jax.process_count(), **extra}
+                "processes": jax.process_count(), "cpus": os.cpu_count(), **extra}
         self._dump_config(conf)
 
     def _dump_config(self, conf):
@@ -1116,7 +1116,7 @@ class Run:
         state = jax.device_put(state, where)
         step_fn = jax.jit(step_fn, out_shardings=(where, NamedSharding(self.mesh, P())))
         saved = step if self.resume else None
-        step0 = step
+        step0, compile_s = step, None
 
         def save():
             nonlocal saved
@@ -1142,11 +1142,16 @@ class Run:
                 self.log(f"step 0 eval: {self.eval_batches} x {self.eval_batch_size} x "
                          f"{self.cfg.seq_len} validation tokens")
                 val_loss = evaluate(state["params"], "step 0 eval")
-                self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
+                self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0, "load": os.getloadavg()[0]})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
             stop = lambda: bool(signals.interrupted) or step == args.stop_at > 0
             while step < args.steps and not agreed(stop()):
                 batches = shard_batch(self.train_data.take(pos, self.micro_per_step), self.mesh, batch_axis=1)
+                if compile_s is None:     # compiled apart, so that step_time and elapsed are steps alone
+                    t0 = time.time()
+                    _progress.update(line="compiling the step", t=t0, t0=t0, what=None)
+                    step_fn = signals.call(lambda: step_fn.lower(state, batches, step).compile())
+                    compile_s = time.time() - t0
                 t0 = time.time()
                 _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None,
                                  steps_after=args.steps - step - 1)
@@ -1161,7 +1166,9 @@ class Run:
                                     f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
                 read = self.micro_per_step * self.tokens_per_micro
                 row = {"step": step + 1, "tokens": tokens + read, **m, "step_time": dt,
-                       "tokens_per_s": read / dt, "elapsed": elapsed + dt}
+                       "tokens_per_s": read / dt, "elapsed": elapsed + dt, "load": os.getloadavg()[0]}
+                if step == step0:         # (each session compiles: a resumed run again)
+                    row["compile_s"] = compile_s
                 if evaluated:
                     val_loss = row["val_loss"] = evaluate(new["params"], f"step {step + 1} eval")
                     if "ema" in new:

@@ -25,10 +25,10 @@ import os
 import re
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+if __name__ != "__main__" or sys.argv[1:2] != ["--pick"]:   # (run.sh's many --pick calls read
+    import matplotlib                                        # logs only: 0.2 s each without it, 1 s with)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
 # The paper's steps to validation loss 3.25 (its Figure 1): GN 54, layerwise 78, SOAP 292,
 # Muon ~864 (40M-token batch), AdamW slower (no number).
@@ -80,6 +80,14 @@ def to_target(run, target):
     return None
 
 
+def alone(run):
+    """Whether the run had the machine to itself: its metrics rows record the 1-minute load average
+    (data.Run), which one run keeps at about its cores' count; None where it was not recorded.
+    Seconds are compared only between runs made alone."""
+    loads = [r["load"] for r in run["rows"] if "load" in r]
+    return max(loads) <= run["conf"].get("cpus", 1) + 0.5 if loads else None
+
+
 def first_step(hit):
     """Whether a run's first step already reaches the target (hit: to_target's answer): its
     steps to it are then a fraction of one step, bounded by the step, not measured."""
@@ -101,9 +109,16 @@ def target_of(results, override=None):
 
 
 def rank_key(run, target):
-    """A sweep's ranking: fewest interpolated steps to the target, then the lowest final loss."""
-    hit = to_target(run, target) if target is not None else None
+    """The one rule that ranks every sweep, baselines and GN alike: fewest interpolated steps to
+    the target, then (runs that miss it) the lowest final validation loss."""
+    hit = to_target(run, target)
     return (hit["interp"][0] if hit else math.inf, final(run)[3])
+
+
+def flag(argv, name, default=None):
+    """The value after `name` in a command's argv (the last one given), or default."""
+    at = [i for i, x in enumerate(argv[:-1]) if x == name]
+    return argv[at[-1] + 1] if at else default
 
 
 # ---------------------------------------------------------------- run.sh's choices
@@ -113,23 +128,30 @@ def pick(what, args):
     if what == "target":                                # target STEP DIR...: lowest val at STEP
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
-    target = None
-    if args[0] == "--target":
-        target, args = float(args[1]), args[2:]
-    rs = [load(d) for d in args]
-    if what == "best":                                  # best [--target T] DIR...: its directory
+    if what == "made-with":                             # made-with DIR SCRIPT ARGS...: yes, longer, no
+        if not os.path.exists(os.path.join(args[0], "metrics.jsonl")):    # (whether a finished run is
+            return "yes"                                # what ARGS ask; oracle.py's tables: done)
+        r, argv = load(args[0]), args[2:]
+        a = r["conf"]["args"]
+        if any(flag(argv, f"--{k}") is not None and float(flag(argv, f"--{k}")) != a.get(k)
+               for k in ("lr", "damping")):
+            return "no"                                 # another lr or lam: made again
+        steps, target = flag(argv, "--steps"), float(flag(argv, "--target-loss", 0))
+        if (target and to_target(r, target)) or steps is None or final(r)[0] >= int(steps):
+            return "yes"
+        return "longer"                                 # the same run, resumed to the new budget
+    if args[:1] != ["--target"]:
+        raise SystemExit(f"error: --pick {what} ranks by steps to a target: give --target T first")
+    target, rs = float(args[1]), [load(d) for d in args[2:]]
+    if what == "best":                                  # best --target T DIR...: its directory
         return min(rs, key=lambda r: rank_key(r, target))["dir"]
-    if what in ("next-lr", "next-damping"):             # next-lr|next-damping [--target T] DIR...:
+    if what in ("next-lr", "next-damping"):             # next-lr|next-damping --target T DIR...:
         key, by = ("lr", 3) if what == "next-lr" else ("damping", 10)     # grid extension, x3 or x10
         grid = sorted({r["conf"]["args"][key] for r in rs})
         best = min(rs, key=lambda r: rank_key(r, target))["conf"]["args"][key]
         if len(grid) < 3 or grid[0] < best < grid[-1]:
             return ""
         return f"{best / by if best == grid[0] else best * by:.3g}".replace("e-0", "e-")
-    if what == "reached":                               # reached --target T DIR: yes or no
-        return "yes" if to_target(rs[0], target) else "no"
-    if what == "two-best":                              # two-best --target T DIR...: method names
-        return " ".join(r["name"] for r in sorted(rs, key=lambda r: rank_key(r, target))[:2])
     raise SystemExit(f"error: unknown --pick {what}")
 
 
@@ -178,7 +200,7 @@ def seed_stats(seeds, target):
 def figure1(results, rs, target, seeds):
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     for ax, x, xl in zip(axes, ("step", "tokens", "time"),
-                         ("optimizer / outer steps", "tokens (incl. line search)", "seconds in steps (incl. compilation)")):
+                         ("optimizer / outer steps", "tokens (incl. line search)", "seconds in steps (compilation apart)")):
         for r in rs:
             curve(ax, r, x)
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:.4f}")
@@ -307,15 +329,18 @@ def fig1_table(rs, target):
     hit = {r["name"]: to_target(r, target) for r in rs}
     base = [hit[m]["interp"] for m in BASELINES if hit.get(m)]
     best = tuple(min(b[i] for b in base) for i in range(3)) if base else None
+    if best and not all(alone(r) for r in rs):      # seconds compared only between runs made alone
+        best = best[:2] + (None,)
     lines = ["| run | lr | steps to target: first eval / interpolated | tokens (interp.) | "
-             "seconds (interp.) | best baseline / run: steps, tokens, seconds | paper: steps to 3.25 |",
+             "seconds (interp.; alone?) | best baseline / run: steps, tokens, seconds | paper: steps to 3.25 |",
              "|---|---|---|---|---|---|---|"]
     for r in rs:
         h = hit[r["name"]]
         if h:
-            ratio = " / ".join(fmt(b / x) if x else "-" for b, x in zip(best, h["interp"])) if best else "-"
+            ratio = " / ".join(fmt(b / x) if x and b else "-" for b, x in zip(best, h["interp"])) if best else "-"
+            busy = {True: "alone", False: "not alone", None: "load not recorded"}[alone(r)]
             cells = [f"{h['first'][0]} / {h['interp'][0]:.2f}", f"{h['interp'][1]:,.0f}",
-                     f"{h['interp'][2]:.0f}", ratio]
+                     f"{h['interp'][2]:.0f} ({busy})", ratio]
         else:
             cells = [f"not reached in {final(r)[0]} (final {final(r)[3]:.4f})", "-", "-", "-"]
         lam = r["conf"]["args"].get("damping")                           # K-FAC's lam beside its lr
@@ -350,13 +375,14 @@ def summary(rs, hit, best, target, stat):
     names = [m for m in BASELINES if hit.get(m)]
     bname = min(names, key=lambda m: hit[m]["interp"][0]) if names else None
     if gn and best:
-        r = [b / x for b, x in zip(best, gn["interp"])]
+        r = [b / x if b else None for b, x in zip(best, gn["interp"])]
         word = lambda x, what: f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
+        secs = (f" and {word(r[2], 'seconds')}" if best[2] else
+                 " (seconds not compared: not every run had the machine to itself)")
         out.append(f"GN full reaches the target in {gn['interp'][0]:.2f} steps (interpolated; first "
                    f"evaluation at or below it: step {gn['first'][0]}), the best first-order method "
                    f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
-                   f"(line-search batches counted) and {word(r[2], 'seconds')} (the paper: 5.4x fewer "
-                   f"steps than SOAP, 292/54).")
+                   f"(line-search batches counted){secs} (the paper: 5.4x fewer steps than SOAP, 292/54).")
         if first_step(gn):
             out.append("GN's first step already reaches the target, so this ratio divides the "
                        "baseline's steps by a fraction of one GN step: bounded by GN's step, not "
@@ -396,6 +422,8 @@ def point_of(results):
     target, gn = target_of(results), rs["gn_full"]
     _, hit, best = fig1_table(list(rs.values()), target)      # best: the best baseline's (steps, ...)
     steps = lambda m: hit[m]["interp"][0] if hit.get(m) else None
+    first = lambda m: hit[m]["first"][0] if hit.get(m) else None
+    base_first = min((first(m) for m in BASELINES if first(m)), default=None)
     c = gn["conf"]
     return {"dir": results, "target": target, "N": gn["K"],
             "tokens": gn["K"] * c["tokens_per_micro_batch"] / c["params"],
@@ -404,6 +432,7 @@ def point_of(results):
             "baselines": {m: (rs[m]["lr"], steps(m)) for m in BASELINES if m in rs},
             "depth": best and best[0], "gn_lr": gn["lr"], "gn": steps("gn_full"),
             "ratio": best[0] / steps("gn_full") if best and steps("gn_full") else None,
+            "ratio_first": base_first / first("gn_full") if base_first and first("gn_full") else None,
             "trivial": first_step(hit.get("gn_full")),
             "seeds": seeds_table(seed_runs(results), target)[1]}
 
@@ -432,14 +461,15 @@ def axes_section(results):
     if not by:
         return []
     lines = ["| axis | point | N | tokens per step (per param) | baseline budget | target | baselines: lr, steps "
-             "| GN lr | GN steps | ratio | seeds: mean ratio [range] |", "|" + "---|" * 11]
+             "| GN lr | GN steps | ratio | ratio at evaluations | seeds: mean ratio [range] |", "|" + "---|" * 12]
     for axis, pts in by.items():
         for p in pts:
             bl = "; ".join(f"{m} {lr:g}: {fmt(st)}" for m, (lr, st) in p["baselines"].items())
             seeds = f"{p['seeds'][0]:.2f} [{p['seeds'][1]:.2f}, {p['seeds'][2]:.2f}] ({p['seeds'][4]})" if p["seeds"] else "-"
             lines.append(f"| {axis} | {os.path.relpath(p['dir'], results)} | {p['N']} | {p['tokens_per_step']:,} "
                          f"({p['tokens']:.3f}) | {p['budget']} | {p['target']:.4f} | {bl} | {p['gn_lr']:g} | "
-                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}**{TRIVIAL if p['trivial'] else ''} | {seeds} |")
+                         f"{fmt(p['gn'])} | **{fmt(p['ratio'])}**{TRIVIAL if p['trivial'] else ''} | "
+                         f"{fmt(p['ratio_first'])} | {seeds} |")
         if axis not in AXES:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -470,12 +500,43 @@ def axes_section(results):
             f"Each point is the quick plan with one setting moved ({results}/axes/<point>; the point `.` "
             f"is {results}'s own plan), every method's lr swept at that point and its target by the "
             "same rule at its own budget; ratio = the best baseline's interpolated steps to the target "
-            "over GN full's. The dashed line marks the paper's Figure-1 value of the axis.",
+            "over GN full's; at evaluations, the same ratio of the first evaluated steps at or below the "
+            "target (whole steps: what the runs resolve without interpolation). The dashed line marks "
+            "the paper's Figure-1 value of the axis.",
             "\n".join(lines) + ("\n\n" + TRIVIAL_NOTE if any(p["trivial"] for ps in by.values() for p in ps) else "")] + [f"![axis {k}](axes_{k}.png)" for k in by if k in AXES]
 
 
-def readme_headline(rs, hit, best, stat):
-    """The README's three lines: Figure 1's ratio, its seeds' range, the paper's."""
+def kfac_line(results, hit, seeds, target):
+    """Where K-FAC sits between the best baseline and layerwise GN, in steps to the target (and
+    over its seeds) and in the oracle's f (oracle/oracle.jsonl): "" without a K-FAC row."""
+    k = hit.get("kfac", False)
+    if k is False:
+        return ""
+    steps = lambda m: f"{hit[m]['interp'][0]:.2f}" if hit.get(m) else "not reached"
+    bname = min((m for m in BASELINES if hit.get(m)), key=lambda m: hit[m]["interp"][0], default=None)
+    ks = [x for x in seed_stats(seeds, target)[0].get("kfac", []) if x is not None]
+    out = (f"K-FAC (beyond the paper): {steps('kfac')} steps to the target"
+           + (f" ({min(ks):.2f}-{max(ks):.2f} over {len(ks)} seeds)" if len(ks) > 1 else "")
+           + (f", {NAMES[bname]} {steps(bname)}" if bname else "")
+           + (f", layerwise GN {steps('gn_layerwise')}" if "gn_layerwise" in hit else "")
+           + f", full GN {steps('gn_full')}")
+    path = os.path.join(results, "oracle", "oracle.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    f = lambda m: [r["dirs"][m]["f"] for r in rows if m in r["dirs"]]
+    rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+    if f("kfac"):
+        out += (f"; of the damped GN model's best decrease its steps keep f = {rng(f('kfac'))}"
+                + (f" ({NAMES[bname]}'s {rng(f(bname))}" if bname and f(bname) else " (")
+                + (f", the layerwise oracle's {rng(f('layerwise'))})" if f("layerwise") else ")"))
+        fk = [x for r in rows if "f_k" in r["dirs"].get("kfac", {})
+              for name, x in zip(r["blocks"], r["dirs"]["kfac"]["f_k"]) if name.startswith("h[")]
+        if fk:
+            out += f", and per transformer block f_k = {rng(fk)} of the layerwise oracle's (1 by definition)"
+    return out + "."
+
+
+def readme_headline(rs, hit, best, stat, kfac=""):
+    """The README's lines: Figure 1's ratio, its seeds' range, the paper's; K-FAC's place."""
     gn = hit.get("gn_full")
     if not (rs and gn and best):
         return "Not yet measured: GN full or every baseline misses the target (results.md)."
@@ -487,7 +548,7 @@ def readme_headline(rs, hit, best, stat):
             f"{gn['interp'][0]:.2f} steps, "
             f"{NAMES[bname]} (the best baseline) in {best[0]:.2f}: {best[0] / gn['interp'][0]:.2f}x fewer "
             f"steps{seeds}**.\nThe paper, at 150M parameters and 240M tokens per GN step: 5.4x (SOAP 292 "
-            "steps, GN 54).")
+            "steps, GN 54)." + (f"\n{kfac}" if kfac else ""))
 
 
 def headline_point(results):
@@ -544,6 +605,8 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     K = rs[0]["K"] if rs else None
     tok = rs[0]["conf"]["tokens_per_micro_batch"] if rs else None
     head, at = summary(rs, hit, best, target, stat), headline_point(results)
+    kfac = kfac_line(results, hit, seeds, target)
+    head += [kfac] if kfac else []
     parts = [f"Target validation loss: **{target!r}** (OUT/target.txt: the best baseline's loss at "
              f"80% of its Figure-1 budget). Figure 1 runs {K} micro-batches of {tok:,} tokens per step."
              if rs else "", " ".join(head), at, "![Figure 1](fig1_iterations.png)", md_table]
@@ -553,13 +616,15 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
         rows = []
         for m, srs in sorted(sweep_by.items()):
             srs = sorted(srs, key=lambda r: r["lr"])
-            bestr = min(srs, key=lambda r: rank_key(r, target if m.startswith("gn") else None))
+            bestr = min(srs, key=lambda r: rank_key(r, target))
+            cell = lambda r: (f"{h['interp'][0]:.2f} steps" if (h := to_target(r, target))
+                              else f"{final(r)[3]:.4f} at step {final(r)[0]}")
             rows.append(f"| {display(m)} | " + ", ".join(
-                f"{'**' if r is bestr else ''}{r['lr']:g}: {final(r)[3]:.4f} at step {final(r)[0]}"
-                f"{'**' if r is bestr else ''}" for r in srs) + " |")
-        parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps (validation loss at the sweep's last step; GN sweeps stop at "
-                  "the target and are ranked by steps to it; best in bold):",
-                  "| method | lr: loss |\n|---|---|\n" + "\n".join(rows)]
+                f"{'**' if r is bestr else ''}{r['lr']:g}: {cell(r)}{'**' if r is bestr else ''}" for r in srs) + " |")
+        parts += ["![sweeps](sweeps.png)", "Learning-rate sweeps, every method ranked by one rule "
+                  "(plot.rank_key): fewest interpolated steps to the target, then the lowest final "
+                  "validation loss; each run to its budget or the target; the best in bold:",
+                  "| method | lr: steps to target (or final loss at its last step) |\n|---|---|\n" + "\n".join(rows)]
     if by:
         rows = []
         for method, pts in sorted(by.items()):
@@ -597,7 +662,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
-        open(readme, "w").write(src[:a] + "\n" + readme_headline(rs, hit, best, stat) + "\n" + src[b:])
+        open(readme, "w").write(src[:a] + "\n" + readme_headline(rs, hit, best, stat, kfac) + "\n" + src[b:])
     return text
 
 

@@ -4,9 +4,13 @@
 #   ./run.sh test               the test suite (the README's test command)
 #   ./run.sh smoke [OUT]        every script for 2 steps on the tiny config, in seconds
 #   ./run.sh quick [OUT]        the paper's experiments at CPU scale (small config, embedded data):
-#                               figures + results in OUT (measured on 2 CPU cores: see README)
-#   ./run.sh seeds [OUT]        after quick, in its OUT: Figures 2-3, seeds 1-2 of Figure 1, GN
-#                               ablations, the oracle gap and the inner solve's exactness (oracle.py)
+#                               the baselines' and GN's Figure-1 rows, each swept (OUT: results/quick)
+#   ./run.sh variants [OUT]     after quick, in its OUT: layerwise GN and prox-linear (with and
+#                               without line search), each swept
+#   ./run.sh kfac [OUT]         after quick: K-FAC (beyond the paper), its lr and damping swept
+#   ./run.sh seeds [OUT]        after those: seeds 1-2 of every Figure-1 row
+#   ./run.sh extras [OUT]       after quick: Figures 2-3, GN's ablations, the oracle gap and the
+#                               inner solve's exactness (oracle.py)
 #   ./run.sh axes GROUP [OUT]   after quick, in its OUT: the ratio along one axis that separates it
 #                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
 #                               step; depth: of the target), each point in OUT/axes/<point>;
@@ -25,18 +29,18 @@
 # Plan (quick and full), every method from one shared AdamW checkpoint as the paper does:
 #   1. start:   quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
 #               start (--start paper: at 150m 4578 AdamW steps, trained once and cached)
-#   2. sweeps:  each baseline at 3 lrs for its sweep steps, with the settings of its Figure-1 run;
-#               a best lr (lowest validation loss at the sweep's last step) at the grid's edge
-#               extends the grid (x3 or /3, twice at most). Figure 1's baseline run is the best
-#               sweep run, resumed to its cap (quick: 14 steps; full: the script's --steps at the
-#               size) or to the target. LRS="adamw=3e-3 muon=3e-3 soap=3e-3 gn_full=3e-3" gives
-#               the lrs and skips the sweeps
-#   3. target:  full: TARGET (150m: 3.25, the paper's); quick and 45m: the best baseline's
-#               validation loss at 80% of its budget (OUT/target.txt, unrounded)
-#   4. GN:      GN's inner lr swept the same way (3 lrs, stopping at the target; best = fewest
-#               steps to it); layerwise and prox-linear (with and without line search) at GN's lr
-#               until the target or their cap; quick and seeds: also K-FAC (kfac.py), its lr swept
-#               at 3 dampings as the baselines' are, its best continued to its cap or the target
+#   2. sweeps:  each baseline's lr grid (3 lrs), every lr run to the budget (quick: 14 steps;
+#               full: the script's --steps at the size) with its Figure-1 settings, or to the
+#               target when it is fixed. LRS="adamw=3e-3 gn_full=3e-3 ..." gives a row's lr and
+#               skips its sweep
+#   3. target:  full: TARGET (150m: 3.25, the paper's); quick and 45m: the lowest validation loss
+#               any run of the baselines' grids reaches at 80% of the budget (OUT/target.txt)
+#   4. rows:    one rule ranks every row's sweep (plot.py's rank_key): fewest interpolated steps
+#               to the target, then the lowest final loss; a best lr at its grid's edge extends the
+#               grid (x3 or /3, twice at most); Figure 1's row is its sweep's best run. GN full and
+#               its variants (layerwise, prox-linear with and without line search) are swept over
+#               SWEEP_GN, each run stopping at the target; quick and seeds: also K-FAC (kfac.py), its
+#               lr at the middle damping, then the damping at that lr (the grid extended x10)
 #   5. fig2/3:  a fixed token budget at several batch sizes, each method at its Figure-1 lr
 #               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to seeds
 #   6. plot.py: figures and OUT/results.md
@@ -49,14 +53,22 @@ cd "$(dirname "$0")"
 mode=${1:-}
 dry=""
 if [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
-out=${2:-results/${mode/seeds/quick}}
+case $mode in variants|kfac|seeds|extras) out=${2:-results/quick} ;; *) out=${2:-results/$mode} ;; esac
 py=${PYTHON:-python}
 fig=fig1
 
-run() {  # run DIR SCRIPT ARGS...: skip finished runs; resume interrupted ones
-  local dir=$1; shift
-  if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir" "$*" >> "$plan_file"; return; fi
-  if [ -f "$dir/done" ]; then echo "== $dir: done, skipped"; return; fi
+run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; resume an interrupted
+  local dir=$1; shift   # one, or a finished one at the same lr given a longer budget or lower target
+  if [ -n "$dry" ]; then   # (a run listed once: a sweep's grid runs again when its best is picked)
+    grep -q "	$dir	" "$plan_file" || printf '%s\t%s\t%s\n' "$fig" "$dir" "$*" >> "$plan_file"; return
+  fi
+  if [ -f "$dir/done" ]; then
+    case $(pick made-with "$dir" "$@") in
+      yes) echo "== $dir: done, skipped"; return ;;
+      longer) rm "$dir/done" ;;
+      *) echo "== $dir: made at another lr or damping: again"; rm -rf "$dir" ;;
+    esac
+  fi
   local resume=""
   if [ -e "$dir/ckpt" ]; then resume=--resume; echo "== $dir (resumed): $*"
   else echo "== $dir: $*"; rm -rf "$dir" && mkdir -p "$dir"; fi   # (a log without its checkpoint: again)
@@ -65,15 +77,12 @@ run() {  # run DIR SCRIPT ARGS...: skip finished runs; resume interrupted ones
   touch "$dir/done"
 }
 
-extend() {  # FROM=STEP extend DIR SCRIPT ARGS...: resume the finished run DIR (at step FROM) with new ARGS
-  local dir=$1; shift
-  if [ -n "$dry" ]; then printf '%s\t%s\t%s\n' "$fig" "$dir (from step $FROM)" "$*" >> "$plan_file"; return; fi
-  if [ -f "$dir/extended" ]; then echo "== $dir: extended, skipped"; return; fi
-  if [ ! -e "$dir/ckpt" ]; then   # a clone of the logs has no checkpoint: the whole run, again
-    echo "== $dir (no checkpoint: from step 0): $*"; rm -rf "$dir" && mkdir -p "$dir"; train "$dir" "$@"
-  else echo "== $dir (resumed): $*"; train "$dir" "$@" --resume; fi
-  grep -E "^(done:|target loss)" "$dir/stdout.log" | tail -n 1 || true
-  touch "$dir/extended"
+adopt() {  # adopt BEST DIR: Figure 1's row DIR is a copy of its sweep's best run (again if that changes)
+  [ -n "$dry" ] && return
+  if [ "$(cat "$2/from" 2>/dev/null)" != "$1" ]; then
+    rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -r "$1" "$2" && echo "$1" > "$2/from"
+    echo "== $2: the best of its sweep, $1"
+  fi
 }
 
 train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; stops run.sh unless it finished
@@ -89,7 +98,7 @@ train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; sto
 
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
   if [ -n "$dry" ]; then  # a dry run has no logs: the choices are named, the grids not extended
-    case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; reached) echo no ;; *) echo "" ;; esac
+    case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; made-with) echo yes ;; *) echo "" ;; esac
     return
   fi
   $py plot.py --pick "$@"
@@ -99,16 +108,17 @@ lr_given() {  # lr_given METHOD: its lr in LRS ("" if none)
   local kv; for kv in ${LRS:-}; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; return 0
 }
 
-sweep() {  # sweep NAME SCRIPT "LRS" ARGS...: the lr sweep of one method; prints the best run dir
-  local name=$1 script=$2 lrs=$3; shift 3   # (RANK="--target T": rank by steps to T first)
-  for lr in $lrs; do run "$out/sweep/${name}_$lr" "$script" "$@" --lr "$lr" >&2; done
+sweep() {  # sweep NAME "LRS" SCRIPT ARGS...: one method's lr sweep, ranked by steps to $target
+  local name=$1 lrs=$2; shift 2   # (plot.py's one rule); prints the best run's directory
+  for lr in $lrs; do run "$out/sweep/${name}_$lr" "$@" --lr "$lr" >&2; done
   if [ -n "$dry" ]; then set -- $lrs; echo "$out/sweep/${name}_$2"; return; fi   # (the middle lr)
-  for _ in 1 2; do  # a best lr at the grid's edge extends the grid
-    local next; next=$(pick next-lr ${RANK:-} "$out"/sweep/"${name}"_*)
-    [ -z "$next" ] && break
-    run "$out/sweep/${name}_$next" "$script" "$@" --lr "$next" >&2
+  local runs=("$out"/sweep/"${name}"_[0-9]*) next   # a best lr at the grid's edge extends the grid,
+  while [ ${#runs[@]} -lt $(( $(wc -w <<< "$lrs") + 2 )) ]; do   # by 2 lrs at most (a rerun: none more)
+    next=$(pick next-lr --target "$target" "${runs[@]}"); [ -z "$next" ] && break
+    run "$out/sweep/${name}_$next" "$@" --lr "$next" >&2
+    runs=("$out"/sweep/"${name}"_[0-9]*)
   done
-  pick best ${RANK:-} "$out"/sweep/"${name}"_*
+  pick best --target "$target" "$out"/sweep/"${name}"_[0-9]*
 }
 
 steps_of() {  # steps_of METHOD: "--steps N" from CAP_<method>, or nothing (the script's preset)
@@ -125,14 +135,36 @@ start() {  # start O SEED: the shared AdamW start O/start/ckpt (START="STEPS LR"
 }
 
 # The mode sets: size data START ("builtin", "STEPS LR" or "from:DIR": DIR's starts), B_<method>
-# (each method's batch flags), SWEEP_<METHOD> (lr grids), SWEEP_STEPS_<method>, CAP_<method>
-# (empty: the script's --steps), TARGET (empty: the 80% rule), GN_EXTRA, PROX, BUDGET and BATCHES
-# (Figures 2-3), FIG2_METHODS; the axes' points also BASELINES (those run; the others linked from
-# BASE_FROM's plan, if given) and VARIANTS ("": no layerwise or prox-linear).
+# (each method's batch flags), SWEEP_<METHOD> (lr grids; SWEEP_GN also the GN variants'),
+# CAP_<method> (its budget; empty: the script's --steps), TARGET (empty: the 80% rule), GN_EXTRA,
+# PROX, BUDGET and BATCHES (Figures 2-3), FIG2_METHODS; KFAC=1 with KFAC_LAMS, SWEEP_KFAC; the axes'
+# points also BASE_FROM (its baselines, linked, and its target) and VARIANTS ("": no layerwise or
+# prox-linear).
+row() {  # row METHOD: Figure 1's row METHOD as SCRIPT ARGS (no lr, seed or target)
+  local B=B_$1 E="--eval-every 1"
+  case $1 in
+    adamw|muon|soap) echo "$1.py ${!B} $(steps_of "$1") $E" ;;
+    gn_full) echo "gn_full.py $B_gn $(steps_of gn_full) $E $GN_EXTRA" ;;
+    gn_layerwise) echo "gn_layerwise.py $B_gn $(steps_of gn_layerwise) $E" ;;
+    gn_proxlinear_no_ls) echo "gn_proxlinear.py $B_gn $(steps_of gn_proxlinear) $E $PROX --ls-batches 0" ;;
+    gn_proxlinear) # its line search on GN's tokens: GN's --ls-batches (given, or its default PROX_LS)
+      local ls; ls=$(sed -n 's/.*--ls-batches \([0-9]*\).*/\1/p' <<< "$B_gn")
+      echo "gn_proxlinear.py $B_gn $(steps_of gn_proxlinear) $E $PROX --ls-batches ${ls:-$PROX_LS}" ;;
+    kfac) echo "kfac.py $B_kfac $(steps_of kfac) $E" ;;
+  esac
+}
+
+rows() {  # Figure 1's rows in this plan (ROWS: those alone)
+  if [ -n "${ROWS:-}" ]; then echo "$ROWS"; return; fi
+  echo "adamw muon soap gn_full"
+  [ -z "${VARIANTS-1}" ] || echo "gn_layerwise gn_proxlinear_no_ls gn_proxlinear"
+  [ -z "${KFAC:-}" ] || echo kfac
+}
+
 plan() {  # plan [SEED]
   local seed=${1:-0} o=$out m best lr
   [ "$seed" = 0 ] || o=$out/seeds/seed$seed
-  local S="--size $size --data $data --seed $seed $EXTRA" E="--eval-every 1"
+  local S="--size $size --data $data --seed $seed $EXTRA"
   [ -n "$dry" ] || mkdir -p "$o"
   fig=fig1
   if [ "${START#from:}" != "$START" ]; then   # from:DIR, the starts of DIR's plan (each seed's)
@@ -142,85 +174,84 @@ plan() {  # plan [SEED]
     start "$o" "$seed"
     S="$S --init-from $o/start/ckpt"
   fi
-  if [ "$seed" != 0 ]; then  # seeds: Figure 1's lrs and target, GN and the two best baselines
-    local target; target=$(cat "$out/target.txt")
-    for m in $(pick two-best --target "$target" $(ls -d "$out"/fig1/{adamw,muon,soap} 2>/dev/null)); do
-      local B=B_$m
+  local target
+  if [ "$seed" != 0 ]; then  # seeds: every Figure-1 row at its lr (K-FAC: and lam), to the target
+    target=$(cat "$out/target.txt")
+    for m in $(rows); do
       if [ -L "$out/fig1/$m" ]; then   # BASE_FROM's baseline: its seed's run too
         [ -n "$dry" ] || ln -sfn "$(realpath --relative-to="$o" "$BASE_FROM/seeds/seed$seed/$m")" "$o/$m"
         continue
       fi
-      run "$o/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$(pick lr "$out/fig1/$m")" $E --target-loss "$target"
+      [ -n "$dry" ] || [ -d "$out/fig1/$m" ] || continue
+      local lam=""; [ "$m" = kfac ] && lam="--damping $(pick damping "$out/fig1/kfac")"
+      run "$o/$m" $(row "$m") $S --lr "$(pick lr "$out/fig1/$m")" $lam --target-loss "$target"
     done
-    run "$o/gn_full" gn_full.py $S $B_gn $(steps_of gn_full) --lr "$(pick lr "$out/fig1/gn_full")" \
-        $E --target-loss "$target" $GN_EXTRA
-    if [ -n "${KFAC:-}" ]; then
-      run "$o/kfac" kfac.py $S $B_kfac $(steps_of kfac) --lr "$(pick lr "$out/fig1/kfac")" \
-          --damping "$(pick damping "$out/fig1/kfac")" $E --target-loss "$target"
-    fi
     return
   fi
-  # 2. baseline sweeps; Figure 1 continues each best run (to the target, when it is fixed)
-  local T=""; [ -n "$TARGET" ] && T="--target-loss $TARGET"
+  # 2. the baselines' lr grids, every lr to its budget (to TARGET when that is fixed: the 80%
+  #    rule needs the whole budget); a baseline in LRS runs at its given lr alone. BASE_FROM=DIR
+  #    (a point that moves GN's settings only): DIR's baselines and target instead
+  local T="" grid=""; [ -n "$TARGET" ] && T="--target-loss $TARGET"
   for m in adamw muon soap; do
-    if [[ " ${BASELINES-adamw muon soap} " != *" $m "* ]]; then   # not run here: BASE_FROM's, if any
-      [ -n "${BASE_FROM:-}" ] && [ -z "$dry" ] && mkdir -p "$o/fig1" && ln -sfn "$(realpath --relative-to="$o/fig1" "$BASE_FROM/fig1/$m")" "$o/fig1/$m"
+    if [ -n "${BASE_FROM:-}" ]; then
+      [ -n "$dry" ] || { mkdir -p "$o/fig1" && ln -sfn "$(realpath --relative-to="$o/fig1" "$BASE_FROM/fig1/$m")" "$o/fig1/$m"; }
       continue
     fi
-    local B=B_$m lrs=SWEEP_${m^^} n=SWEEP_STEPS_$m
     lr=$(lr_given "$m")
-    if [ -n "$lr" ]; then run "$o/fig1/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$lr" $E $T; continue; fi
-    best=$(sweep "$m" "$m.py" "${!lrs}" $S ${!B} --steps "${!n}" $E)
-    if [ -z "$dry" ] && [ ! -d "$o/fig1/$m" ]; then mkdir -p "$o/fig1" && cp -r "$best" "$o/fig1/$m"; fi
-    FROM=${!n} extend "$o/fig1/$m" "$m.py" $S ${!B} $(steps_of "$m") --lr "$(pick lr "$best")" $E $T
+    if [ -n "$lr" ]; then run "$o/fig1/$m" $(row "$m") $S $T --lr "$lr"; grid="$grid $o/fig1/$m"; continue; fi
+    local g=SWEEP_${m^^}
+    for lr in ${!g}; do run "$out/sweep/${m}_$lr" $(row "$m") $S $T --lr "$lr"; grid="$grid $out/sweep/${m}_$lr"; done
   done
-  # 3. the target: fixed, or the best baseline's loss at 80% of its budget, unrounded
-  local target=$TARGET
-  if [ -z "$target" ]; then
+  # 3. the target: TARGET, or the lowest validation loss any run of the baselines' grids reaches
+  #    at 80% of its budget, unrounded
+  target=$TARGET
+  if [ -n "${BASE_FROM:-}" ]; then
+    target=$(cat "$BASE_FROM/target.txt")
+  elif [ -z "$target" ]; then
     local at=$(( CAP_adamw * 8 / 10 ))
-    target=$(pick target "$at" $(ls -d "$o"/fig1/{adamw,muon,soap} 2>/dev/null))
-    [ -n "$dry" ] || echo "target loss $target: the best baseline's validation loss at step $at of $CAP_adamw"
+    target=$(pick target "$at" $grid)
+    [ -n "$dry" ] || echo "target loss $target: the baselines' lowest validation loss at step $at of $CAP_adamw"
   fi
   [ -n "$dry" ] || echo "$target" > "$o/target.txt"
-  # 4. GN's inner lr swept as the baselines' lrs; then its variants at GN's lr
-  local G="$B_gn $E --target-loss $target"
-  local lr_gn; lr_gn=$(lr_given gn_full)
-  if [ -n "$lr_gn" ]; then
-    run "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
-  else
-    best=$(RANK="--target $target" sweep gn_full gn_full.py "$SWEEP_GN" $S $G --steps "$SWEEP_STEPS_gn_full" $GN_EXTRA)
-    if [ -z "$dry" ] && [ ! -d "$o/fig1/gn_full" ]; then cp -r "$best" "$o/fig1/gn_full"; fi
-    lr_gn=$(pick lr "$best")
-    if [ "$(pick reached --target "$target" "$o/fig1/gn_full")" = no ]; then
-      FROM=$SWEEP_STEPS_gn_full extend "$o/fig1/gn_full" gn_full.py $S $G $(steps_of gn_full) --lr "$lr_gn" $GN_EXTRA
-    fi
-  fi
-  # 4b. K-FAC (KFAC=1: quick; beyond the paper): its lr swept at each damping lam in KFAC_LAMS as
-  # the baselines' (lowest loss at the sweep's last step, the grid extended at its edge), the best
-  # of every (lr, lam) continued to its cap or the target, which the baselines alone set
-  if [ -n "${KFAC:-}" ]; then
-    local lam
-    for lam in $KFAC_LAMS; do
-      sweep "kfac_lam$lam" kfac.py "$SWEEP_KFAC" $S $B_kfac --damping "$lam" --steps "$SWEEP_STEPS_kfac" $E > /dev/null
-    done
-    for _ in 1 2; do  # a best lam at the grid's edge extends the lam grid x10, as the lr grid x3
-      lam=$(pick next-damping "$o"/sweep/kfac_lam*_*); [ -z "$lam" ] && break
-      sweep "kfac_lam$lam" kfac.py "$SWEEP_KFAC" $S $B_kfac --damping "$lam" --steps "$SWEEP_STEPS_kfac" $E > /dev/null
-    done
-    best=$(pick best "$o"/sweep/kfac_lam*_*)
-    if [ -z "$dry" ] && [ ! -d "$o/fig1/kfac" ]; then cp -r "$best" "$o/fig1/kfac"; fi
-    FROM=$SWEEP_STEPS_kfac extend "$o/fig1/kfac" kfac.py $S $B_kfac $(steps_of kfac) --lr "$(pick lr "$best")" \
-        --damping "$(pick damping "$best")" $E --target-loss "$target"
-  fi
-  if [ -n "${VARIANTS-1}" ]; then             # (VARIANTS="": the axes' points, GN and baselines only)
-    run "$o/fig1/gn_layerwise" gn_layerwise.py $S $G $(steps_of gn_layerwise) --lr "$lr_gn"
-    run "$o/fig1/gn_proxlinear_no_ls" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches 0
-    run "$o/fig1/gn_proxlinear" gn_proxlinear.py $S $G $(steps_of gn_proxlinear) --lr "$lr_gn" $PROX --ls-batches "$PROX_LS"
-  fi
+  # 4. one rule for every row (plot.py's rank_key): fewest interpolated steps to the target, then
+  #    the lowest final loss; a best lr at its grid's edge extends the grid; Figure 1's row is the
+  #    best sweep run. The baselines' sweeps are those of step 2; every other run stops at the target.
+  local G="--target-loss $target"
+  for m in $(rows); do
+    lr=$(lr_given "$m")
+    case $m in
+      adamw|muon|soap)   # (those of step 2; not those given in LRS or BASE_FROM's)
+        [ -z "${BASE_FROM:-}" ] && [ -z "$lr" ] || continue
+        local g=SWEEP_${m^^}; best=$(sweep "$m" "${!g}" $(row "$m") $S $T) ;;
+      *)
+        if [ -n "$lr" ]; then run "$o/fig1/$m" $(row "$m") $S --lr "$lr" $G; continue; fi
+        if [ "$m" = kfac ]; then best=$(kfac_sweep "$S $G")
+        else best=$(sweep "$m" "$SWEEP_GN" $(row "$m") $S $G); fi ;;
+    esac
+    adopt "$best" "$o/fig1/$m"
+  done
   # 5. Figures 2-3 (quick: in the seeds mode, which keeps quick within an hour)
   [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
   [ -n "$dry" ] || $py plot.py "$o"
+}
+
+kfac_sweep() {  # kfac_sweep "ARGS": K-FAC's lr over SWEEP_KFAC at the middle lam of KFAC_LAMS,
+  local lams=($KFAC_LAMS) lam lr_k next   # then lam over KFAC_LAMS at that lr, each grid extended
+  local lam0=${lams[1]}                   # at its edge (lam x10); prints the best run's directory
+  lr_k=$(sweep "kfac_lam$lam0" "$SWEEP_KFAC" $(row kfac) $1 --damping "$lam0")
+  lr_k=${lr_k##*_}                        # (the best run's lr as its directory spells it)
+  for lam in "${lams[@]}"; do
+    [ "$lam" = "$lam0" ] || run "$out/sweep/kfac_lam${lam}_$lr_k" $(row kfac) $1 --damping "$lam" --lr "$lr_k" >&2
+  done
+  if [ -n "$dry" ]; then echo "$out/sweep/kfac_lam${lam0}_$lr_k"; return; fi
+  local runs=("$out"/sweep/kfac_lam*_"$lr_k")
+  while [ ${#runs[@]} -lt $(( ${#lams[@]} + 2 )) ]; do
+    next=$(pick next-damping --target "$target" "${runs[@]}"); [ -z "$next" ] && break
+    run "$out/sweep/kfac_lam${next}_$lr_k" $(row kfac) $1 --damping "$next" --lr "$lr_k" >&2
+    runs=("$out"/sweep/kfac_lam*_"$lr_k")
+  done
+  pick best --target "$target" "$out"/sweep/kfac_lam*_*
 }
 
 batch_sizes() {  # batch_sizes S: Figures 2-3, each of FIG2_METHODS at its Figure-1 lr, BUDGET
@@ -237,11 +268,10 @@ batch_sizes() {  # batch_sizes S: Figures 2-3, each of FIG2_METHODS at its Figur
   done
 }
 
-seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the oracle and exactness
+extras() {  # after quick: Figures 2-3, GN's ablations, the oracle gap and the inner solve's exactness
   local target cap=$CAP_gn_full
   batch_sizes "--size $size --data $data --seed 0 $EXTRA --init-from $out/start/ckpt"
   fig=fig1
-  for s in 1 2; do plan "$s"; done
   target=$(cat "$out/target.txt")
   local S="--size $size --data $data $EXTRA --init-from $out/start/ckpt $B_gn"
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
@@ -260,7 +290,7 @@ seeds() {  # after the main plan: Figures 2-3, the seeds, GN's ablations, the or
 }
 
 point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
-  local name=$1 s; shift   # quick's start; BASE_FROM=OUT: quick's Figure-1 baselines, linked.
+  local name=$1 s; shift   # quick's start; BASE_FROM=OUT: quick's baselines (linked) and target.
   [ -z "${POINTS:-}" ] || [[ " $POINTS " == *" $name "* ]] || return 0   # POINTS: only these
   start "$out" 0
   for s in ${SEEDS:-}; do start "$out/seeds/seed$s" "$s"; done          # SEEDS: these seeds too
@@ -276,18 +306,16 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
   case $1 in        # as quick's, its target by quick's 80% rule at its own budget
     n)  # inner steps N at quick's 65,536 tokens per step (quick: N = 32 of 16 x 128), the
         # line-search tokens held at quick's 4,096 where a micro-batch allows (N = 8: 8,192)
-      point n8 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 64" B_gn="--inner-steps 8 --ls-batches 1"
-      point n128 BASELINES="" BASE_FROM="$q" EXTRA="--batch-size 4" B_gn="--inner-steps 128 --ls-batches 8" ;;
-    tokens)  # tokens per step at quick's 32 micro-batches: 16,384 (SOAP and GN) and 262,144 (every
-      # method; 7 steps: 2 passes of the 1.22M train tokens, the 614K of the start included)
-      point tok16k BASELINES="soap" EXTRA="--batch-size 4"
-      point tok262k EXTRA="--batch-size 64" CAP_adamw=7 CAP_muon=7 CAP_soap=7 CAP_gn_full=7 \
-          SWEEP_STEPS_adamw=5 SWEEP_STEPS_muon=5 SWEEP_STEPS_soap=5 SWEEP_STEPS_gn_full=5 ;;
-    depth)  # a shallower target (8-step budget: SOAP and GN) and the deepest that 2 passes allow
-      # (28 steps, sweeps of 14: every method)
-      point depth8 BASELINES="soap" CAP_adamw=8 CAP_soap=8 CAP_gn_full=8
-      point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 \
-          SWEEP_STEPS_adamw=14 SWEEP_STEPS_muon=14 SWEEP_STEPS_soap=14 SWEEP_STEPS_gn_full=14 ;;
+      point n8 BASE_FROM="$q" EXTRA="--batch-size 64" B_gn="--inner-steps 8 --ls-batches 1"
+      point n128 BASE_FROM="$q" EXTRA="--batch-size 4" B_gn="--inner-steps 128 --ls-batches 8" ;;
+    tokens)  # tokens per step at quick's 32 micro-batches and 14-step budget: 16,384 and 32,768
+      # (quick: 65,536), every method swept at each
+      point tok16k EXTRA="--batch-size 4"
+      point tok32k EXTRA="--batch-size 8" ;;
+    depth)  # a shallower target (an 8-step budget) and the deepest that 2 passes of the data allow
+      # (a 28-step budget), every baseline swept to its budget
+      point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8
+      point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 ;;
     *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
   esac
   $py plot.py "$q"
@@ -296,19 +324,18 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
 quick_settings() {  # the small config on BBC, for quick, seeds and axes
   size=small data=${DATA:-bbc} START="150 3e-3" TARGET=""
   SWEEP_ADAMW="3e-4 1e-3 3e-3" SWEEP_MUON="0.01 0.02 0.04" SWEEP_SOAP="3e-3 1e-2 3e-2" SWEEP_GN="3e-3 1e-2 3e-2"
-  SWEEP_STEPS_adamw=8 SWEEP_STEPS_muon=8 SWEEP_STEPS_soap=8 SWEEP_STEPS_gn_full=8
   CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
   B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
-  B_kfac=$B_adamw SWEEP_KFAC="0.01 0.03 0.1" KFAC_LAMS="1e-4 1e-3 1e-2" SWEEP_STEPS_kfac=8 CAP_kfac=14
+  B_kfac=$B_adamw SWEEP_KFAC="3e-3 1e-2 3e-2" KFAC_LAMS="1e-5 1e-4 1e-3" CAP_kfac=14
   GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
   FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
   EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
   FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
-  # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; sweeps of 8
-  # steps; baselines 14 steps, GN variants at most 10; Figures 2-3 (in the seeds mode) at
-  # 128 micro-batches. The grids are centred on the best lrs that a first run of this plan
-  # found after extending them (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2): the plan still
-  # checks that each best lies inside its grid, and no time goes to extensions
+  # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; a budget of
+  # 14 steps (GN and its variants at most 10); Figures 2-3 (in the seeds mode) at 128
+  # micro-batches. The grids are centred on the best lrs that earlier runs of this plan found
+  # (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2, K-FAC from lam 1e-4..1e-2 and lr 0.01..0.1); the
+  # plan still extends a grid whose best lies at its edge
 }
 
 gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report
@@ -351,9 +378,15 @@ case "$mode" in
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
-  quick|seeds)
+  quick|variants|kfac|seeds|extras)   # quick's plan in pieces of at most 100 minutes each
     quick_settings; KFAC=1      # (axes: quick_settings alone, no K-FAC)
-    if [ "$mode" = quick ]; then time plan; else time seeds; fi ;;
+    case $mode in
+      quick) time ROWS="adamw muon soap gn_full" plan ;;
+      variants) time ROWS="gn_layerwise gn_proxlinear_no_ls gn_proxlinear" plan ;;
+      kfac) time ROWS=kfac plan ;;
+      seeds) time (for s in 1 2; do plan "$s"; done; $py plot.py "$out") ;;
+      extras) time extras ;;
+    esac ;;
   axes)
     quick_settings; out=${3:-results/quick}
     time axes "${2:-}" ;;
@@ -365,21 +398,18 @@ case "$mode" in
     EXTRA="${EXTRA:-} ${DTYPE:+--dtype $DTYPE} ${SPLIT:+--split $SPLIT}"
     case $size in
       150m)  # Figure 1: GN 1831 x 128 x 1024 = 240M tokens per step, AdamW and Muon 40M, SOAP 240M
-        # (the scripts' 150m presets: --help names each value's source); sweeps of ~4-7B tokens
-        # each; Figure 2: 3B tokens (22,888 micro-batches of 128 x 1024) at 1.2M, 4.1M, 12.1M, 40M
+        # (the scripts' 150m presets: --help names each value's source); every sweep run to 3.25 or
+        # its budget; Figure 2: 3B tokens (22,888 micro-batches of 128 x 1024) at 1.2M, 4.1M, 12.1M, 40M
         # and 120M tokens per step
         what="Figure 1 as the paper ran it, and Figure 2" TARGET=${TARGET:-3.25} PROX_LS=1831
-        SWEEP_STEPS_adamw=100 SWEEP_STEPS_muon=100 SWEEP_STEPS_soap=20 SWEEP_STEPS_gn_full=5
         BUDGET=22888 BATCHES="9 31 92 305 916" ;;
       45m)   # the authors' templates: 122 x 32 x 1024 = 4M tokens per step for every method, 227
         # steps, a 1000-step start; the target by the 80% rule; Figures 2-3 at 3904 micro-batches
         what="the authors' 45M templates' experiment (not Figure 1)" TARGET=${TARGET:-} PROX_LS=122 CAP_adamw=227
         SWEEP_ADAMW="0.003 0.01 0.03" SWEEP_MUON="0.003 0.01 0.03" SWEEP_GN="0.003 0.01 0.03"
-        SWEEP_STEPS_adamw=10 SWEEP_STEPS_muon=10 SWEEP_STEPS_soap=10 SWEEP_STEPS_gn_full=10
         BUDGET=3904 BATCHES="16 61 244" ;;
       tiny)  # the CPU rehearsal of the same plan: tiny presets, a 4-step built-in start
         what="the CPU rehearsal of the 150m plan" TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4" SWEEP_GN="0.01 0.03 0.1"
-        SWEEP_STEPS_adamw=2 SWEEP_STEPS_muon=2 SWEEP_STEPS_soap=2 SWEEP_STEPS_gn_full=2
         BUDGET=4 BATCHES="1" ;;
       *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;
     esac
@@ -399,5 +429,5 @@ case "$mode" in
   gpu-check)
     gpu_check "${2:-results/gpu}" ;;
   *)
-    sed -n '2,24p' "$0"; exit 2 ;;
+    sed -n '2,27p' "$0"; exit 2 ;;
 esac

@@ -152,7 +152,7 @@ def tiny_batch(B=2, seed=1, cfg=TINY):
 
 # ============================================================================ helpers shared by several files
 
-TIMING = ("step_time", "tokens_per_s", "elapsed")
+TIMING = ("step_time", "tokens_per_s", "elapsed", "load", "compile_s")
 
 
 def losses(rows):
@@ -3006,26 +3006,60 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     assert hit["first"][0] == 2 and hit["interp"] == pytest.approx((1 + 0.1 / 0.15286, 4000 * (1 + 0.1 / 0.15286),
                                                                     2 * (1 + 0.1 / 0.15286)), rel=1e-4)
     assert plot.to_target(plot.load(b), target) is None
-    # the sweep's choices: best by final loss, the grid extended past an edge, never inside it
+    # one rule for every sweep (baselines too): fewest interpolated steps to the target, then the
+    # lowest final loss. c ends lowest (5.3) but reaches 5.5 at step 2; f ends higher (5.35) but
+    # reaches it at 1.33: the old baselines' rule (lowest final loss) would pick c
     c = fake_run(tmp_path, "adamw_1e-2", 1e-2, [6.0, 5.9, 5.5, 5.3])
-    assert plot.pick("best", [a, b, c]) == c and plot.pick("next-lr", [a, b, c]) == "0.03"
-    assert plot.pick("next-lr", [a, c, b]) == "0.03" and plot.pick("next-lr", [b, a]) == ""
-    d = fake_run(tmp_path, "adamw_1e-4", 1e-4, [6.0, 5.9, 5.8, 5.7])
-    assert plot.pick("next-lr", [a, b, d]) == ""                         # best (1e-3) inside
+    f = fake_run(tmp_path, "adamw_3e-2", 3e-2, [6.0, 5.6, 5.3, 5.35])
+    assert plot.pick("best", ["--target", "5.5", b, c, f]) == f
+    assert plot.pick("best", ["--target", "5.2", b, c, f]) == c            # none reaches: final loss
+    with pytest.raises(SystemExit, match="give --target"):
+        plot.pick("best", [b, c, f])
+    # the grid extended past a best lr at its edge, never inside it
+    assert plot.pick("next-lr", ["--target", "5.5", b, c, f]) == "0.09"
+    assert plot.pick("next-lr", ["--target", "5.2", b, c, f]) == ""         # best (1e-2) inside
+    assert plot.pick("next-lr", ["--target", "5.5", c, f]) == ""            # fewer than 3 lrs
+    d = fake_run(tmp_path, "adamw_1e-4", 1e-4, [6.0, 5.7, 5.6, 5.55])
+    assert plot.pick("next-lr", ["--target", "5.75", b, c, d]) == "3.33e-5"    # d first to 5.75
     # K-FAC's damping grid, over every (lr, lam) run, x10 past the best lam at an edge
     lam = lambda d, v: json.dump({**json.load(open(f"{d}/config.json")), "args": {
         **json.load(open(f"{d}/config.json"))["args"], "damping": v}}, open(f"{d}/config.json", "w"))
-    for run_dir, v in ((a, 1e-4), (b, 1e-3), (c, 1e-4), (d, 1e-2)):
+    for run_dir, v in ((b, 1e-3), (c, 1e-2), (f, 1e-4), (d, 1e-2)):
         lam(run_dir, v)
-    assert plot.pick("next-damping", [a, b, c, d]) == "1e-5"             # best c: lam 1e-4, the lowest
-    lam(c, 1e-3)
-    assert plot.pick("next-damping", [a, b, c, d]) == ""                 # best inside the grid
-    lam(c, 1e-2)
-    assert plot.pick("next-damping", [a, b, c, d]) == "0.1"
-    # with a target, fewer steps to it beats a lower final loss
-    e = fake_run(tmp_path, "gn_fast", 3e-3, [6.0, 5.3])
-    assert plot.pick("best", ["--target", "5.5", e, c]) == e
-    assert plot.pick("two-best", ["--target", "5.5", e, c, b]) == "gn_fast adamw_1e-2"
+    assert plot.pick("next-damping", ["--target", "5.5", b, c, f, d]) == "1e-5"   # best f: lam 1e-4
+    lam(f, 1e-3)
+    assert plot.pick("next-damping", ["--target", "5.5", b, c, f, d]) == ""       # inside the grid
+    # whether a finished run is what a command asks: its lr and lam; its budget or the target
+    cmd = lambda *a: plot.pick("made-with", [f, "adamw.py", "--seed", "0", *a])
+    assert cmd("--lr", "0.03", "--steps", "3") == "yes" and cmd("--lr", "3e-2") == "yes"
+    assert cmd("--lr", "0.01", "--steps", "3") == "no" and cmd("--lr", "0.03", "--damping", "1e-2") == "no"
+    assert cmd("--lr", "0.03", "--steps", "9") == "longer"                      # a longer budget
+    assert cmd("--lr", "0.03", "--steps", "9", "--target-loss", "5.5") == "yes"  # reached it at step 2
+    assert cmd("--lr", "0.03", "--steps", "9", "--target-loss", "5.2") == "longer"
+    os.makedirs(tmp_path / "oracle")                                            # no training log
+    assert plot.pick("made-with", [str(tmp_path / "oracle"), "oracle.py", "--points", "0"]) == "yes"
+
+
+def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
+    """Each metrics row records the 1-minute load average: a run is alone while it stays at most
+    its cores + 0.5; Figure 1's seconds ratio is given only when every row was made alone."""
+    import plot
+    def run(name, vals, loads):
+        d = fake_run(str(tmp_path / "fig1"), name, 1e-2, vals)
+        rows = [json.loads(l) for l in open(f"{d}/metrics.jsonl")]
+        with open(f"{d}/metrics.jsonl", "w") as f:
+            f.writelines(json.dumps({**r, "load": x}) + "\n" for r, x in zip(rows, loads))
+        conf = json.load(open(f"{d}/config.json"))
+        json.dump({**conf, "cpus": 2}, open(f"{d}/config.json", "w"))
+        return plot.load(d)
+    soap = run("soap", [6.0, 5.8, 5.6, 5.4], [2.0, 2.1, 2.4, 2.2])
+    gn = run("gn_full", [6.0, 5.4], [1.9, 2.6])                       # 2.6 > 2 + 0.5: not alone
+    assert plot.alone(soap) is True and plot.alone(gn) is False
+    text, _, best = plot.fig1_table([soap, gn], 5.5)
+    assert best[2] is None and "(not alone)" in text and "(alone)" in text
+    gn["rows"][-1]["load"] = 2.5
+    text, _, best = plot.fig1_table([soap, gn], 5.5)
+    assert best[2] == pytest.approx(2 * 2.5) and "| 3.00 / 3.00 / 3.00 |" in text   # 2.5 steps / 0.83
 
 
 def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
@@ -3050,12 +3084,13 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     assert set(by) == {"N", "depth", "N+tokens"}
     assert [p["N"] for p in by["N"]] == [4, 8]                                # the centre joins its axes
     assert [p["ratio"] for p in by["N"]] == pytest.approx([(8 / 3) / 1.25, (8 / 3) / (1 + 1 / 11)])
+    assert [p["ratio_first"] for p in by["N"]] == [3 / 2, 3 / 2]               # at evaluations: steps 3, 2
     assert [p["trivial"] for p in by["N"] + by["N+tokens"]] == [False, False, True]
     assert [p["depth"] for p in by["depth"]] == pytest.approx([8 / 3, 4.0])
     assert by["depth"][1]["ratio"] == pytest.approx(4.0 / 1.75) and by["depth"][1]["budget"] == 6
     assert by["N"][0]["tokens"] == pytest.approx(4 * 1000 / 10_000)          # per parameter
     text = "\n\n".join(plot.axes_section(R))
-    assert "**2.13** |" in text and "**2.44** |" in text and "**2.29** |" in text
+    assert "**2.13** | 1.50 |" in text and "**2.44** | 1.50 |" in text and "**2.29** | 2.00 |" in text
     assert "| N+tokens | axes/both |" in text and "**3.20** (GN's step 1) |" in text
     assert "(GN's step 1): GN full's first step already reaches the target" in text
     assert os.path.exists(f"{R}/axes_N.png") and os.path.exists(f"{R}/axes_depth.png")
@@ -3086,13 +3121,19 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     fake_run(f"{R}/fig1", "adamw", 1e-3, [6.0, 5.9, 5.8, 5.7, 5.65])        # never
     fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.7, 5.5])              # 2.0
     fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                # 1.0
+    fake_run(f"{R}/fig1", "kfac", 1e-2, [6.0, 5.9, 5.7, 5.4])                # 5.5: 2 + 2/3
+    fake_run(f"{R}/seeds/seed1", "kfac", 1e-2, [6.0, 5.9, 5.5])              # 2.0
     open(f"{R}/target.txt", "w").write("5.5\n")
     os.makedirs(f"{R}/oracle")                                              # oracle.py's rows
     row = lambda p, th, lam, dirs: json.dumps({"point": p, "theta": th, "lam": lam, "K": 8, "tokens": 16384,
                                                "residual": 0.02 + p / 100, "dirs": dirs}) + "\n"
     with open(f"{R}/oracle/oracle.jsonl", "w") as f:
-        f.write(row(0, "start", 0.1, {"gn_full": {"f": 0.3, "e": 0.5}, "soap": {"f": 0.05, "e": 0.1},
-                                      "layerwise": {"f": 0.9, "e": 1.2}}))
+        f.write(json.dumps({"point": 0, "theta": "start", "lam": 0.1, "K": 8, "tokens": 16384, "residual": 0.02,
+                            "blocks": ["wte", "h[0]", "h[1]", "lm_head"], "dirs": {
+                                "gn_full": {"f": 0.3, "e": 0.5}, "soap": {"f": 0.05, "e": 0.1},
+                                "layerwise": {"f": 0.9, "e": 1.2},
+                                "kfac": {"f": 0.2, "e": 0.4, "f_k": [0.11, 0.4, 0.6, 0.12]}}}) + "\n")
+        f.write(row(8, "kfac", 0.1, {"kfac": {"f": 0.1, "e": 0.3}}))
         f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.5, "e": 0.7}}))
         f.write(row(1, "gn_full", 0.1, {"gn_full": {"f": 0.7, "e": 0.9}}))          # a second set
     open(f"{R}/oracle/oracle.md", "w").write("| table |\n")
@@ -3111,12 +3152,17 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps; over 2 seeds {(r0 + r1) / 2:.2f}x ({min(r0, r1):.2f}-{max(r0, r1):.2f})" in text
-    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 6
+    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 7
+    kfac = ("K-FAC (beyond the paper): 2.67 steps to the target (2.00-2.67 over 2 seeds), SOAP 2.67, full GN "
+            "1.25; of the damped GN model's best decrease its steps keep f = 0.10-0.20 (SOAP's 0.05-0.05, the "
+            "layerwise oracle's 0.90-0.90), and per transformer block f_k = 0.40-0.60 of the layerwise "
+            "oracle's (1 by definition).")
+    assert kfac in text and kfac in md
     assert "| gn_cg | not reached | 5.6000 (2) | 10 to 10, 0.62 to 1.25, -0.15 to 0.09 |" in md
     ora = ("keeps f = 0.30-0.70 of the damped model's best decrease (per step, mean over sets: lam 0.1: "
            "0.30, 0.60) and e = q(d)/q(d*) = 0.50-0.90")
-    assert ora in md and "SOAP 0.05-0.05 (steps [0])" in md and "d_LW keeps f = 0.90-0.90" in md
-    assert "CG residuals of d*: 0.02-0.03." in md and "| table |" in md
+    assert ora in md and "SOAP 0.05-0.05, K-FAC 0.10-0.20 (steps [0, 8])" in md and "d_LW keeps f = 0.90-0.90" in md
+    assert "CG residuals of d*: 0.02-0.10." in md and "| table |" in md
     assert os.path.exists(f"{R}/fig1_iterations.png")
 
 
@@ -3154,17 +3200,61 @@ if sys.argv[1] == "plot.py":                 # run.sh's choices: the real plot.p
 a = sys.argv[2:]
 arg = lambda k, d=None: a[a.index(k) + 1] if k in a else d
 out, steps, lr = arg("--out"), int(arg("--steps", 3)), float(arg("--lr", 1e-3))
+lam = float(arg("--damping", 0))
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps([sys.argv[1]] + a) + "\\n")
 os.makedirs(out, exist_ok=True)
-json.dump({"args": {"lr": lr, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100, "params": 1000},
-          open(os.path.join(out, "config.json"), "w"))
-with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs, below 5.9 at step 2
-    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr)}) + "\\n"
-                 for s in range(steps + 1))
+json.dump({"args": {"lr": lr, "damping": lam, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100,
+           "params": 1000}, open(os.path.join(out, "config.json"), "w"))
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs (and lams), below 5.9 at step 2
+    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr + lam)})
+                 + "\\n" for s in range(steps + 1))
 open(os.path.join(out, "ckpt"), "w").write("")
 print("done: fake")
 """
+
+
+@pytest.mark.slow
+def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
+    """./run.sh quick, variants and kfac with a fake of every script (faster at larger lrs and
+    dampings): every lr of the baselines' grids runs to the 14-step budget, the target is the
+    lowest loss of their first grids at step 11 (80%), GN, its variants and K-FAC run to it; each
+    grid extends twice past a best lr at its edge (x3); K-FAC sweeps its lr at the middle damping,
+    then the damping at that lr (x10); every Figure-1 row is its sweep's best run; the same
+    commands again run nothing."""
+    fake, calls, q = tmp_path / "fake.py", tmp_path / "calls.jsonl", tmp_path / "q"
+    fake.write_text(FAKE_PY)
+    env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls)}
+    for mode in ("quick", "variants", "kfac"):               # quick's plan in its pieces
+        rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
+        assert rc == 0, out[-2000:] + err[-2000:]
+    runs = {r[r.index("--out") + 1]: r for r in map(json.loads, open(calls))}
+    arg = lambda d, k: runs[str(q / d)][runs[str(q / d)].index(k) + 1] if k in runs[str(q / d)] else None
+    grids = {"adamw": "3e-4 1e-3 3e-3 0.009 0.027", "muon": "0.01 0.02 0.04 0.12 0.36",
+             "soap": "3e-3 1e-2 3e-2 0.09 0.27"}
+    for m, lrs in grids.items():                             # to the budget: the target comes from them
+        assert all(arg(f"sweep/{m}_{lr}", "--steps") == "14" and not arg(f"sweep/{m}_{lr}", "--target-loss")
+                   for lr in lrs.split())
+    target = float((q / "target.txt").read_text())
+    assert target == 6.0 - 11 * (0.05 + 0.04)                # Muon's 0.04, the first grids' largest lr
+    gn = "3e-3 1e-2 3e-2 0.09 0.27".split()
+    for m in ("gn_full", "gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls"):
+        assert all(arg(f"sweep/{m}_{lr}", "--target-loss") == repr(target) for lr in gn), m
+    assert arg("sweep/gn_proxlinear_0.27", "--ls-batches") == "2"              # GN's default at small
+    assert arg("sweep/gn_proxlinear_no_ls_0.27", "--ls-batches") == "0"
+    kfac = sorted(os.path.relpath(d, q) for d in runs if "/sweep/kfac_" in d)
+    assert kfac == sorted([f"sweep/kfac_lam1e-4_{lr}" for lr in gn]
+                          + [f"sweep/kfac_lam{lam}_0.27" for lam in ("1e-5", "1e-3", "0.01", "0.1")])
+    best = {**{m: lrs.split()[-1] for m, lrs in grids.items()}, "gn_full": "0.27", "gn_layerwise": "0.27",
+            "gn_proxlinear": "0.27", "gn_proxlinear_no_ls": "0.27", "kfac_lam0.1": "0.27"}
+    for m, lr in best.items():
+        row = q / "fig1" / m.split("_lam")[0]
+        assert (row / "from").read_text().strip() == str(q / "sweep" / f"{m}_{lr}"), m
+        assert (row / "metrics.jsonl").read_text() == (q / "sweep" / f"{m}_{lr}" / "metrics.jsonl").read_text()
+    n = len(runs)
+    for mode in ("quick", "variants", "kfac"):
+        rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
+        assert rc == 0 and sum(1 for _ in open(calls)) == n, err[-2000:]
 
 
 @pytest.mark.slow
@@ -3177,7 +3267,7 @@ def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
         rate = 0.03 if d.endswith("soap") else 0.02         # SOAP the best: 6 - 0.03 s
         fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 1e-2, [6.0 - rate * s for s in range(15)])
     for d in ("start", "seeds/seed1/start"):                # committed logs, one without its ckpt
-        fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 3e-3, [6.0])
+        fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 3e-3, [6.0] * 151)   # 150 steps
         (q / d / "done").write_text("")
     (q / "start" / "ckpt").write_text("")
     (q / "target.txt").write_text(repr(6.0 - 0.03 * 11))
@@ -3194,7 +3284,7 @@ def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
     assert os.path.realpath(p / "seeds" / "seed1" / "soap") == str(q / "seeds" / "seed1" / "soap")
     assert {r[0] for r in runs} == {"gn_full.py", "adamw.py"}   # GN, and the start a clone lacked
     starts = [r for r in runs if r[0] == "adamw.py"]
-    assert len(starts) == 1 and starts[0][starts[0].index("--out") + 1] == f"{q}/seeds/seed1/start"
+    assert len(starts) == 1 and starts[0][starts[0].index("--out") + 1] == f"{q}/seeds/seed1/start", [" ".join(s) for s in starts]
     gn = [r for r in runs if r[0] == "gn_full.py"]
     assert not any("n128" in " ".join(r) for r in gn)       # POINTS: n8 only
     for r in gn:
@@ -3210,20 +3300,26 @@ def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
     """./run.sh full --dry-run at 150m: every run of the plan with its tokens and estimated
     H100-hours, from Figure 1's settings (GN: 1831 x 128 x 1024 = 240M tokens per step and as
-    many line-search tokens; AdamW and Muon 40M; SOAP 240M) and the measured 45m throughput."""
+    many line-search tokens; AdamW and Muon 40M; SOAP 240M) and the measured 45m throughput;
+    every row's lr grid, each run priced to its budget (it stops at 3.25), each run listed once."""
     rc, out, err = run_sh("full", "--dry-run", "/nonexistent/plan")
     assert rc == 0, err
+    listed = [r[1] for r in (line.split(" | ") for line in out.splitlines() if re.match(r"\| fig\d \|", line))]
     rows = {r[1]: r for r in (line.split(" | ") for line in out.splitlines() if re.match(r"\| fig\d \|", line))}
-    gn = rows["/nonexistent/plan/fig1/gn_full (from step 5)"]
-    assert "--size 150m" in gn[2] and gn[3] == "95" and gn[4] == f"{95 * 239_992_832 / 1e9:.2f}B + {95 * 239_992_832 / 1e9:.2f}B"
-    assert rows["/nonexistent/plan/sweep/adamw_0.003"][4] == f"{100 * 305 * 128 * 1024 / 1e9:.2f}B + 0.00B"
+    assert len(listed) == len(set(listed))
+    gn = rows["/nonexistent/plan/sweep/gn_full_0.003"]
+    assert "--size 150m" in gn[2] and "--target-loss 3.25" in gn[2] and gn[3] == "100"
+    assert gn[4] == f"{100 * 239_992_832 / 1e9:.2f}B + {100 * 239_992_832 / 1e9:.2f}B"
+    assert rows["/nonexistent/plan/sweep/adamw_0.003"][4] == f"{1500 * 305 * 128 * 1024 / 1e9:.2f}B + 0.00B"
     assert rows["/nonexistent/plan/fig2/gn_full_b916"][3] == str(22888 // 916)             # 3B tokens
-    assert {f"/nonexistent/plan/fig1/{m}" for m in ("gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls")} <= set(rows)
+    assert {f"/nonexistent/plan/sweep/{m}_{lr}" for m in ("adamw", "muon", "soap", "gn_full", "gn_layerwise",
+            "gn_proxlinear", "gn_proxlinear_no_ls") for lr in ("0.001", "0.003", "0.01")} <= set(rows)
+    assert "--ls-batches 1831" in rows["/nonexistent/plan/sweep/gn_proxlinear_0.003"][2]     # GN's line search
     # hours: a GN step is 240M tokens x (1.72 + 11 x 0.36) gradients at 150m's flops per token
     rate = 3_997_696 / 7.32 * bench.train_flops(model.CONFIGS["45m"]) / bench.train_flops(model.CONFIGS["150m"])
-    evals = 95 * 50 * 128 * 1024 * 0.36
+    evals = 100 * 50 * 128 * 1024 * 0.36
     assert float(gn[6].rstrip(" |").replace(",", "")) == pytest.approx(
-        (95 * 239_992_832 * (1.72 + 11 * 0.36) + evals) / rate / 3600, abs=0.06)
+        (100 * 239_992_832 * (1.72 + 11 * 0.36) + evals) / rate / 3600, abs=0.06)
     totals = dict(re.findall(r"^\| (fig1|fig2|all) \| [\d.,]+B \| ([\d,]+) \|", out, re.M))
     assert set(totals) == {"fig1", "fig2", "all"} and "on 8 H100s" in out and "An estimate" in out
 
@@ -3232,7 +3328,8 @@ def rehearsal(d, env):
     """SIZE=tiny ./run.sh full into d/full; its --dry-run into d/dry; then d/full's fig2/gn_full_b1
     made again with --stop-at 1 (as a job's time limit would stop it), and the same command once
     more. The outputs of each, and the runs finished after the first."""
-    env = {**env, "SIZE": "tiny", "LRS": "adamw=3e-3 muon=0.02 soap=3e-3", "FULLGN_CACHE": str(d / "cache")}
+    env = {**env, "SIZE": "tiny", "FULLGN_CACHE": str(d / "cache"),   # GN's sweep alone
+           "LRS": "adamw=3e-3 muon=0.02 soap=3e-3 gn_layerwise=0.03 gn_proxlinear_no_ls=0.03 gn_proxlinear=0.03"}
     sh = lambda *argv, **extra: subprocess_job(["bash", "run.sh", *argv], {**env, **extra})
     r = {"first": sh("full", str(d / "full")), "made": {os.path.dirname(p) for p in glob.glob(f"{d}/full/*/*/done")},
          "dry": sh("full", "--dry-run", str(d / "dry"))}
@@ -3246,8 +3343,8 @@ def rehearsal(d, env):
 @in_background(rehearsal)
 def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(background):
     """SIZE=tiny ./run.sh full: the 150m plan's structure at tiny through the same code (the
-    built-in start, the baselines at given lrs, GN's lr sweep ranked by steps to the target, its
-    variants, Figure 2, plot.py). Its --dry-run lists every run it makes (a sweep's grid
+    built-in start, the baselines and GN's variants at given lrs, GN's lr sweep ranked by steps to
+    the target, Figure 2, plot.py). Its --dry-run lists every run it makes (a sweep's grid
     extensions aside) and writes nothing; a run stopped at a checkpoint stops the plan, and the
     same command then resumes that run and skips every finished one."""
     d, r = background
@@ -3257,7 +3354,8 @@ def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(background):
     rc, dry, err = r["dry"]
     assert rc == 0 and not (d / "dry").exists(), err
     planned = {p.replace(f"{d}/dry", str(out)) for p in re.findall(r"^\| fig\d \| (\S+/\S+)", dry, re.M)}
-    assert planned <= made and all("/sweep/gn_full_" in x for x in made - planned), (planned ^ made)
+    assert planned <= made and all("/sweep/gn_full_" in x or x == f"{out}/fig1/gn_full" for x in made - planned), (
+        planned ^ made)                             # (a grid's extensions; Figure 1's row: its best run)
     assert {"fig1/adamw", "fig1/gn_full", "fig1/gn_layerwise", "fig1/gn_proxlinear", "fig2/muon_b1"} <= {
         os.path.relpath(x, out) for x in made}
     assert (out / "results.md").exists() and (out / "target.txt").exists()
