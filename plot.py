@@ -378,11 +378,11 @@ def summary(rs, hit, best, target, stat):
         r = [b / x if b else None for b, x in zip(best, gn["interp"])]
         word = lambda x, what: f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
         secs = (f" and {word(r[2], 'seconds')}" if best[2] else
-                 " (seconds not compared: not every run had the machine to itself)")
+                 "; seconds are not compared, as not every run had the machine to itself")
         out.append(f"GN full reaches the target in {gn['interp'][0]:.2f} steps (interpolated; first "
                    f"evaluation at or below it: step {gn['first'][0]}), the best first-order method "
                    f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
-                   f"(line-search batches counted){secs} (the paper: 5.4x fewer steps than SOAP, 292/54).")
+                   f"(line-search batches counted){secs}. The paper: 5.4x fewer steps than SOAP (292/54).")
         if first_step(gn):
             out.append("GN's first step already reaches the target, so this ratio divides the "
                        "baseline's steps by a fraction of one GN step: bounded by GN's step, not "
