@@ -509,8 +509,7 @@ def axes_section(results):
 def kfac_line(results, hit, seeds, target):
     """Where K-FAC sits between the best baseline and layerwise GN, in steps to the target (and
     over its seeds) and in the oracle's f (oracle/oracle.jsonl): "" without a K-FAC row."""
-    k = hit.get("kfac", False)
-    if k is False:
+    if "kfac" not in hit:
         return ""
     steps = lambda m: f"{hit[m]['interp'][0]:.2f}" if hit.get(m) else "not reached"
     bname = min((m for m in BASELINES if hit.get(m)), key=lambda m: hit[m]["interp"][0], default=None)
@@ -525,9 +524,10 @@ def kfac_line(results, hit, seeds, target):
     f = lambda m: [r["dirs"][m]["f"] for r in rows if m in r["dirs"]]
     rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
     if f("kfac"):
+        others = [f"{NAMES[bname]}'s {rng(f(bname))}"] if bname and f(bname) else []
+        others += [f"the layerwise oracle's {rng(f('layerwise'))}"] if f("layerwise") else []
         out += (f"; of the damped GN model's best decrease its steps keep f = {rng(f('kfac'))}"
-                + (f" ({NAMES[bname]}'s {rng(f(bname))}" if bname and f(bname) else " (")
-                + (f", the layerwise oracle's {rng(f('layerwise'))})" if f("layerwise") else ")"))
+                + (f" ({', '.join(others)})" if others else ""))
         fk = [x for r in rows if "f_k" in r["dirs"].get("kfac", {})
               for name, x in zip(r["blocks"], r["dirs"]["kfac"]["f_k"]) if name.startswith("h[")]
         if fk:
