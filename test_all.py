@@ -3062,6 +3062,32 @@ def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
     assert best[2] == pytest.approx(2 * 2.5) and "| 3.00 / 3.00 / 3.00 |" in text   # 2.5 steps / 0.83
 
 
+def test_plot_rule_change_against_the_previous_rule(tmp_path, monkeypatch):
+    """results.md's comparison with the previous rule on the same sweeps: baselines then picked by
+    their loss at the old sweep length (here step 2), the target from those picks at 80% of the
+    budget, GN ranked by steps to it; the one rule's picks and ratio beside them."""
+    import plot
+    monkeypatch.setattr(plot, "PREVIOUS_SWEEP_STEP", {"r": 2})
+    R = str(tmp_path / "r")
+    sw = f"{R}/sweep"
+    fake_run(sw, "adamw_1e-3", 1e-3, [6.0, 5.6, 5.5, 5.4, 5.3, 5.2])       # best at step 2
+    b = fake_run(sw, "adamw_3e-3", 3e-3, [6.0, 5.8, 5.6, 5.3, 5.1, 5.0])   # first to 5.1: step 4
+    s = fake_run(sw, "soap_1e-2", 1e-2, [6.0, 5.9, 5.7, 5.6, 5.5, 5.4])
+    g = fake_run(sw, "gn_full_1e-2", 1e-2, [6.0, 5.2, 5.0])
+    for d, m in ((b, "adamw"), (s, "soap"), (g, "gn_full")):
+        shutil.copytree(d, f"{R}/fig1/{m}")
+    sweep_by = {m: [plot.load(d) for d in sorted(glob.glob(f"{sw}/{m}_*"))] for m in ("adamw", "soap", "gn_full")}
+    rs = plot.runs(f"{R}/fig1/*")
+    target = float(plot.pick("target", ["4", *glob.glob(f"{sw}/adamw_*"), s]))
+    assert target == 5.1                                                      # adamw 3e-3 at step 4
+    text = plot.rule_change(R, sweep_by, rs, target)
+    assert "| AdamW | 0.003, 4.00 | 0.001, 4.00 | **yes** |" in text          # old target 5.3
+    assert "| SOAP | 0.01, - | 0.01, - | no |" in text and "| GN full (Algorithm 1) | 0.01, 1.50 | 0.01, 0.88 | no |" in text
+    assert f"{4 / 1.5:.2f} under the one rule, {4 / 0.875:.2f} under the previous" in text
+    assert plot.rule_change(R, {**sweep_by, "soap": [plot.load(fake_run(sw, "soap_3e-2", 3e-2, [6.0, 5.9]))]},
+                            rs, target) == ""                                 # an old, shorter sweep
+
+
 def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     import plot
     R = str(tmp_path / "r")
