@@ -42,7 +42,7 @@
 #               SWEEP_GN, each run stopping at the target; quick and seeds: also K-FAC (kfac.py), its
 #               lr at the middle damping, then the damping at that lr (the grid extended x10)
 #   5. fig2/3:  a fixed token budget at several batch sizes, each method at its Figure-1 lr
-#               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to seeds
+#               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to extras
 #   6. plot.py: figures and OUT/results.md
 # Rerunning the same command resumes the plan: finished runs are skipped, an interrupted one
 # (Ctrl-C, SIGTERM, a job's time limit; or a run given --stop-at) resumes from its checkpoint.
@@ -230,7 +230,7 @@ plan() {  # plan [SEED]
     esac
     adopt "$best" "$o/fig1/$m"
   done
-  # 5. Figures 2-3 (quick: in the seeds mode, which keeps quick within an hour)
+  # 5. Figures 2-3 (quick: in the extras mode)
   [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
   [ -n "$dry" ] || $py plot.py "$o"
@@ -332,7 +332,7 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
   EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
   FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
   # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; a budget of
-  # 14 steps (GN and its variants at most 10); Figures 2-3 (in the seeds mode) at 128
+  # 14 steps (GN and its variants at most 10); Figures 2-3 (in the extras mode) at 128
   # micro-batches. The grids are centred on the best lrs that earlier runs of this plan found
   # (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2, K-FAC from lam 1e-4..1e-2 and lr 0.01..0.1); the
   # plan still extends a grid whose best lies at its edge
