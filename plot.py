@@ -88,6 +88,12 @@ def alone(run):
     return max(loads) <= run["conf"].get("cpus", 1) + 0.5 if loads else None
 
 
+def steps_to(run, target):
+    """A run's interpolated steps to the target, or None if it never reaches it."""
+    hit = to_target(run, target)
+    return hit["interp"][0] if hit else None
+
+
 def first_step(hit):
     """Whether a run's first step already reaches the target (hit: to_target's answer): its
     steps to it are then a fraction of one step, bounded by the step, not measured."""
@@ -187,7 +193,7 @@ def seed_runs(results):
 def seed_stats(seeds, target):
     """Per method: interpolated steps to target per seed (None: not reached); per seed, the
     ratio best-baseline steps / GN steps."""
-    steps = {m: [(to_target(r, target) or {"interp": (None,)})["interp"][0] for r in rs]
+    steps = {m: [steps_to(r, target) for r in rs]
              for m, rs in seeds.items()}
     ratios = []
     if "gn_full" in steps:
@@ -620,7 +626,6 @@ def rule_change(results, sweep_by, rs, target):
     old_target = min(at(r, budget * 8 // 10) for r in old.values())
     gn = sweep_by.get("gn_full", [fig1["gn_full"]])
     old["gn_full"] = min(gn, key=lambda r: rank_key(r, old_target))
-    steps = lambda r, t: (to_target(r, t) or {"interp": (None,)})["interp"][0]
     kfac = [r for m, rs_ in sweep_by.items() if m.startswith("kfac_lam") for r in rs_]
     if "kfac" in fig1 and kfac:
         old["kfac"] = min(kfac, key=lambda r: at(r, step))
@@ -632,10 +637,10 @@ def rule_change(results, sweep_by, rs, target):
     lines = ["| row | one rule: lr, steps to the target | previous rule: lr, steps to its target | changed |",
              "|---|---|---|---|"]
     for m, r in sorted(old.items()):
-        lines.append(f"| {NAMES.get(m, m)} | {name(fig1[m])}, {fmt(steps(fig1[m], target))} | {name(r)}, "
-                     f"{fmt(steps(r, old_target))} | {'**yes**' if name(r) != name(fig1[m]) else 'no'} |")
-    ratio = lambda picks, t: (min((steps(picks[m], t) for m in base if steps(picks[m], t)), default=None),
-                              steps(picks["gn_full"], t))
+        lines.append(f"| {NAMES.get(m, m)} | {name(fig1[m])}, {fmt(steps_to(fig1[m], target))} | {name(r)}, "
+                     f"{fmt(steps_to(r, old_target))} | {'**yes**' if name(r) != name(fig1[m]) else 'no'} |")
+    ratio = lambda picks, t: (min((steps_to(picks[m], t) for m in base if steps_to(picks[m], t)), default=None),
+                              steps_to(picks["gn_full"], t))
     (b1, g1), (b0, g0) = ratio(fig1, target), ratio(old, old_target)
     return (f"The one rule against the previous (baselines and K-FAC by their validation loss at step "
             f"{step}, the target {old_target!r} from those picks at step {budget * 8 // 10}, the GN variants "
