@@ -575,6 +575,126 @@ def headline_point(results):
             + " ".join(summary(rs, hit, best, p["target"], p["seeds"])))
 
 
+# ---------------------------------------------------------------- what matches the paper
+def point_name(p, results):
+    """A point's name: its directory under axes/, or results' own name for the centre."""
+    return os.path.basename(os.path.normpath(p["dir"] if p["dir"] != results else results))
+
+
+def per_seed(p, m=None):
+    """A point's per-seed values, seed 0 first (None: a run missed the target): the ratio best
+    baseline / GN full, or row m's steps to the target."""
+    seeds = seed_runs(p["dir"])
+    if m is None:
+        return seed_stats(seeds, p["target"])[1] if seeds else [p["ratio"]]
+    if m in seeds:
+        return seed_stats(seeds, p["target"])[0][m]
+    fig1 = os.path.join(p["dir"], "fig1", m)
+    return [steps_to(load(fig1), p["target"])] if os.path.exists(os.path.join(fig1, "metrics.jsonl")) else []
+
+
+def spread(xs):
+    """'mean [lo-hi] (n seeds)' over the values measured, '2.91 (1 seed)', or 'not reached'."""
+    got = [x for x in xs if x is not None]
+    miss = f", {len(xs) - len(got)} not reached" if len(got) < len(xs) else ""
+    if not got:
+        return "not reached" + (f" ({len(xs)} seeds)" if len(xs) > 1 else "")
+    if len(xs) == 1:
+        return f"{got[0]:.2f} (1 seed)"
+    return f"{sum(got) / len(got):.2f} [{min(got):.2f}-{max(got):.2f}] ({len(xs)} seeds{miss})"
+
+
+def apart(a, b):
+    """Whether two sets of per-seed values are told apart: each has 3 seeds, all measured, and
+    their ranges do not overlap (the rule every verdict below uses)."""
+    ok = lambda xs: len(xs) >= 3 and None not in xs
+    return ok(a) and ok(b) and (max(a) < min(b) or max(b) < min(a))
+
+
+def trend(pts, axis, results, unit):
+    """The ratio along one axis: each point's seeds, and what they tell apart (the rule of apart)."""
+    pts = [p for p in pts if not p["trivial"]]
+    vals = [per_seed(p) for p in pts]
+    said = "; ".join(f"{unit(p)} ({point_name(p, results)}): {spread(v)}" for p, v in zip(pts, vals))
+    if len(pts) < 2:
+        return said, "fewer than two points that GN's first step does not settle: no trend measured"
+    means = [sum(x for x in v if x) / max(1, sum(1 for x in v if x)) for v in vals]
+    pairs = [apart(a, b) for a, b in zip(vals, vals[1:])]
+    ends = apart(vals[0], vals[-1])
+    if all(pairs) and all(x < y for x, y in zip(means, means[1:])):
+        verdict = "the ratio rises at every step of the axis, each point apart from the next (3 seeds each, ranges disjoint)"
+    elif all(pairs) and all(x > y for x, y in zip(means, means[1:])):
+        verdict = "the ratio falls at every step of the axis, each point apart from the next (3 seeds each, ranges disjoint)"
+    elif ends:
+        verdict = (f"the ratio {'rises' if means[-1] > means[0] else 'falls'} from the first point to the last "
+                   "(3 seeds each, ranges disjoint); neighbouring points are not all told apart")
+    else:
+        verdict = ("the points are not told apart: the first and last points' seed ranges overlap, or "
+                   "either has fewer than 3 seeds measured")
+    return said, verdict
+
+
+def claims(results):
+    """'What matches the paper': each claim of the paper (or question of this plan) that the runs
+    test, with the points and seeds it rests on and a verdict by one stated rule (apart). [] before
+    Figure 1 has GN full and a target."""
+    centre = point_of(results)
+    if centre is None:
+        return []
+    by = axes_points(results)
+    pts = [p for ps in by.values() for p in ps if p["dir"] != results] + [centre]
+    name = lambda p: point_name(p, results)
+    out = []
+    ratios = {name(p): per_seed(p) for p in pts}
+    wins = sum(1 for v in ratios.values() for x in v if x and x > 1)
+    total = sum(len(v) for v in ratios.values())
+    lost = [f"{k} ({spread(v)})" for k, v in ratios.items() if any(not x or x <= 1 for x in v)]
+    out.append(f"**GN full needs fewer steps than every first-order baseline** (the paper's Figure 1): in "
+               f"{wins} of {total} runs (point, seed) at {len(ratios)} points ("
+               + ", ".join(f"{k}: {len(v)} seed{'s' * (len(v) > 1)}" for k, v in sorted(ratios.items())) + ")"
+               + (f"; not in {', '.join(lost)}" if lost else "") + ".")
+    real = [p for p in pts if not p["trivial"] and len(per_seed(p)) >= 3 and None not in per_seed(p)]
+    if real:
+        top = max(real, key=lambda p: sum(per_seed(p)) / len(per_seed(p)))
+        out.append(f"**The size of the gap** (the paper: 5.4x, SOAP 292 steps / GN 54): the largest mean "
+                   f"ratio over 3 seeds at a point that GN's first step does not settle is at {name(top)}, "
+                   f"{spread(per_seed(top))}; "
+                   + ("it reaches" if min(per_seed(top)) >= 292 / 54 else "no measured point reaches")
+                   + " the paper's 5.4x.")
+    for axis, head, unit in (
+            ("tokens", "**Tokens per step** (the paper's Figures 2-3: GN's advantage grows with the batch)",
+             lambda p: f"{p['tokens_per_step']:,} tokens"),
+            ("depth", "**The depth of the target** (this plan's question: the paper's target lies 292 SOAP "
+             "steps deep)", lambda p: f"{p['budget']}-step budget")):
+        if axis in by:
+            said, verdict = trend(by[axis], axis, results, unit)
+            settled = [name(p) for p in by[axis] if p["trivial"]]
+            out.append(f"{head}: best baseline / GN full at {said}; {verdict}"
+                       + (f"; left out: {', '.join(settled)} (GN's first step reaches its target)" if settled else "")
+                       + ".")
+    if "N" in by:
+        n = by["N"]
+        out.append("**GN's inner steps N** at fixed tokens per step (the paper: N = 1831): ratio at evaluations "
+                   "(whole steps) " + ", ".join(f"N = {p['N']}: {fmt(p['ratio_first'])}" for p in n)
+                   + "; interpolated " + ", ".join(f"{fmt(p['ratio'])}" for p in n)
+                   + ", with GN's lr " + ", ".join(f"{p['gn_lr']:g}" for p in n)
+                   + ". " + ("Equal at evaluations: the differences lie inside the interpolation between two "
+                             "GN steps. " if len({p["ratio_first"] for p in n}) == 1 else "")
+                   + "This axis says whether more, smaller inner steps on the same tokens move the ratio at "
+                   f"this size; it cannot say what the paper's N = 1831 inner steps of 131,072 tokens each "
+                   f"would do (here {n[-1]['tokens_per_step'] // n[-1]['N']:,} to "
+                   f"{n[0]['tokens_per_step'] // n[0]['N']:,} tokens each).")
+    for m, paper in (("gn_layerwise", "the paper: 78 steps against GN's 54, 1.44x"),
+                     ("gn_proxlinear", "the paper: it matches GN"),
+                     ("gn_proxlinear_no_ls", "the paper: it matches GN")):
+        where = [p for p in pts if per_seed(p, m)]
+        if where:
+            out.append(f"**{NAMES[m]} / GN full, steps** ({paper}): " + "; ".join(
+                f"{name(p)}: {spread([x / g if x and g else None for x, g in zip(per_seed(p, m), per_seed(p, 'gn_full'))])}"
+                for p in where) + ".")
+    return out
+
+
 def oracle_summary(results):
     """The oracle in one paragraph, from oracle/oracle.jsonl: f and e of the step each run takes
     (GN along its run, per step), the layerwise oracle's f, over every point, set and lam."""
@@ -698,6 +818,11 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
                       + cg_summary(r) + " |" for r in abl)]
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
+    said = claims(results)
+    if said:
+        parts += ["## What matches the paper", "Each claim with the points and seeds it rests on; two "
+                  "points are told apart only when each has 3 seeds, all reaching the target, and their "
+                  "ranges do not overlap (plot.apart).", "\n".join(f"- {c}" for c in said)]
     axes = axes_section(results)
     parts += axes
     if ora:

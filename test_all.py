@@ -3139,6 +3139,56 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     assert "GN's first step already reaches the target" in " ".join(plot.summary(rs, hit, best, 5.5, None))
 
 
+def test_plot_claims_name_their_points_and_seeds_and_tell_apart_by_one_rule(tmp_path):
+    """results.md's "What matches the paper": per claim the points and seeds, and a verdict by
+    plot.apart (3 seeds each, all measured, ranges disjoint), on constructed logs whose per-seed
+    ratios are set by hand."""
+    import plot
+    at = lambda s, n=9: [6.0] * s + [5.5] + [5.4] * (n - s)   # reaches 5.5 at step s exactly; n steps
+    R = str(tmp_path / "r")
+    def point(d, soap, gn, tok=1000, K=4, **more):             # per seed: steps of SOAP and GN full
+        for i, (b, g) in enumerate(zip(soap, gn)):
+            where = f"{d}/fig1" if i == 0 else f"{d}/seeds/seed{i}"
+            fake_run(where, "soap", 1e-2, b if isinstance(b, list) else at(b), tok=tok)
+            fake_run(where, "gn_full", 3e-3, g if isinstance(g, list) else at(g), tok=tok, K=K)
+            for m, steps in more.items():
+                fake_run(where, m, 3e-3, at(steps[i]) if steps[i] else [6.0, 5.9], tok=tok)
+        open(f"{d}/target.txt", "w").write("5.5\n")
+    point(R, [6, 6, 6], [2, 2, 3], gn_layerwise=[3, 3, 3])    # ratios 3, 3, 2; layerwise 1.5, 1.5, 1
+    fake_run(f"{R}/fig1", "gn_proxlinear", 3e-3, [6.0, 5.9, 5.8])
+    tok = f"{R}/axes/tok2k"                                    # half the tokens per step
+    point(tok, [3, 3, 3], [3, 2, 2], tok=500)                 # ratios 1, 1.5, 1.5: below R's, disjoint
+    deep = f"{R}/axes/deep"                                    # a deeper budget, 2 seeds only
+    point(deep, [at(8, 12)] * 2, [[6.0, 5.75, 5.25], 2])     # a 12-step budget; ratios 8 / 1.5, 4
+    point(f"{R}/axes/tok8k", [6], [1], tok=2000)             # GN's first step settles it: left out
+    point(f"{R}/axes/n8", [6], [3], tok=500, K=8)            # N = 8 at r's 4,000 tokens per step
+    said = plot.claims(R)
+    assert said[0].startswith("**GN full needs fewer steps than every first-order baseline** (the paper's "
+                              "Figure 1): in 9 of 10 runs (point, seed) at 5 points (deep: 2 seeds, n8: 1 seed, r: 3 seeds, "
+                              "tok2k: 3 seeds, tok8k: 1 seed); not in tok2k (1.33 [1.00-1.50] (3 seeds)).")
+    assert "largest mean ratio over 3 seeds at a point that GN's first step does not settle is at r, " \
+           "2.67 [2.00-3.00] (3 seeds); no measured point reaches the paper's 5.4x." in said[1]
+    tokens = next(c for c in said if c.startswith("**Tokens per step**"))
+    assert "2,000 tokens (tok2k): 1.33 [1.00-1.50] (3 seeds); 4,000 tokens (r): 2.67 [2.00-3.00] (3 seeds); " \
+           "the ratio rises at every step of the axis" in tokens
+    assert tokens.endswith("; left out: tok8k (GN's first step reaches its target).")
+    depth = next(c for c in said if c.startswith("**The depth of the target**"))   # 2 seeds: not apart
+    assert "9-step budget (r): 2.67 [2.00-3.00] (3 seeds); 12-step budget (deep): 4.67 [4.00-5.33] (2 seeds); " \
+           "the points are not told apart" in depth
+    assert "**GN layerwise / GN full, steps** (the paper: 78 steps against GN's 54, 1.44x): " \
+           "r: 1.33 [1.00-1.50] (3 seeds)." in said
+    assert "**GN prox-linear (line search) / GN full, steps** (the paper: it matches GN): r: not reached." in said
+    # a seed whose ratio touches the other point's range: not told apart
+    shutil.rmtree(f"{tok}/seeds/seed2/gn_full")
+    fake_run(f"{tok}/seeds/seed2", "gn_full", 3e-3, [6.0, 5.75, 5.25])          # 1.5 steps: ratio 2.0
+    tokens = next(c for c in plot.claims(R) if c.startswith("**Tokens per step**"))
+    assert "1.50 [1.00-2.00] (3 seeds)" in tokens and "the points are not told apart" in tokens
+    n = next(c for c in said if c.startswith("**GN's inner steps N**"))
+    assert "(whole steps) N = 4: 3.00, N = 8: 2.00; interpolated 3.00, 2.00" in n and "Equal at" not in n
+    assert plot.apart([1, 2, 3], [4, 5, 6]) and not plot.apart([1, 2, 3], [3, 5, 6])
+    assert not plot.apart([1, 2, None], [4, 5, 6]) and not plot.apart([1, 2], [4, 5])
+
+
 def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     import plot
     R = str(tmp_path / "r")
