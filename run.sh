@@ -77,6 +77,14 @@ run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; re
   touch "$dir/done"
 }
 
+grow() {  # grow DIR SRC: DIR starts as a copy of the finished run SRC, which run then continues to
+  local dir=$1 src=$2   # DIR's budget or target (GROW_FROM; exact only where the lr schedule is constant:
+  [ -z "$dry" ] && [ -n "${GROW_FROM:-}" ] && [ ! -e "$dir" ] && [ -f "$src/done" ] && [ -e "$src/ckpt" ] \
+    && grep -q '"schedule": "constant"' "$src/config.json" || return 0   # a run's first steps then do
+  mkdir -p "$(dirname "$dir")" && cp -r "$src" "$dir" && echo "$src" > "$dir/grown_from"   # not depend
+  echo "== $dir: grown from $src"                                                          # on its budget)
+}
+
 adopt() {  # adopt BEST DIR: Figure 1's row DIR is a copy of its sweep's best run (again if that changes)
   [ -n "$dry" ] && return
   if [ "$(cat "$2/from" 2>/dev/null)" != "$1" ]; then
@@ -110,11 +118,15 @@ lr_given() {  # lr_given METHOD: its lr in LRS ("" if none)
 
 sweep() {  # sweep NAME "LRS" SCRIPT ARGS...: one method's lr sweep, ranked by steps to $target
   local name=$1 lrs=$2; shift 2   # (plot.py's one rule); prints the best run's directory
-  for lr in $lrs; do run "$out/sweep/${name}_$lr" "$@" --lr "$lr" >&2; done
+  for lr in $lrs; do
+    grow "$out/sweep/${name}_$lr" "${GROW_FROM:-}/sweep/${name}_$lr" >&2
+    run "$out/sweep/${name}_$lr" "$@" --lr "$lr" >&2
+  done
   if [ -n "$dry" ]; then set -- $lrs; echo "$out/sweep/${name}_$2"; return; fi   # (the middle lr)
   local runs=("$out"/sweep/"${name}"_[0-9]*) next   # a best lr at the grid's edge extends the grid,
   while [ ${#runs[@]} -lt $(( $(wc -w <<< "$lrs") + 2 )) ]; do   # by 2 lrs at most (a rerun: none more)
     next=$(pick next-lr --target "$target" "${runs[@]}"); [ -z "$next" ] && break
+    grow "$out/sweep/${name}_$next" "${GROW_FROM:-}/sweep/${name}_$next" >&2
     run "$out/sweep/${name}_$next" "$@" --lr "$next" >&2
     runs=("$out"/sweep/"${name}"_[0-9]*)
   done
@@ -184,6 +196,7 @@ plan() {  # plan [SEED]
       fi
       [ -n "$dry" ] || [ -d "$out/fig1/$m" ] || continue
       local lam=""; [ "$m" = kfac ] && lam="--damping $(pick damping "$out/fig1/kfac")"
+      grow "$o/$m" "${GROW_FROM:-}/seeds/seed$seed/$m"
       run "$o/$m" $(row "$m") $S --lr "$(pick lr "$out/fig1/$m")" $lam --target-loss "$target"
     done
     return
@@ -200,7 +213,10 @@ plan() {  # plan [SEED]
     lr=$(lr_given "$m")
     if [ -n "$lr" ]; then run "$o/fig1/$m" $(row "$m") $S $T --lr "$lr"; grid="$grid $o/fig1/$m"; continue; fi
     local g=SWEEP_${m^^}
-    for lr in ${!g}; do run "$out/sweep/${m}_$lr" $(row "$m") $S $T --lr "$lr"; grid="$grid $out/sweep/${m}_$lr"; done
+    for lr in ${!g}; do
+      grow "$out/sweep/${m}_$lr" "${GROW_FROM:-}/sweep/${m}_$lr"
+      run "$out/sweep/${m}_$lr" $(row "$m") $S $T --lr "$lr"; grid="$grid $out/sweep/${m}_$lr"
+    done
   done
   # 3. the target: TARGET, or the lowest validation loss any run of the baselines' grids reaches
   #    at 80% of its budget, unrounded
@@ -315,7 +331,8 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
     depth)  # a shallower target (an 8-step budget) and the deepest that 2 passes of the data allow
       # (a 28-step budget), every baseline swept to its budget
       point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8
-      point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 ;;
+      # (a 28-step budget; each run grown from quick's run at its lr where one exists: the same first 14 steps)
+      point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 GROW_FROM="$q" ;;
     *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
   esac
   $py plot.py "$q"

@@ -3373,6 +3373,42 @@ def test_run_sh_axes_points_link_baselines_and_starts(tmp_path):
     assert "steps to target per seed" in (p / "results.md").read_text()   # written after the seeds
 
 
+
+def test_run_sh_depth28_grows_each_run_from_quick_s_run_at_its_lr(tmp_path):
+    """./run.sh axes depth, point depth28: a sweep run (or a seed's run) whose lr quick ran with a
+    constant schedule starts as a copy of quick's run (its checkpoint included) and resumes to the
+    28-step budget (or the deeper target); one with another schedule, or no such run, starts
+    afresh (fake scripts)."""
+    q = tmp_path / "quick"
+    for d in ("start", "seeds/seed1/start"):
+        fake_run(str(q / os.path.dirname(d)), os.path.basename(d), 3e-3, [6.0] * 151)
+        (q / d / "done").write_text("")
+        (q / d / "ckpt").write_text("")
+    (q / "target.txt").write_text("5.9\n")
+    for name, lr, schedule in (("sweep/adamw_1e-3", 1e-3, "constant"), ("sweep/muon_0.01", 1e-2, "warmup_cosine"),
+                               ("seeds/seed1/adamw", 0.027, "constant")):   # (AdamW's pick: the fakes' fastest)
+        d = fake_run(str(q / os.path.dirname(name)), os.path.basename(name), lr, [6.0 - 0.01 * s for s in range(15)])
+        conf = json.load(open(f"{d}/config.json"))
+        conf["args"]["schedule"] = schedule
+        json.dump(conf, open(f"{d}/config.json", "w"))
+        open(f"{d}/done", "w").write("")
+        open(f"{d}/ckpt", "w").write("")
+    fake, calls = tmp_path / "fake.py", tmp_path / "calls.jsonl"
+    fake.write_text(FAKE_PY)
+    env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls), "POINTS": "depth28", "SEEDS": "1"}
+    rc, out, err = run_sh("axes", "depth", str(q), env=env, timeout=300)
+    assert rc == 0, out[-2000:] + err[-2000:]
+    runs = {r[r.index("--out") + 1]: r for r in map(json.loads, open(calls))}
+    p = q / "axes" / "depth28" / "sweep"
+    grown, fresh = runs[str(p / "adamw_1e-3")], runs[str(p / "muon_0.01")]
+    assert "--resume" in grown and grown[grown.index("--steps") + 1] == "28"
+    assert (p / "adamw_1e-3" / "grown_from").read_text().strip() == str(q / "sweep" / "adamw_1e-3")
+    assert "--resume" not in fresh and not (p / "muon_0.01" / "grown_from").exists()
+    assert "--resume" not in runs[str(p / "adamw_3e-4")]                # quick never ran it
+    seed = runs[str(q / "axes" / "depth28" / "seeds" / "seed1" / "adamw")]   # a seed's run, at its target
+    assert "--resume" in seed and seed[seed.index("--lr") + 1] == "0.027"
+    assert "--resume" not in runs[str(q / "axes" / "depth28" / "seeds" / "seed1" / "soap")]
+
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
     """./run.sh full --dry-run at 150m: every run of the plan with its tokens and estimated
     H100-hours, from Figure 1's settings (GN: 1831 x 128 x 1024 = 240M tokens per step and as
