@@ -650,7 +650,7 @@ def claims(results):
     total = sum(len(v) for v in ratios.values())
     lost = [f"{k} ({spread(v)})" for k, v in ratios.items() if any(not x or x <= 1 for x in v)]
     out.append(f"**GN full needs fewer steps than every first-order baseline** (the paper's Figure 1): in "
-               f"{wins} of {total} runs (point, seed) at {len(ratios)} points ("
+               f"{wins} of {total} runs (point, seed) at {len(ratios)} point{'s' * (len(ratios) > 1)} ("
                + ", ".join(f"{k}: {len(v)} seed{'s' * (len(v) > 1)}" for k, v in sorted(ratios.items())) + ")"
                + (f"; not in {', '.join(lost)}" if lost else "") + ".")
     real = [p for p in pts if not p["trivial"] and len(per_seed(p)) >= 3 and None not in per_seed(p)]
@@ -837,7 +837,11 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
-        open(readme, "w").write(src[:a] + "\n" + readme_headline(rs, hit, best, stat, kfac) + "\n" + src[b:])
+        block = readme_headline(rs, hit, best, stat, kfac)
+        if said:
+            block += ("\n\n**What matches the paper** (each claim's points and seeds; two points differ only "
+                      "where 3 seeds each leave their ranges disjoint):\n" + "\n".join(f"- {c}" for c in said))
+        open(readme, "w").write(src[:a] + "\n" + block + "\n" + src[b:])
     return text
 
 

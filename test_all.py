@@ -3228,7 +3228,9 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps; over 2 seeds {(r0 + r1) / 2:.2f}x ({min(r0, r1):.2f}-{max(r0, r1):.2f})" in text
-    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 7
+    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 10
+    assert "\n- **GN full needs fewer steps than every first-order baseline** (the paper's Figure 1): in 2 of 2 " \
+           "runs (point, seed) at 1 point (r: 2 seeds).\n" + plot.README_END in text
     kfac = ("K-FAC (beyond the paper): 2.67 steps to the target (2.00-2.67 over 2 seeds), SOAP 2.67, full GN "
             "1.25; of the damped GN model's best decrease its steps keep f = 0.10-0.20 (SOAP's 0.05-0.05, the "
             "layerwise oracle's 0.90-0.90), and per transformer block f_k = 0.40-0.60 of the layerwise "
