@@ -634,10 +634,10 @@ def trend(pts, axis, results, unit):
     return said, verdict
 
 
-def claims(results):
+def claims(results, by2=None, budget=None):
     """'What matches the paper': each claim of the paper (or question of this plan) that the runs
-    test, with the points and seeds it rests on and a verdict by one stated rule (apart). [] before
-    Figure 1 has GN full and a target."""
+    test, with the points and seeds it rests on and a verdict by one stated rule (apart); by2 and
+    budget: Figures 2-3's runs (figures23). [] before Figure 1 has GN full and a target."""
     centre = point_of(results)
     if centre is None:
         return []
@@ -684,6 +684,21 @@ def claims(results):
                    f"this size; it cannot say what the paper's N = 1831 inner steps of 131,072 tokens each "
                    f"would do (here {n[-1]['tokens_per_step'] // n[-1]['N']:,} to "
                    f"{n[0]['tokens_per_step'] // n[0]['N']:,} tokens each).")
+    if by2 and "gn_full" in by2:
+        loss = {m: {b: final(r)[3] for b, r in pts} for m, pts in by2.items()}
+        cells, below = [], []
+        for b in sorted({b for pts in by2.values() for b, _ in pts}):
+            bs = [m for m in BASELINES if b in loss.get(m, {})]
+            if b in loss["gn_full"] and bs:
+                bm = min(bs, key=lambda m: loss[m][b])
+                cells.append(f"{b}: GN {loss['gn_full'][b]:.4f}, {NAMES[bm]} {loss[bm][b]:.4f}")
+                below.append((b, loss["gn_full"][b] < loss[bm][b]))
+        out.append(f"**The batch at a fixed budget** (the paper's Figures 2-3: GN keeps more of its "
+                   f"efficiency as the batch grows): final validation loss after {budget} micro-batches, at "
+                   f"each count of micro-batches per step, GN full and the best baseline there: "
+                   + "; ".join(cells) + f" (1 seed; each method at its Figure-1 lr, tuned at {centre['N']}). "
+                   "GN ends below the best baseline at "
+                   + (", ".join(str(b) for b, x in below if x) or "none") + f" of {', '.join(str(b) for b, _ in below)}.")
     for m, paper in (("gn_layerwise", "the paper: 78 steps against GN's 54, 1.44x"),
                      ("gn_proxlinear", "the paper: it matches GN"),
                      ("gn_proxlinear_no_ls", "the paper: it matches GN")):
@@ -818,7 +833,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                                              else "not reached") + f" | {final(r)[3]:.4f} ({final(r)[0]}) | "
                       + cg_summary(r) + " |" for r in abl)]
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
-    said = claims(results)
+    said = claims(results, by, budget)
     if said:
         parts += ["## What matches the paper", "Each claim with the points and seeds it rests on; two "
                   "points are told apart only when each has 3 seeds, all reaching the target, and their "

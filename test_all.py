@@ -3162,7 +3162,13 @@ def test_plot_claims_name_their_points_and_seeds_and_tell_apart_by_one_rule(tmp_
     point(deep, [at(8, 12)] * 2, [[6.0, 5.75, 5.25], 2])     # a 12-step budget; ratios 8 / 1.5, 4
     point(f"{R}/axes/tok8k", [6], [1], tok=2000)             # GN's first step settles it: left out
     point(f"{R}/axes/n8", [6], [3], tok=500, K=8)            # N = 8 at r's 4,000 tokens per step
-    said = plot.claims(R)
+    fake_run(f"{R}/fig2", "gn_full_b2", 3e-3, [6.0, 5.9, 5.8, 5.7, 5.6], K=2)      # 8 micro-batches
+    fake_run(f"{R}/fig2", "soap_b2", 1e-2, [6.0, 5.9, 5.8, 5.7, 5.5], K=2)         # Figure 1 cut at step 2:
+    by2, _, budget = plot.figures23(R, plot.runs(f"{R}/fig1/*"))                 # GN 5.5, SOAP 6.0
+    said = plot.claims(R, by2, budget)
+    assert "final validation loss after 8 micro-batches, at each count of micro-batches per step, GN full and " \
+           "the best baseline there: 2: GN 5.6000, SOAP 5.5000; 4: GN 5.5000, SOAP 6.0000 (1 seed; each method " \
+           "at its Figure-1 lr, tuned at 4). GN ends below the best baseline at 4 of 2, 4." in said[-3]
     assert said[0].startswith("**GN full needs fewer steps than every first-order baseline** (the paper's "
                               "Figure 1): in 9 of 10 runs (point, seed) at 5 points (deep: 2 seeds, n8: 1 seed, r: 3 seeds, "
                               "tok2k: 3 seeds, tok8k: 1 seed); not in tok2k (1.33 [1.00-1.50] (3 seeds)).")
