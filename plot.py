@@ -576,9 +576,9 @@ def headline_point(results):
 
 
 # ---------------------------------------------------------------- what matches the paper
-def point_name(p, results):
-    """A point's name: its directory under axes/, or results' own name for the centre."""
-    return os.path.basename(os.path.normpath(p["dir"] if p["dir"] != results else results))
+def point_name(p):
+    """A point's name: its directory under axes/, or the results directory's own for the centre."""
+    return os.path.basename(os.path.normpath(p["dir"]))
 
 
 def per_seed(p, m=None):
@@ -611,11 +611,11 @@ def apart(a, b):
     return ok(a) and ok(b) and (max(a) < min(b) or max(b) < min(a))
 
 
-def trend(pts, axis, results, unit):
+def trend(pts, unit):
     """The ratio along one axis: each point's seeds, and what they tell apart (the rule of apart)."""
     pts = [p for p in pts if not p["trivial"]]
     vals = [per_seed(p) for p in pts]
-    said = "; ".join(f"{unit(p)} ({point_name(p, results)}): {spread(v)}" for p, v in zip(pts, vals))
+    said = "; ".join(f"{unit(p)} ({point_name(p)}): {spread(v)}" for p, v in zip(pts, vals))
     if len(pts) < 2:
         return said, "fewer than two points that GN's first step does not settle: no trend measured"
     means = [sum(x for x in v if x) / max(1, sum(1 for x in v if x)) for v in vals]
@@ -643,7 +643,7 @@ def claims(results, by2=None, budget=None):
         return []
     by = axes_points(results)
     pts = [p for ps in by.values() for p in ps if p["dir"] != results] + [centre]
-    name = lambda p: point_name(p, results)
+    name = point_name
     out = []
     ratios = {name(p): per_seed(p) for p in pts}
     wins = sum(1 for v in ratios.values() for x in v if x and x > 1)
@@ -667,7 +667,7 @@ def claims(results, by2=None, budget=None):
             ("depth", "**The depth of the target** (this plan's question: the paper's target lies 292 SOAP "
              "steps deep)", lambda p: f"{p['budget']}-step budget")):
         if axis in by:
-            said, verdict = trend(by[axis], axis, results, unit)
+            said, verdict = trend(by[axis], unit)
             settled = [name(p) for p in by[axis] if p["trivial"]]
             out.append(f"{head}: best baseline / GN full at {said}; {verdict}"
                        + (f"; left out: {', '.join(settled)} (GN's first step reaches its target)" if settled else "")
