@@ -559,13 +559,15 @@ def readme_headline(rs, hit, best, stat, kfac=""):
 
 def headline_point(results):
     """The axes' point with seeds and the largest mean ratio over them, of those where GN's
-    first step does not already reach the target: its Figure 1 in the summary's sentences (the
-    README's headline beside results' own), or ""."""
+    first step does not already reach the target, when that mean exceeds results' own: its
+    Figure 1 in the summary's sentences (the README's headline beside results' own), or ""."""
     pts = {p["dir"]: p for ps in axes_points(results).values() for p in ps
            if p["seeds"] and p["dir"] != results and not p["trivial"]}
     if not pts:
         return ""
-    p = max(pts.values(), key=lambda p: p["seeds"][0])
+    p, centre = max(pts.values(), key=lambda p: p["seeds"][0]), point_of(results)
+    if centre["seeds"] and centre["seeds"][0] >= p["seeds"][0]:
+        return ""
     rs = runs(os.path.join(p["dir"], "fig1", "*"))
     _, hit, best = fig1_table(rs, p["target"])
     name = os.path.relpath(p["dir"], results)

@@ -3134,6 +3134,9 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     assert at.startswith("**At axes/depth6** (4 inner steps of 1,000 tokens, 4,000 tokens per step, a 6-step")
     assert f"**{4.0 / 1.75:.2f}x fewer steps**" in at and f"Over 2 seeds the ratio is {mean:.2f} on average, " \
         f"range {4.0 / 1.75:.2f} to 3.00." in at and "first step already" not in at
+    fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.55, 5.5])    # 4.0
+    fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                  # 1.0: mean 3.07
+    assert plot.headline_point(R) == ""               # the centre's own seeds' mean is the larger
     rs = plot.runs(f"{both}/fig1/*")                   # a trivial point's own results.md says so
     _, hit, best = plot.fig1_table(rs, 5.5)
     assert "GN's first step already reaches the target" in " ".join(plot.summary(rs, hit, best, 5.5, None))
