@@ -645,9 +645,8 @@ def claims(results, by2=None, budget=None):
         return []
     by = axes_points(results)
     pts = [p for ps in by.values() for p in ps if p["dir"] != results] + [centre]
-    name = point_name
     out = []
-    ratios = {name(p): per_seed(p) for p in pts}
+    ratios = {point_name(p): per_seed(p) for p in pts}
     wins = sum(1 for v in ratios.values() for x in v if x and x > 1)
     total = sum(len(v) for v in ratios.values())
     lost = [f"{k} ({spread(v)})" for k, v in ratios.items() if any(not x or x <= 1 for x in v)]
@@ -659,7 +658,7 @@ def claims(results, by2=None, budget=None):
     if real:
         top = max(real, key=lambda p: sum(per_seed(p)) / len(per_seed(p)))
         out.append(f"**The size of the gap** (the paper: 5.4x, SOAP 292 steps / GN 54): the largest mean "
-                   f"ratio over 3 seeds at a point that GN's first step does not settle is at {name(top)}, "
+                   f"ratio over 3 seeds at a point that GN's first step does not settle is at {point_name(top)}, "
                    f"{spread(per_seed(top))}; "
                    + ("it reaches" if min(per_seed(top)) >= 292 / 54 else "no measured point reaches")
                    + " the paper's 5.4x.")
@@ -670,7 +669,7 @@ def claims(results, by2=None, budget=None):
              "steps deep)", lambda p: f"{p['budget']}-step budget")):
         if axis in by:
             said, verdict = trend(by[axis], unit)
-            settled = [name(p) for p in by[axis] if p["trivial"]]
+            settled = [point_name(p) for p in by[axis] if p["trivial"]]
             out.append(f"{head}: best baseline / GN full at {said}; {verdict}"
                        + (f"; left out: {', '.join(settled)} (GN's first step reaches its target)" if settled else "")
                        + ".")
@@ -707,7 +706,7 @@ def claims(results, by2=None, budget=None):
         where = [p for p in pts if per_seed(p, m)]
         if where:
             out.append(f"**{NAMES[m]} / GN full, steps** ({paper}): " + "; ".join(
-                f"{name(p)}: {spread([x / g if x and g else None for x, g in zip(per_seed(p, m), per_seed(p, 'gn_full'))])}"
+                f"{point_name(p)}: {spread([x / g if x and g else None for x, g in zip(per_seed(p, m), per_seed(p, 'gn_full'))])}"
                 for p in where) + ".")
     return out
 
