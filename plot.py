@@ -557,16 +557,38 @@ def readme_headline(rs, hit, best, stat, kfac=""):
             "steps, GN 54)." + (f"\n{kfac}" if kfac else ""))
 
 
-def headline_point(results):
-    """The axes' point with seeds and the largest mean ratio over them, of those where GN's
-    first step does not already reach the target, when that mean exceeds results' own: its
-    Figure 1 in the summary's sentences (the README's headline beside results' own), or ""."""
+def readme_table(rs, hit, seeds, target):
+    """The README's table: each Figure-1 row's lr from its own sweep, its steps to the target and
+    the spread over the seeds (rows without seed runs: seed 0 only)."""
+    steps, ratios = seed_stats(seeds, target)
+    lines = ["| Figure 1's row | lr (its own sweep) | steps to the target, seed 0 | over the seeds |",
+             "|---|---|---|---|"]
+    for r in sorted(rs, key=lambda r: list(NAMES).index(r["name"]) if r["name"] in NAMES else len(NAMES)):
+        h, lam = hit[r["name"]], r["conf"]["args"].get("damping")
+        lines.append(f"| {NAMES.get(r['name'], r['name'])} | {r['lr']:g}{f' (lam {lam:g})' if lam else ''} | "
+                     + (f"{h['interp'][0]:.2f}" if h else f"not reached in {final(r)[0]}") + " | "
+                     + (spread(steps[r["name"]]) if r["name"] in steps else "seed 0 only") + " |")
+    if ratios:
+        lines.append(f"| **best baseline / GN full** | | {fmt(ratios[0])} | {spread(ratios)} |")
+    return "\n".join(lines)
+
+
+def headline_at(results):
+    """The axes' point with seeds and the largest mean ratio over them, of those where GN's first
+    step does not already reach the target, when that mean exceeds results' own; else None."""
     pts = {p["dir"]: p for ps in axes_points(results).values() for p in ps
            if p["seeds"] and p["dir"] != results and not p["trivial"]}
     if not pts:
-        return ""
+        return None
     p, centre = max(pts.values(), key=lambda p: p["seeds"][0]), point_of(results)
-    if centre["seeds"] and centre["seeds"][0] >= p["seeds"][0]:
+    return None if centre["seeds"] and centre["seeds"][0] >= p["seeds"][0] else p
+
+
+def headline_point(results):
+    """headline_at's point, its Figure 1 in the summary's sentences (the README's headline beside
+    results' own), or ""."""
+    p = headline_at(results)
+    if p is None:
         return ""
     rs = runs(os.path.join(p["dir"], "fig1", "*"))
     _, hit, best = fig1_table(rs, p["target"])
@@ -705,10 +727,22 @@ def claims(results, by2=None, budget=None):
                      ("gn_proxlinear_no_ls", "the paper: it matches GN")):
         where = [p for p in pts if per_seed(p, m)]
         if where:
+            vs = [[x / g if x and g else None for x, g in zip(per_seed(p, m), per_seed(p, "gn_full"))] for p in where]
             out.append(f"**{NAMES[m]} / GN full, steps** ({paper}): " + "; ".join(
-                f"{point_name(p)}: {spread([x / g if x and g else None for x, g in zip(per_seed(p, m), per_seed(p, 'gn_full'))])}"
-                for p in where) + ".")
+                f"{point_name(p)}: {spread(v)}, {versus_gn(v)}" for p, v in zip(where, vs)) + ".")
     return out
+
+
+def versus_gn(xs):
+    """A variant's steps over GN full's, one value per seed, told apart from 1 by the rule of apart:
+    3 seeds, all measured, every one on the same side of 1."""
+    if len(xs) < 3 or None in xs:
+        return "not told apart from GN (fewer than 3 seeds measured)"
+    if min(xs) > 1:
+        return "more steps than GN in every seed"
+    if max(xs) < 1:
+        return "fewer steps than GN in every seed"
+    return "not told apart from GN (its seeds are not all on one side of 1)"
 
 
 def oracle_summary(results):
@@ -853,7 +887,12 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             print(f"error: {readme} has no {README_BEGIN} ... {README_END} section", file=sys.stderr)
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
-        block = readme_headline(rs, hit, best, stat, kfac)
+        block = readme_headline(rs, hit, best, stat, kfac) + "\n\n" + readme_table(rs, hit, seeds, target)
+        if at:
+            p = headline_at(results)
+            prs = runs(os.path.join(p["dir"], "fig1", "*"))
+            block += "\n\n" + at + "\n\n" + readme_table(prs, fig1_table(prs, p["target"])[1],
+                                                           seed_runs(p["dir"]), p["target"])
         if said:
             block += ("\n\n**What matches the paper** (each claim's points and seeds; two points differ only "
                       "where 3 seeds each leave their ranges disjoint):\n" + "\n".join(f"- {c}" for c in said))

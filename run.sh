@@ -15,7 +15,7 @@
 #                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
 #                               step; depth: of the target), each point in OUT/axes/<point>;
 #                               POINTS="p ..." only those, SEEDS="1 2" with seeds, VARIANTS=1 with
-#                               layerwise and prox-linear (Figure 1 at a point)
+#                               layerwise and prox-linear, KFAC=1 with K-FAC (Figure 1 at a point)
 #   ./run.sh full [--dry-run] [OUT]
 #                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
 #                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
@@ -330,7 +330,7 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
       point tok32k EXTRA="--batch-size 8" ;;
     depth)  # a shallower target (an 8-step budget) and the deepest that 2 passes of the data allow
       # (a 28-step budget), every baseline swept to its budget
-      point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8
+      point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8 CAP_gn_layerwise=8 CAP_gn_proxlinear=8 CAP_kfac=8
       # (a 28-step budget; each run grown from quick's run at its lr where one exists: the same first 14 steps)
       point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 GROW_FROM="$q" ;;
     *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
@@ -396,7 +396,7 @@ case "$mode" in
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
     done ;;
   quick|variants|kfac|seeds|extras)   # quick's plan in pieces of at most 100 minutes each
-    quick_settings; KFAC=1      # (axes: quick_settings alone, no K-FAC)
+    quick_settings; KFAC=1      # (axes: quick_settings alone; K-FAC with KFAC=1)
     case $mode in
       quick) time ROWS="adamw muon soap gn_full" plan ;;
       variants) time ROWS="gn_layerwise gn_proxlinear_no_ls gn_proxlinear" plan ;;

@@ -3134,6 +3134,11 @@ def test_plot_axes_points_their_axis_and_ratio_from_the_logs(tmp_path):
     assert at.startswith("**At axes/depth6** (4 inner steps of 1,000 tokens, 4,000 tokens per step, a 6-step")
     assert f"**{4.0 / 1.75:.2f}x fewer steps**" in at and f"Over 2 seeds the ratio is {mean:.2f} on average, " \
         f"range {4.0 / 1.75:.2f} to 3.00." in at and "first step already" not in at
+    readme = tmp_path / "README.md"                    # the README shows the point and its own table
+    readme.write_text(f"{plot.README_BEGIN}\n{plot.README_END}\n")
+    plot.main([R, "--readme", str(readme)])
+    text = readme.read_text()
+    assert at in text and "| SOAP | 0.01 | 4.00 | 3.50 [3.00-4.00] (2 seeds) |" in text.split(at)[1]
     fake_run(f"{R}/seeds/seed1", "soap", 1e-2, [6.0, 5.8, 5.6, 5.55, 5.5])    # 4.0
     fake_run(f"{R}/seeds/seed1", "gn_full", 3e-3, [6.0, 5.5])                  # 1.0: mean 3.07
     assert plot.headline_point(R) == ""               # the centre's own seeds' mean is the larger
@@ -3157,7 +3162,8 @@ def test_plot_claims_name_their_points_and_seeds_and_tell_apart_by_one_rule(tmp_
             for m, steps in more.items():
                 fake_run(where, m, 3e-3, at(steps[i]) if steps[i] else [6.0, 5.9], tok=tok)
         open(f"{d}/target.txt", "w").write("5.5\n")
-    point(R, [6, 6, 6], [2, 2, 3], gn_layerwise=[3, 3, 3])    # ratios 3, 3, 2; layerwise 1.5, 1.5, 1
+    point(R, [6, 6, 6], [2, 2, 3], gn_layerwise=[3, 3, 3],    # ratios 3, 3, 2; layerwise 1.5, 1.5, 1
+          gn_proxlinear_no_ls=[3, 3, 4])                      # 1.5, 1.5, 1.33: above 1 in every seed
     fake_run(f"{R}/fig1", "gn_proxlinear", 3e-3, [6.0, 5.9, 5.8])
     tok = f"{R}/axes/tok2k"                                    # half the tokens per step
     point(tok, [3, 3, 3], [3, 2, 2], tok=500)                 # ratios 1, 1.5, 1.5: below R's, disjoint
@@ -3171,7 +3177,8 @@ def test_plot_claims_name_their_points_and_seeds_and_tell_apart_by_one_rule(tmp_
     said = plot.claims(R, by2, budget)
     assert "final validation loss after 8 micro-batches, at each count of micro-batches per step, GN full and " \
            "the best baseline there: 2: GN 5.6000, SOAP 5.5000; 4: GN 5.5000, SOAP 6.0000 (1 seed; each method " \
-           "at its Figure-1 lr, tuned at 4). GN ends below the best baseline at 4 of 2, 4." in said[-3]
+           "at its Figure-1 lr, tuned at 4). GN ends below the best baseline at 4 of 2, 4." in \
+           next(c for c in said if c.startswith("**The batch at a fixed budget**"))
     assert said[0].startswith("**GN full needs fewer steps than every first-order baseline** (the paper's "
                               "Figure 1): in 9 of 10 runs (point, seed) at 5 points (deep: 2 seeds, n8: 1 seed, r: 3 seeds, "
                               "tok2k: 3 seeds, tok8k: 1 seed); not in tok2k (1.33 [1.00-1.50] (3 seeds)).")
@@ -3185,8 +3192,11 @@ def test_plot_claims_name_their_points_and_seeds_and_tell_apart_by_one_rule(tmp_
     assert "9-step budget (r): 2.67 [2.00-3.00] (3 seeds); 12-step budget (deep): 4.67 [4.00-5.33] (2 seeds); " \
            "the points are not told apart" in depth
     assert "**GN layerwise / GN full, steps** (the paper: 78 steps against GN's 54, 1.44x): " \
-           "r: 1.33 [1.00-1.50] (3 seeds)." in said
-    assert "**GN prox-linear (line search) / GN full, steps** (the paper: it matches GN): r: not reached." in said
+           "r: 1.33 [1.00-1.50] (3 seeds), not told apart from GN (its seeds are not all on one side of 1)." in said
+    assert "**GN prox-linear (line search) / GN full, steps** (the paper: it matches GN): r: not reached, " \
+           "not told apart from GN (fewer than 3 seeds measured)." in said
+    assert "**GN prox-linear (no line search) / GN full, steps** (the paper: it matches GN): " \
+           "r: 1.44 [1.33-1.50] (3 seeds), more steps than GN in every seed." in said
     # a seed whose ratio touches the other point's range: not told apart
     shutil.rmtree(f"{tok}/seeds/seed2/gn_full")
     fake_run(f"{tok}/seeds/seed2", "gn_full", 3e-3, [6.0, 5.75, 5.25])          # 1.5 steps: ratio 2.0
@@ -3237,7 +3247,14 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps; over 2 seeds {(r0 + r1) / 2:.2f}x ({min(r0, r1):.2f}-{max(r0, r1):.2f})" in text
-    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 10
+    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 18
+    table = ("| Figure 1's row | lr (its own sweep) | steps to the target, seed 0 | over the seeds |\n|---|---|---|---|\n"
+             "| AdamW | 0.001 | not reached in 4 | seed 0 only |\n"              # the order of Figure 1's legend
+             "| SOAP | 0.01 | 2.67 | 2.33 [2.00-2.67] (2 seeds) |\n"            # (2 + 2/3 + 2) / 2
+             "| GN full (Algorithm 1) | 0.003 | 1.25 | 1.12 [1.00-1.25] (2 seeds) |\n"
+             "| K-FAC | 0.01 | 2.67 | 2.33 [2.00-2.67] (2 seeds) |\n"
+             f"| **best baseline / GN full** | | {r0:.2f} | {(r0 + r1) / 2:.2f} [{min(r0, r1):.2f}-{max(r0, r1):.2f}] (2 seeds) |\n")
+    assert table in text
     assert "\n- **GN full needs fewer steps than every first-order baseline** (the paper's Figure 1): in 2 of 2 " \
            "runs (point, seed) at 1 point (r: 2 seeds).\n" + plot.README_END in text
     kfac = ("K-FAC (beyond the paper): 2.67 steps to the target (2.00-2.67 over 2 seeds), SOAP 2.67, full GN "
