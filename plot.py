@@ -550,7 +550,7 @@ def readme_headline(rs, hit, best, stat, kfac=""):
     bname = min((m for m in BASELINES if hit.get(m)), key=lambda m: hit[m]["interp"][0])
     seeds = (f"; over {stat[4]} seeds {stat[0]:.2f}x ({stat[1]:.2f}-{stat[2]:.2f})" if stat else "")
     return (f"{conf['params'] / 1e6:.1f}M parameters, {rs[0]['K'] * conf['tokens_per_micro_batch']:,} tokens "
-            f"per step, GN's and each baseline's lr swept: **full GN reaches the target in "
+            f"per step, every row's lr swept by one rule: **full GN reaches the target in "
             f"{gn['interp'][0]:.2f} steps, "
             f"{NAMES[bname]} (the best baseline) in {best[0]:.2f}: {best[0] / gn['interp'][0]:.2f}x fewer "
             f"steps{seeds}**.\nThe paper, at 150M parameters and 240M tokens per GN step: 5.4x (SOAP 292 "
