@@ -1,7 +1,7 @@
 """Speed and memory of every method, measured in one run; prints (and --out writes) markdown tables.
 
-    python bench.py --size small                          # blocks, steps, loop, scaling: < 10 min
-    python bench.py --sections util45m,memory,rss         # the 45m sections: about 10 min
+    python bench.py --size small                          # blocks, steps, loop, scaling: ~30 min
+    python bench.py --sections util45m,memory,rss         # the 45m sections: about 15 min
     python bench.py --plan FILE                           # the estimated cost of run.sh full's runs
 
 Absolute times on a shared machine are noisy; the ratios are what matter. Each table times its
@@ -9,16 +9,23 @@ entries in interleaved rounds (one call of each per round, after a warm-up call;
 --repeats rounds), so that a change of load hits every entry alike. Ratios of process CPU time are
 given beside them: CPU time barely moves when another job takes our cores (wall time doubles).
 
+The allocator. data.keep_freed_memory tells glibc's malloc to keep what it frees (every script
+does so on import; FULLGN_MALLOPT=0 turns it off). The blocks and steps sections measure with it
+and without it, each in subprocesses run in the order with, without, without, with (--alloc-rounds
+pairs; every subprocess compiles and times --repeats rounds), and pool the rounds of each setting.
+
 blocks   GN building blocks on one micro-batch, in gradients (jit(value_and_grad(l o f))): a G v
          product with the linearisation reused as CG reuses it, (linearise + 3 products - linearise
-         + 1) / 2; one gn_cg.cg iteration likewise; the inner step gn_full.quad_model_grad.
+         + 1) / 2; one gn_cg.cg iteration likewise; the inner step gn_full.quad_model_grad; the
+         matmul peak; each with the allocator setting and without, and the speed-up.
 steps    each script's jitted step as its main() builds it (parse, state, make_step) with --micro
          micro-batches per phase, chained on device-resident batches at steps t = 0, 1, 2, ... (SOAP
          and K-FAC refresh their eigendecompositions at t = 0, 10, ...: the median is a step
-         without; *_refresh rows refresh at every step): compile time, time per call,
-         tokens/s of all it consumes (line search included), and time per token over a bare loop's
-         (jit(value_and_grad) per micro-batch, one jitted optax.adamw update): adamw does the same
-         work, so its excess is overhead.
+         without; *_refresh rows refresh at every step): compile time, time per call with the
+         allocator setting and without, tokens/s of all it consumes (line search included), and
+         time per token over a bare loop's under the same setting (jit(value_and_grad) per
+         micro-batch, one jitted optax.adamw update): adamw does the same work, so its excess is
+         overhead.
 loop     adamw.main for 6 steps: its step_time and whole loop iteration against the tight loop.
 scaling  adamw and gn_full steps on 1, 2 and 4 simulated CPU devices (subprocesses), placed as Run.
 util45m  45m forward+backward on --batch-45m x 1024, and its parts, against the matmul peak.
@@ -27,18 +34,19 @@ memory   45m steps at --batch-size x 1024 (the paper's 32; Figure 1's 128 at --b
          micro-batch per phase (CG with the paper's 50 iterations), never run: XLA's memory
          analysis of the compiled step; the smallest --split under --limit, and the largest
          micro-batch at --split 1.
-rss      one real execution of the 45m gn_full step of `memory` (a subprocess): its peak RSS.
+rss      one real execution of the 45m gn_full step of `memory` in a subprocess, with the
+         allocator setting and without: its peak RSS, and its RSS once the step's outputs are freed.
 
 Model flops per token: fp32 matmuls, 2 per multiply-add (not norms, softmax, gelu). With N = L
 (4 d^2 + 2 d d_ff) + d V matmul parameters (wte is a gather), training costs 6 N + 6 L T d, the
 last term QK^T and AV forward and backward over the causal half of the scores. XLA computes the
 whole masked square, 6 N + 12 L T d: we count the useful flops, as MFU does.
 
-Page faults: glibc's malloc maps every buffer over 32 MB afresh on each call, and the kernel
-zeroes its pages, so kernel time is a large share of CPU time here. Measured on small: with
-LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4) the
-gradient is 30% faster and the inner step 23% (45m fwd+bwd: 20%); neither jemalloc nor glibc's
-tunables (mmap_threshold; hugetlb helps the gradient only) do as well.
+Page faults: by default glibc's malloc maps every buffer over 32 MiB afresh (at small one
+micro-batch's logits are 128 MiB) and unmaps it on free, so the kernel zeroes fresh pages on every
+call, and kernel time is a large share of CPU time. data.keep_freed_memory removes that; so does
+LD_PRELOAD of tcmalloc (Debian libtcmalloc-minimal4), which needs a system package. glibc's
+mmap_threshold alone cannot: glibc caps it at 32 MiB, below those buffers.
 """
 import argparse
 import contextlib
@@ -88,21 +96,32 @@ def say(msg):
     print(f"[bench {time.perf_counter() - T_START:4.0f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def rounds(fns, repeats):
-    """Median wall, process-CPU and kernel (sys) seconds of each zero-argument call, over
-    interleaved rounds."""
+def timed_rounds(fns, repeats):
+    """Wall, process-CPU and kernel (sys) seconds of each zero-argument call, in interleaved
+    rounds after a warm-up call: {"wall": {name: [seconds per round]}, "cpu": ..., "kernel": ...}."""
     for f in fns.values():
         jax.block_until_ready(f())                        # compile and warm up
-    wall, cpu, kernel = ({k: [] for k in fns} for _ in range(3))
+    times = {m: {k: [] for k in fns} for m in ("wall", "cpu", "kernel")}
     for r in range(repeats):
         say(f"  round {r + 1}/{repeats}")
         for k, f in fns.items():
             t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system   # k0: 10 ms ticks
             jax.block_until_ready(f())
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-            kernel[k].append(os.times().system - k0)
-    return ({k: statistics.median(v) for k, v in ts.items()} for ts in (wall, cpu, kernel))
+            times["wall"][k].append(time.perf_counter() - t0)
+            times["cpu"][k].append(time.process_time() - c0)
+            times["kernel"][k].append(os.times().system - k0)
+    return times
+
+
+def medians(times):
+    """{measure: {name: median}} of timed_rounds' lists (pooled over processes by allocator())."""
+    return {m: {k: statistics.median(v) for k, v in ts.items()} for m, ts in times.items()}
+
+
+def rounds(fns, repeats):
+    """Median wall, process-CPU and kernel seconds of each call, over interleaved rounds."""
+    t = medians(timed_rounds(fns, repeats))
+    return t["wall"], t["cpu"], t["kernel"]
 
 
 def train_flops(cfg):
@@ -111,7 +130,10 @@ def train_flops(cfg):
     return 6 * n + 6 * cfg.n_layers * cfg.seq_len * cfg.d
 
 
-def matmul_peak(n=4096):
+PEAK_N = 4096
+
+
+def matmul_peak(n=PEAK_N):
     a = jax.random.normal(jax.random.key(0), (n, n))
     dot = jax.jit(jnp.dot)
     return lambda: dot(a, a), 2 * n ** 3
@@ -165,7 +187,8 @@ def memory_flags(name, batch_size, split, size="45m"):
 
 # ============================================================================ sections
 
-def blocks(a):
+def block_times(a):
+    """The blocks section's raw times (timed_rounds) in this process."""
     cfg = model.CONFIGS[a.size]
     params = model.init_params(cfg, jax.random.key(0))
     b = jax.tree.map(lambda x: jnp.asarray(x[0]), token_batches(cfg, a.batch_size, 1))
@@ -187,34 +210,56 @@ def blocks(a):
         _, g, Gv = gn_cg.gn_model(params, b, cfg)
         return gn_cg.cg(lambda u: model.axpy(0.01, u, Gv(u)), g, v, 3, tol=tol, eps=0.0)[0]
 
-    peak, peak_flops = matmul_peak()
+    peak = matmul_peak()[0]
     say(f"blocks: compiling, then {a.repeats} rounds")
-    wall, cpu, kernel = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
-                        "p1": lambda: products(params, b, v, 1), "p3": lambda: products(params, b, v, 3),
-                        "cg1": lambda: cg(params, b, v, jnp.inf), "cg3": lambda: cg(params, b, v, 0.0),
-                        "inner": lambda: inner(params, v, b), "fwd": lambda: fwd(params, b)}, a.repeats)
-    for t in wall, cpu:
-        t["product"], t["cg"] = (t["p3"] - t["p1"]) / 2, (t["cg3"] - t["cg1"]) / 2
-    lines = ["| quantity | time (ms) | in gradients | in gradients, CPU time |", "|---|---|---|---|"]
+    return {}, timed_rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+                             "p1": lambda: products(params, b, v, 1), "p3": lambda: products(params, b, v, 3),
+                             "cg1": lambda: cg(params, b, v, jnp.inf), "cg3": lambda: cg(params, b, v, 0.0),
+                             "inner": lambda: inner(params, v, b), "fwd": lambda: fwd(params, b)}, a.repeats)
+
+
+NAME = {True: "with", False: "without"}      # the allocator setting (data.keep_freed_memory)
+
+
+def blocks_table(a, pooled):
+    """The blocks table, with the allocator setting and without (where both were measured)."""
+    cfg, flops = model.CONFIGS[a.size], 2 * PEAK_N ** 3
+    t = {on: medians(r[1]) for on, r in pooled.items()}
+    for x in t.values():
+        for m in ("wall", "cpu"):
+            x[m]["product"], x[m]["cg"] = (x[m]["p3"] - x[m]["p1"]) / 2, (x[m]["cg3"] - x[m]["cg1"]) / 2
+    ons, both = list(t), len(t) == 2
+    lines = ["| quantity | " + " | ".join(f"{NAME[on]} (ms)" for on in ons) + (" | speed-up" if both else "")
+             + "".join(f" | in gradients, {NAME[on]}" for on in ons) + f" | in gradients, CPU time, {NAME[ons[0]]} |",
+             "|---|" + "---|" * (2 * len(ons) + both + 1)]
     for name, k in [("gradient (value_and_grad)", "grad"),
                     ("GGN-vector product, linearisation reused (as CG reuses it)", "product"),
                     ("one CG iteration (G v + lam v and the vector ops)", "cg"),
                     ("linearise + 1 GGN-vector product", "p1"),
                     ("inner step of Algorithm 1: J^T (g0 + H0 J D) on a fresh micro-batch", "inner"),
-                    ("line-search forward (loss only)", "fwd")]:
-        lines.append(f"| {name} | {1e3 * wall[k]:.1f} | {wall[k] / wall['grad']:.2f} | "
-                     f"{cpu[k] / cpu['grad']:.2f} |")
-    rate = train_flops(cfg) * a.batch_size * cfg.seq_len / wall["grad"]
-    peak_rate = peak_flops / wall["peak"]
-    return lines + ["", f"Matmul peak (4096^2 fp32 jnp.dot, in the same rounds) {peak_rate / 1e9:.0f} "
-                    f"GFLOP/s; the gradient's model flops ({train_flops(cfg) / 1e6:.2f} M per token) run "
-                    f"at {rate / 1e9:.1f} GFLOP/s = **{100 * rate / peak_rate:.0f}%** of it. The kernel takes "
-                    f"{100 * kernel['grad'] / cpu['grad']:.0f}% of the gradient's CPU time: page faults (see "
-                    "the docstring)."]
+                    ("line-search forward (loss only)", "fwd"),
+                    ("matmul peak: 4096^2 fp32 jnp.dot", "peak")]:
+        w = {on: t[on]["wall"] for on in ons}
+        cells = [name] + [f"{1e3 * w[on][k]:.1f}" for on in ons]
+        cells += [f"**{w[False][k] / w[True][k]:.2f}x**"] if both else []
+        cells += [f"{w[on][k] / w[on]['grad']:.2f}" for on in ons]
+        cells += [f"{t[ons[0]]['cpu'][k] / t[ons[0]]['cpu']['grad']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    said = []
+    for on in ons:
+        wall, cpu, kernel = t[on]["wall"], t[on]["cpu"], t[on]["kernel"]
+        share = train_flops(cfg) * a.batch_size * cfg.seq_len / wall["grad"] / (flops / wall["peak"])
+        said.append(f"{NAME[on]} the allocator setting the gradient's model flops run at "
+                    f"**{100 * share:.0f}%** of the matmul peak ({flops / wall['peak'] / 1e9:.0f} GFLOP/s) "
+                    f"and the kernel takes {100 * kernel['grad'] / cpu['grad']:.0f}% of its CPU time")
+    said = "; ".join(said)
+    return lines + ["", f"The gradient costs {train_flops(cfg) / 1e6:.2f} M model flops per token. "
+                    f"{said[0].upper()}{said[1:]} (page faults: see the docstring)."]
 
 
-def steps(a, names):
-    """Time per call of each named step (SCRIPTS, "gradient", "bare") on this process's devices."""
+def step_times(a, names):
+    """Raw times (timed_rounds) of each named step (SCRIPTS, "gradient", "bare") on this
+    process's devices, and each step's {micro, compile}."""
     mesh = data.make_mesh()
     size = f"--size {a.size} --batch-size {a.batch_size} --split {a.split} "
     cfg = model.CONFIGS[a.size]
@@ -241,31 +286,83 @@ def steps(a, names):
             say(f"steps: compiling {name}")
             flags = size + SCRIPTS[name][1].format(K=a.micro, cg=2)
             fns[name], info[name] = compiled_step(name, flags, a.batch_size, mesh)
-    fns = {k: fns[k] for k in names}
     say(f"steps: timing {', '.join(names)}")
-    wall, cpu, _ = rounds(fns, a.repeats)
-    tokens = a.batch_size * cfg.seq_len
-    return {k: info[k] | {"time": wall[k], "cpu": cpu[k], "tokens": info[k]["micro"] * tokens} for k in names}
+    return {k: info[k] for k in names}, timed_rounds({k: fns[k] for k in names}, a.repeats)
 
 
-def steps_table(info):
-    grad, bare = info.get("gradient"), info.get("bare")
-    lines = ["| step | micro-batches per call | compile (s) | time per call (s) | in gradients | "
-             "tokens/s | time per token vs bare loop | same, CPU time |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in info.items():
-        cells = [name, r["micro"], f"{r['compile']:.1f}" if "compile" in r else "-", f"{r['time']:.3f}",
-                 f"{r['time'] / grad['time']:.2f}" if grad else "-", f"{r['tokens'] / r['time']:,.0f}"]
-        cells += [f"{r[k] / r['tokens'] / (bare[k] / bare['tokens']):.3f}" if bare else "-"
-                  for k in ("time", "cpu")]
+def steps_table(a, pooled):
+    """The steps table, with the allocator setting and without (where both were measured); time
+    per token against the bare loop's under the same setting."""
+    t = {on: medians(r[1]) for on, r in pooled.items()}
+    ons, both = list(t), len(t) == 2
+    info = pooled[ons[0]][0]
+    tokens = a.batch_size * model.CONFIGS[a.size].seq_len
+    per_token = lambda on, m, k: t[on][m][k] / (info[k]["micro"] * tokens)
+    vs_bare = lambda on, m, k: (f"{per_token(on, m, k) / per_token(on, m, 'bare'):.3f}"
+                                if "bare" in info else "-")
+    first = NAME[ons[0]]
+    lines = ["| step | micro-batches per call | compile (s) | "
+             + " | ".join(f"time per call, {NAME[on]} (s)" for on in ons) + (" | speed-up" if both else "")
+             + f" | in gradients, {first} | tokens/s, {first} | "
+             + " | ".join(f"time per token vs bare loop, {NAME[on]}" for on in ons) + f" | same, CPU time, {first} |",
+             "|---|---|---|" + "---|" * (2 * len(ons) + both + 3)]
+    for k, r in info.items():
+        w = {on: t[on]["wall"][k] for on in ons}
+        cells = [k, r["micro"], f"{statistics.median(r['compile']):.1f}" if "compile" in r else "-"]
+        cells += [f"{w[on]:.3f}" for on in ons] + ([f"**{w[False] / w[True]:.2f}x**"] if both else [])
+        cells += [f"{w[ons[0]] / t[ons[0]]['wall']['gradient']:.2f}" if "gradient" in info else "-",
+                  f"{info[k]['micro'] * tokens / w[ons[0]]:,.0f}"]
+        cells += [vs_bare(on, "wall", k) for on in ons] + [vs_bare(ons[0], "cpu", k)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
+
+
+def worker(a, section, on, env=None):
+    """Section `section`'s (info, raw times) from a subprocess, with the allocator setting on or
+    off (FULLGN_MALLOPT=0)."""
+    argv = [sys.executable, __file__, "--worker", section, "--size", a.size, "--batch-size",
+            str(a.batch_size), "--split", str(a.split), "--micro", str(a.micro), "--repeats",
+            str(a.repeats), "--steps", a.steps]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True,
+                         env=dict(os.environ, **(env or {}), FULLGN_MALLOPT=str(int(on)))).stdout
+    r = json.loads(out.splitlines()[-1])
+    if r["mallopt"] != on:
+        raise RuntimeError(f"the allocator setting did not take effect in the subprocess (asked {on})")
+    return r["info"], r["times"]
+
+
+def allocator(a, section):
+    """Section's times with glibc told to keep its memory (data.keep_freed_memory) and without,
+    each in its own subprocess, in the order with, without, without, with, ... (--alloc-rounds
+    of each), so that a drift of the machine's load hits both alike; at --alloc-rounds 0, in this
+    process under its own setting. Returns {on: (info, times)}, the rounds of a setting's
+    subprocesses pooled, each step's compile times listed."""
+    if a.alloc_rounds == 0:
+        info, times = block_times(a) if section == "blocks" else step_times(a, a.steps.split(","))
+        return {data.MALLOPT: ({k: r | ({"compile": [r["compile"]]} if "compile" in r else {})
+                                for k, r in info.items()}, times)}
+    pooled = {}
+    for i in range(2 * a.alloc_rounds):
+        on = i % 4 in (0, 3)
+        say(f"{section}: subprocess {i + 1}/{2 * a.alloc_rounds}, allocator setting {'on' if on else 'off'}")
+        info, times = worker(a, section, on)
+        if on not in pooled:
+            pooled[on] = ({k: r | ({"compile": []} if "compile" in r else {}) for k, r in info.items()},
+                          {m: {k: [] for k in ts} for m, ts in times.items()})
+        for k, r in info.items():
+            if "compile" in r:
+                pooled[on][0][k]["compile"].append(r["compile"])
+        for m, ts in times.items():
+            for k, v in ts.items():
+                pooled[on][1][m][k] += v
+    return dict(sorted(pooled.items(), reverse=True))         # with, then without
 
 
 def loop(a):
     flags = f"--size {a.size} --batch-size {a.batch_size} --split {a.split} --grad-accum {a.micro}"
     call = compiled_step("adamw", flags, a.batch_size, data.make_mesh())[0]
     say("loop: tight loop of the adamw step")
-    before = next(rounds({"t": call}, a.repeats))["t"]
+    before = rounds({"t": call}, a.repeats)[0]["t"]
     stamps, write = [], data.Run._write     # one metrics row per step: the stamps time whole iterations
     data.Run._write = lambda self, row: (stamps.append(time.perf_counter()), write(self, row))
     with tempfile.TemporaryDirectory() as out:
@@ -279,7 +376,7 @@ def loop(a):
             data.Run._write = write
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     say("loop: tight loop again")
-    t = (before + next(rounds({"t": call}, a.repeats))["t"]) / 2
+    t = (before + rounds({"t": call}, a.repeats)[0]["t"]) / 2
     step_time = statistics.median(r["step_time"] for r in rows if 2 <= r["step"] <= 5)
     iteration = statistics.median(np.diff(stamps)[1:5])    # stamps: step 0 (eval), then steps 1..6
     return ["| adamw step | time (s) | overhead |", "|---|---|---|",
@@ -295,13 +392,11 @@ def scaling(a):
     for n in map(int, a.devices.split(",")):
         say(f"scaling: subprocess with {n} simulated devices")
         flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-        out = subprocess.run([sys.executable, __file__, "--size", a.size, "--batch-size", str(a.batch_size),
-                              "--split", str(a.split), "--micro", str(a.micro), "--repeats", str(a.repeats),
-                              "--steps", "adamw,gn_full", "--json"], stdout=subprocess.PIPE, text=True,
-                             env=dict(os.environ, XLA_FLAGS=flags.strip()), check=True).stdout
-        r = json.loads(out.splitlines()[-1])
-        lines.append(f"| {n} | {r['adamw']['tokens'] / r['adamw']['time']:,.0f} | "
-                     f"{r['gn_full']['tokens'] / r['gn_full']['time']:,.0f} |")
+        info, times = worker(argparse.Namespace(**vars(a) | {"steps": "adamw,gn_full"}), "steps", data.MALLOPT,
+                             {"XLA_FLAGS": flags.strip()})
+        t, tokens = medians(times)["wall"], a.batch_size * model.CONFIGS[a.size].seq_len
+        lines.append(f"| {n} | {info['adamw']['micro'] * tokens / t['adamw']:,.0f} | "
+                     f"{info['gn_full']['micro'] * tokens / t['gn_full']:,.0f} |")
     return lines + ["", f"The simulated devices share the {os.cpu_count()} cores."]
 
 
@@ -317,9 +412,9 @@ def util45m(a):
     attn = jax.jit(jax.grad(lambda p, x: jnp.vdot(model.attention(p, x, cfg), r), (0, 1)))
     peak, peak_flops = matmul_peak()
     say(f"util45m: {a.big} fwd+bwd on {B} x {T}, compiling, then {a.repeats} rounds")
-    t = next(rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
-                   "blocks": lambda: blocks(params, b["inputs"]), "attn": lambda: attn(params["h"][0], h)},
-                    a.repeats))
+    t = rounds({"peak": peak, "grad": lambda: grad(params, b, cfg),
+                "blocks": lambda: blocks(params, b["inputs"]), "attn": lambda: attn(params["h"][0], h)},
+               a.repeats)[0]
     lines = [f"| {a.big}, {B} x {T} tokens | time (s) | model GFLOP/s | % of matmul peak |", "|---|---|---|---|",
              f"| matmul peak: 4096^2 fp32 jnp.dot | {t['peak']:.3f} | {peak_flops / t['peak'] / 1e9:.0f} "
              "| 100 |"]
@@ -363,15 +458,24 @@ def memory(a):
 
 
 def rss(a):
-    say(f"rss: a subprocess runs the {a.big} gn_full step at 32 x T, --split 4 (minutes at 45m)")
-    out = subprocess.run([sys.executable, __file__, "--rss-worker", "--big", a.big], stdout=subprocess.PIPE,
-                         text=True, check=True).stdout
-    r = json.loads(out.splitlines()[-1])
-    own = r["peak"] - r["before"] + r["args"]       # the step's own peak, its arguments included
-    return [f"{a.big} gn_full step at 32 x T, --split 4, 1 inner step, 1 line-search batch: XLA's analysis "
-            f"{r['analysis']:.2f} GiB; the process's RSS {r['before']:.2f} GiB before the step (runtime, "
-            f"params, state, batches), peak {r['peak']:.2f} GiB; the step's own peak (peak - before + "
-            f"arguments) {own:.2f} GiB = **{100 * (own / r['analysis'] - 1):+.0f}%** over the analysis."]
+    lines = []
+    for on in (True, False):
+        say(f"rss: a subprocess runs the {a.big} gn_full step at 32 x T, --split 4 (minutes at 45m), "
+            f"allocator setting {'on' if on else 'off'}")
+        out = subprocess.run([sys.executable, __file__, "--rss-worker", "--big", a.big], stdout=subprocess.PIPE,
+                             text=True, check=True, env=dict(os.environ, FULLGN_MALLOPT=str(int(on)))).stdout
+        r = json.loads(out.splitlines()[-1])
+        if r["mallopt"] != on:
+            raise RuntimeError(f"the allocator setting did not take effect in the subprocess (asked {on})")
+        own = r["peak"] - r["before"] + r["args"]       # the step's own peak, its arguments included
+        lines.append(
+            f"- {'with' if on else 'without'} the allocator setting: {a.big} gn_full step at 32 x T, --split 4, "
+            f"1 inner step, 1 line-search batch: XLA's analysis {r['analysis']:.2f} GiB; the process's RSS "
+            f"{r['before']:.2f} GiB before the step (runtime, params, state, batches), peak "
+            f"**{r['peak']:.2f} GiB**, {r['after']:.2f} GiB once the step's outputs are freed; the step's own "
+            f"peak (peak - before + arguments) {own:.2f} GiB = **{100 * (own / r['analysis'] - 1):+.0f}%** "
+            "over the analysis.")
+    return lines
 
 
 def rss_worker(size):
@@ -380,22 +484,25 @@ def rss_worker(size):
     batches = jax.tree.map(jnp.asarray, token_batches(cfg, 32, micro))
     compiled = step.lower(state, batches, 0).compile()
     m = compiled.memory_analysis()
-    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    jax.block_until_ready(compiled(state, batches, 0))
+    rss_now = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = rss_now()
+    out = jax.block_until_ready(compiled(state, batches, 0))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # ru_maxrss is in KiB
+    del out
     print(json.dumps({"analysis": peak_bytes(compiled) / 2 ** 30, "args": m.argument_size_in_bytes / 2 ** 30,
-                      "before": before / 2 ** 30, "peak": peak / 2 ** 30}))
+                      "before": before / 2 ** 30, "peak": peak / 2 ** 30, "after": rss_now() / 2 ** 30,
+                      "mallopt": data.MALLOPT}))
 
 
 # ============================================================================ main
 
-SECTIONS = {"blocks": ("GN building blocks, in gradients", blocks),
-            "steps": ("Each script's step", lambda a: steps_table(steps(a, a.steps.split(",")))),
+SECTIONS = {"blocks": ("GN building blocks, in gradients", lambda a: blocks_table(a, allocator(a, "blocks"))),
+            "steps": ("Each script's step", lambda a: steps_table(a, allocator(a, "steps"))),
             "loop": ("Script-loop overhead", loop),
             "scaling": ("Device scaling (simulated CPU devices)", scaling),
             "util45m": ("Hardware utilisation at --big (45m)", util45m),
             "memory": ("Memory at --big without running (XLA's compiled memory analysis)", memory),
-            "rss": ("Memory analysis at --big (45m) against a real run", rss)}
+            "rss": ("Memory analysis at --big against a real run", rss)}
 
 
 # ---------------------------------------------------------------- plan: the cost of run.sh full
@@ -466,7 +573,7 @@ def plan(path):
             f"taken as TF32, an underestimate); an inner step of Algorithm 1 {INNER} gradients and a "
             f"forward {FORWARD} (TF32). Extrapolated: other sizes by model flops per token (bench.py's "
             "formula, the same utilisation), layerwise GN as (L+2)/2 GN inner steps (results/bench/"
-            "small.md: 8.59 against gn_full's 3.49 gradients a step), prox-linear's inner step as "
+            "small.md: 9.35 against gn_full's 4.46 gradients a step), prox-linear's inner step as "
             "GN's, Muon and SOAP as AdamW, a sweep's grid extensions (up to 2 runs each) left out, "
             "runs that stop at the target counted to their cap, and 8 GPUs as 8x one (data parallel, "
             "not measured). Passes: tokens read over C4 en's train split (~154B tokens); with the "
@@ -492,7 +599,10 @@ def main(argv=None):
                    help="the config of the util45m, memory and rss sections (45m; tiny: a smoke test)")
     p.add_argument("--limit", type=float, default=20.0, help="memory: GiB a step's analysis may take (20: "
                    "23.5 GiB less ~1 GiB of runtime and the analysis' ~10%% underestimate, see rss)")
-    p.add_argument("--json", action="store_true", help="print only the steps section's numbers, as JSON")
+    p.add_argument("--alloc-rounds", type=data.nonneg_int, default=2, help="blocks and steps: subprocesses "
+                   "with the allocator setting and as many without (FULLGN_MALLOPT=0), interleaved; 0: "
+                   "in this process alone, under its own setting (2)")
+    p.add_argument("--worker", choices=["blocks", "steps"], help=argparse.SUPPRESS)   # allocator()'s
     p.add_argument("--rss-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="also write the tables to this file")
     p.add_argument("--plan", default="", help="print the estimated cost of the runs listed in this file "
@@ -502,8 +612,9 @@ def main(argv=None):
         return print(plan(a.plan))
     if a.rss_worker:
         return rss_worker(a.big)
-    if a.json:                                      # the scaling section's subprocesses
-        return print(json.dumps(steps(a, a.steps.split(","))))
+    if a.worker:                                    # one subprocess of allocator() or scaling()
+        info, times = block_times(a) if a.worker == "blocks" else step_times(a, a.steps.split(","))
+        return print(json.dumps({"info": info, "times": times, "mallopt": data.MALLOPT}))
     if unknown := set(a.sections.split(",")) - set(SECTIONS):
         p.error(f"unknown sections {unknown}")
     load = os.getloadavg()[0]

@@ -381,7 +381,7 @@ gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one ma
   done
   # 3. the GN building blocks at the paper size; 4. XLA's memory analysis of a Figure-1 GN step
   # (128 x 1024 at --split 16: 48.7 GiB on CPU; bench.py --sections memory searches the splits)
-  part "blocks_$big" "${T_BENCH:-80}" $py bench.py --size "$big" --sections blocks --repeats 3 ${BENCH_EXTRA:-}
+  part "blocks_$big" "${T_BENCH:-80}" $py bench.py --size "$big" --sections blocks --repeats 3 --alloc-rounds 0 ${BENCH_EXTRA:-}
   part "memory_$fig1" "${T_MEM:-90}" $py -c 'import sys, bench; size, b, s = sys.argv[1], *map(int, sys.argv[2:]); gib = bench.analysed_gib("gn_full", b, s, size); print(f"gn_full step at {size}, {b}-sequence micro-batch, --split {s}: {gib:.1f} GiB")' \
        "$fig1" "${FIG1_BATCH:-128}" "${FIG1_SPLIT:-16}"
   echo "gpu-check: $((SECONDS - t0)) s; report $report"
