@@ -179,16 +179,14 @@ def interrupt_run(argv, out, sig, env=None):
 WITHOUT_MALLOPT = {"FULLGN_MALLOPT": "0"}    # glibc's malloc as it comes (data.keep_freed_memory)
 
 
-def check_run_and_resume(script, tmp_path, *extra, steps=12, env=None):
+def check_run_and_resume(script, tmp_path, *extra, steps=12):
     """A tiny run lowers the validation loss. The same run killed with SIGKILL midway (after its
     first checkpoint, at step 2), then resumed with --resume, ends with exactly the metrics of the
     uninterrupted run. The uninterrupted run has glibc keep its freed memory (the default), the
-    cut one and its resume have not (FULLGN_MALLOPT=0): the setting changes no number. Each
-    script's test runs it as a background job (env: the job's environment)."""
+    cut one and its resume have not (FULLGN_MALLOPT=0): the setting changes no number."""
     base = [script, "--size", "tiny", "--steps", str(steps), "--eval-every", "2", *extra]
-    env, without = env or {}, {**(env or {}), **WITHOUT_MALLOPT}
-    ref = start_script(*base, "--out", str(tmp_path / "full"), env=env)   # the uninterrupted run, alongside
-    rc, _, err, at = interrupt_run(base, tmp_path / "cut", signal.SIGKILL, env=without)
+    ref = start_script(*base, "--out", str(tmp_path / "full"))   # the uninterrupted run, alongside
+    rc, _, err, at = interrupt_run(base, tmp_path / "cut", signal.SIGKILL, env=WITHOUT_MALLOPT)
     assert rc == -signal.SIGKILL and 2 <= at < steps, (rc, at, err)    # killed midway
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
@@ -199,7 +197,7 @@ def check_run_and_resume(script, tmp_path, *extra, steps=12, env=None):
     assert cfg["params"] == model.param_count(tiny_params()) and cfg["versions"]["jax"]
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "train_lo')                  # a row cut short by the kill
-    rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume", env=without)
+    rc, out, err = run_script(*base, "--out", str(tmp_path / "cut"), "--resume", env=WITHOUT_MALLOPT)
     assert rc == 0 and f"resumed {tmp_path / 'cut' / 'ckpt'} at step {at}" in out, err
     assert losses(read_metrics(tmp_path / "cut")) == losses(full)
     # the run's record says it was resumed, where, and with which flags changed (none here)
@@ -1505,17 +1503,18 @@ gn_cg.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--out", f"{s
 """
 
 
-def two_processes_job(d, env):
+@pytest.mark.slow
+def test_data_two_processes_give_the_losses_of_one(tmp_path):
     """jax.distributed on localhost: two CPU processes (one device each, gloo collectives), each
     loading its own half of every batch, against one process with the whole batch."""
-    rc, _, err = run_script("-c", DIST_DRIVER, str(d / "one"), env=env)
+    rc, _, err = run_script("-c", DIST_DRIVER, str(tmp_path / "one"))
     assert rc == 0, err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", DIST_DRIVER, str(d / "two"), "--distributed"],
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_DRIVER, str(tmp_path / "two"), "--distributed"],
                               cwd=HERE, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                              env={**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                                    "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
              for i in range(2)]
     try:
@@ -1525,18 +1524,12 @@ def two_processes_job(d, env):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "step 2/2" in outs[0][0] and "step" not in outs[1][0]         # process 0 logs alone
-    assert json.load(open(d / "two" / "cg" / "config.json"))["processes"] == 2
-    one, two = read_metrics(d / "one" / "cg"), read_metrics(d / "two" / "cg")
+    assert json.load(open(tmp_path / "two" / "cg" / "config.json"))["processes"] == 2
+    one, two = read_metrics(tmp_path / "one" / "cg"), read_metrics(tmp_path / "two" / "cg")
     assert [r["step"] for r in two] == [0, 1, 2]
     for key in ("train_loss", "val_loss"):
         a = [r[key] for r in one if key in r]
         np.testing.assert_allclose([r[key] for r in two if key in r], a, rtol=2e-5, err_msg=key)
-
-
-@pytest.mark.slow
-@in_background(two_processes_job)
-def test_data_two_processes_give_the_losses_of_one(background):
-    background                  # the job's own assertions failed here if they failed
 
 
 SCALE_DRIVER = r"""
@@ -1556,16 +1549,17 @@ for solver, mod, extra in [("inner", gn_full, ["--inner-opt", "muon"]), ("cg", g
 """
 
 
-def one_and_four_devices_job(d, env):
+@pytest.mark.slow
+def test_data_gn_step_same_on_1_device_and_on_4_with_fsdp(tmp_path):
     """Two steps of gn_full.main (Algorithm 1 with inner Muon) and gn_cg.main on 1 device and on 4 with
     --fsdp (batches split over the devices, every state leaf split too): the same params."""
     outs = {}
     for n in (1, 4):
-        rc, outs[n], err = run_script("-c", SCALE_DRIVER, str(d),
-                                      env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        rc, outs[n], err = run_script("-c", SCALE_DRIVER, str(tmp_path),
+                                      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
         assert rc == 0, err
     for solver in ("inner", "cg"):
-        one, sh = (np.load(d / f"{solver}{k}.npy") for k in ("10", "41"))
+        one, sh = (np.load(tmp_path / f"{solver}{k}.npy") for k in ("10", "41"))
         assert np.abs(one).max() > 0
         assert np.abs(one - sh).max() <= 1e-4 * np.abs(one).max(), solver      # 1 device vs 4 with fsdp
     rows = [line.split(maxsplit=4)[1:] for line in outs[4].splitlines() if line.startswith("SPLIT ")]
@@ -1573,12 +1567,6 @@ def one_and_four_devices_job(d, env):
     for solver, split, n, keys in rows:
         assert int(split) == int(n) > 0, (solver, split, n)     # every splittable leaf is split in 4
     assert "'delta'" in rows[1][3] and "'opt'" in rows[0][3]   # CG vectors and the inner optimizer's
-
-
-@pytest.mark.slow
-@in_background(one_and_four_devices_job)
-def test_data_gn_step_same_on_1_device_and_on_4_with_fsdp(background):
-    background                  # the job's own assertions failed here if they failed
 
 
 # ============================================================================ adamw.py
@@ -1594,23 +1582,18 @@ def test_adamw_clips_the_gradient_then_steps_as_numpy_adamw(params):
                                           args.clip))
 
 
-def adamw_resume_job(d, env):
-    full = check_run_and_resume("adamw.py", d, env=env)
+@pytest.mark.slow
+def test_adamw_run_and_exact_resume(tmp_path):
+    full = check_run_and_resume("adamw.py", tmp_path)
     # SIGINT: checkpoint after the current step and exit cleanly; then resume in two jobs
     base = ["adamw.py", "--size", "tiny", "--steps", "12", "--eval-every", "2"]
-    rc, out, err, at = interrupt_run(base, d / "int", signal.SIGINT, env=env)
-    assert rc == 0 and f"interrupted: checkpoint {d / 'int' / 'ckpt'} at step {at}" in out, err
-    assert 2 <= at < 12 and len(read_metrics(d / "int")) == at + 1
+    rc, out, err, at = interrupt_run(base, tmp_path / "int", signal.SIGINT)
+    assert rc == 0 and f"interrupted: checkpoint {tmp_path / 'int' / 'ckpt'} at step {at}" in out, err
+    assert 2 <= at < 12 and len(read_metrics(tmp_path / "int")) == at + 1
     for stop in ("8", "0"):
-        rc, out, err = run_script(*base, "--out", str(d / "int"), "--resume", "--stop-at", stop, env=env)
+        rc, out, err = run_script(*base, "--out", str(tmp_path / "int"), "--resume", "--stop-at", stop)
         assert rc == 0, err
-    assert losses(read_metrics(d / "int")) == losses(full)
-
-
-@pytest.mark.slow
-@in_background(adamw_resume_job)
-def test_adamw_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
+    assert losses(read_metrics(tmp_path / "int")) == losses(full)
 
 
 @pytest.mark.slow
@@ -1749,9 +1732,8 @@ def test_muon_two_steps_match_numpy(params):
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: check_run_and_resume("muon.py", d, env=env))
-def test_muon_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
+def test_muon_run_and_exact_resume(tmp_path):
+    check_run_and_resume("muon.py", tmp_path)
 
 
 @pytest.mark.slow
@@ -1960,9 +1942,8 @@ def test_soap_preconditions_every_matrix_embedding_and_head_included(params):
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: check_run_and_resume("soap.py", d, env=env))
-def test_soap_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
+def test_soap_run_and_exact_resume(tmp_path):
+    check_run_and_resume("soap.py", tmp_path)
 
 
 @pytest.mark.slow
@@ -2093,9 +2074,8 @@ def test_gn_full_bf16_logits_are_accumulated_in_fp32():
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: check_run_and_resume("gn_full.py", d, "--model-change", steps=4, env=env))
-def test_gn_full_run_and_exact_resume(background):
-    rows = background[1]
+def test_gn_full_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_full.py", tmp_path, "--model-change", steps=4)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
     # the GN model's predicted change, at evaluation steps only
@@ -2320,21 +2300,16 @@ def test_gn_cg_chunked_curvature_equals_the_dense_one_at_split_2_and_K_2():
         assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, split
 
 
-def gn_cg_resume_job(d, env):
-    rows = check_run_and_resume("gn_cg.py", d, "--lam-rule", "lm", steps=4, env=env)
+@pytest.mark.slow
+def test_gn_cg_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_cg.py", tmp_path, "--lam-rule", "lm", steps=4)
     assert rows[1]["tokens"] == (2 + 1) * 8 * 16 and rows[1]["tokens_trained"] == 2 * 8 * 16
     assert rows[1]["fwd_passes"] > 0 and rows[1]["vjp_passes"] > 0 and 0 < rows[1]["eta"] <= 1
     assert all(r["cg_iters"] >= 1 and r["lam"] > 0 for r in rows[1:])
-    rc, _, err = run_script("gn_full.py", "--size", "tiny", "--solver", "cg", env=env)       # where CG went
+    rc, _, err = run_script("gn_full.py", "--size", "tiny", "--solver", "cg")       # where CG went
     assert rc == 2 and err.strip().splitlines() == [
         "error: gn_full.py runs Algorithm 1 alone: drop --solver; Hessian-free CG (--solver cg) is gn_cg.py "
         "(python gn_cg.py --help)"], err
-
-
-@pytest.mark.slow
-@in_background(gn_cg_resume_job)
-def test_gn_cg_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
 
 
 @pytest.mark.slow
@@ -2644,21 +2619,16 @@ def test_gn_layerwise_warm_starts_from_the_unscaled_merge():
                                tree_norm(jax.grad(model.loss_fn)(tiny_params(), first, TINY)), rtol=1e-4)
 
 
-def gn_layerwise_resume_job(d, env):
-    rows = check_run_and_resume("gn_layerwise.py", d, env=env)
+@pytest.mark.slow
+def test_gn_layerwise_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_layerwise.py", tmp_path)
     K = TINY.n_layers + 2
     assert rows[1]["jvp_passes"] == K * 2 and rows[1]["tokens"] == 3 * 8 * 16
     rc, _, err = run_script("gn_layerwise.py", "--size", "tiny", "--steps", "4", "--objective", "proxlinear",
-                            "--out", str(d / "prox"), env=env)
+                            "--out", str(tmp_path / "prox"))
     assert rc == 0, err
-    rows = read_metrics(d / "prox")
+    rows = read_metrics(tmp_path / "prox")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-
-
-@pytest.mark.slow
-@in_background(gn_layerwise_resume_job)
-def test_gn_layerwise_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
 
 
 @pytest.mark.slow
@@ -2724,9 +2694,8 @@ def test_gn_proxlinear_objective_matches_the_gn_quadratic_to_second_order():
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: check_run_and_resume("gn_proxlinear.py", d, env=env))
-def test_gn_proxlinear_run_and_exact_resume(background):
-    rows = background[1]
+def test_gn_proxlinear_run_and_exact_resume(tmp_path):
+    rows = check_run_and_resume("gn_proxlinear.py", tmp_path)
     assert all(r["eta"] == 1.0 for r in rows[1:]) and "ls_loss" not in rows[1]   # no line search
 
 
@@ -2870,9 +2839,8 @@ def test_kfac_sampled_G_is_unbiased_and_A_kron_G_is_the_ggn_block_where_kfac_is_
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: check_run_and_resume("kfac.py", d, env=env))
-def test_kfac_run_and_exact_resume(background):
-    background                  # the job's own assertions failed here if they failed
+def test_kfac_run_and_exact_resume(tmp_path):
+    check_run_and_resume("kfac.py", tmp_path)
 
 
 @pytest.mark.slow
@@ -3361,16 +3329,17 @@ print("done: fake")
 """
 
 
-def run_sh_quick_job(d, env):
+@pytest.mark.slow
+def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
     """./run.sh quick, variants and kfac with a fake of every script (faster at larger lrs and
     dampings): every lr of the baselines' grids runs to the 14-step budget, the target is the
     lowest loss of their first grids at step 11 (80%), GN, its variants and K-FAC run to it; each
     grid extends twice past a best lr at its edge (x3); K-FAC sweeps its lr at the middle damping,
     then the damping at that lr (x10); every Figure-1 row is its sweep's best run; the same
     commands again run nothing."""
-    fake, calls, q = d / "fake.py", d / "calls.jsonl", d / "q"
+    fake, calls, q = tmp_path / "fake.py", tmp_path / "calls.jsonl", tmp_path / "q"
     fake.write_text(FAKE_PY)
-    env = {**env, "PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls)}
+    env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls)}
     for mode in ("quick", "variants", "kfac"):               # quick's plan in its pieces
         rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
         assert rc == 0, out[-2000:] + err[-2000:]
@@ -3401,12 +3370,6 @@ def run_sh_quick_job(d, env):
     for mode in ("quick", "variants", "kfac"):
         rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
         assert rc == 0 and sum(1 for _ in open(calls)) == n, err[-2000:]
-
-
-@pytest.mark.slow
-@in_background(run_sh_quick_job)
-def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(background):
-    background                  # the job's own assertions failed here if they failed
 
 
 @pytest.mark.slow
