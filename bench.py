@@ -1,7 +1,7 @@
 """Speed and memory of every method, measured in one run; prints (and --out writes) markdown tables.
 
-    python bench.py --size small                          # blocks, steps, loop, scaling: ~30 min
-    python bench.py --sections util45m,memory,rss         # the 45m sections: about 15 min
+    python bench.py --size small                          # blocks, steps, loop, scaling: ~35 min
+    python bench.py --sections util45m,memory,rss         # the 45m sections: about 25 min
     python bench.py --plan FILE                           # the estimated cost of run.sh full's runs
 
 Absolute times on a shared machine are noisy; the ratios are what matter. Each table times its
