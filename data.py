@@ -553,18 +553,18 @@ def _typed(kind, test, what):
         try:
             v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {kind.__name__}") from None
-        if not test(v):
+            v = None
+        if v is None or not test(v):
             raise argparse.ArgumentTypeError(f"{s!r} must be {what}")
         return v
     return parse
 
 
 pos_int = _typed(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _typed(int, lambda v: v >= 0, ">= 0")
+nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
 pos_float = _typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-nonneg_float = _typed(float, lambda v: v >= 0 and math.isfinite(v), ">= 0")
-unit_float = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)")
+nonneg_float = _typed(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_float = _typed(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 SOURCES = {  # where a paper-size default comes from (--help tags each value with one)
@@ -974,6 +974,8 @@ class Run:
                             f"{args.out} holds a run that stopped before writing its first "
                             "checkpoint; pass --resume to start it over, or choose another --out")
         self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
+        if self.resume:       # a corrupt checkpoint is refused before anything (the token cache) is written
+            _read_checkpoint(self.ckpt)
         self.start_for = os.environ.get(START_ENV)  # this run is another run's paper start
         self.resume_hint = ("rerun the same command: the start resumes from there" if self.start_for
                             else "continue with --resume")

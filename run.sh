@@ -370,8 +370,9 @@ gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one ma
     { echo; echo "## $name"; echo; echo "\`$*\`: exit $rc in $((SECONDS - t)) s (limit $limit s)"
       echo; echo '```'; grep -vE "^\[bench|^ *$|^step [0-9]+/20 " "$o/$name.log" | tail -n 25; echo '```'; } >> "$report"
   }
-  # 1. the GN maths tests at full precision on the device (the suite pins --dtype float32)
-  part maths "${T_MATHS:-100}" $py -m pytest -q -x -m "not slow" test_all.py \
+  # 1. the GN maths tests at full precision on the device (the suite pins --dtype float32), in this
+  # one process (-n 0: two test workers would each take the device's memory)
+  part maths "${T_MATHS:-100}" $py -m pytest -q -x -n 0 -m "not slow" test_all.py \
        -k "${MATHS_K:-model_ce or gn_full_ or gn_layerwise_ or gn_proxlinear_}"
   # 2. the paper-size GN run from a short start, in bf16 and as the paper ran fp32 (TF32)
   for dt in bfloat16 tf32; do

@@ -88,53 +88,16 @@ def run_script(*argv, env=None, timeout=300):
     return p.returncode, p.stdout, p.stderr
 
 
-# A few tests' long subprocess jobs (run.sh's rehearsals, bench.py's smoke test) are started one
-# after another in a thread when the session starts, if those tests are selected: they then use
-# the core that the in-process tests' compiles leave idle. Each job only runs its command, with
-# the environment of the session's start; its test waits for the result and asserts on it.
-BACKGROUND = {}   # test name -> job(directory, env) -> its result
-
-
-def in_background(job):
-    def mark(test):
-        BACKGROUND[test.__name__] = job
-        return test
-    return mark
-
-
 def subprocess_job(argv, env, timeout=600):
     """(returncode, stdout, stderr) of argv run in this directory with exactly env."""
     p = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _background(request, tmp_path_factory):
-    names = [i.name for i in request.session.items if i.name in BACKGROUND]
-    env = {**os.environ, **JAX_CACHE_ENV, "FULLGN_CACHE": str(tmp_path_factory.getbasetemp() / "cache"),
-           "PYTHON": sys.executable}       # run.sh's interpreter: this one, whatever is first on PATH
-    results, done = {}, {n: threading.Event() for n in names}
-
-    def work():
-        for name in names:
-            d = tmp_path_factory.mktemp(name[:40])
-            try:
-                results[name] = (d, BACKGROUND[name](d, env))
-            except Exception as e:            # re-raised in the test
-                results[name] = e
-            done[name].set()
-    threading.Thread(target=work, daemon=True).start()
-    yield results, done
-
-
-@pytest.fixture
-def background(request, _background):
-    """(directory, result) of this test's background job."""
-    results, done = _background
-    assert done[request.node.name].wait(timeout=1200), "the background job did not end in 20 minutes"
-    if isinstance(results[request.node.name], Exception):
-        raise results[request.node.name]
-    return results[request.node.name]
+def job_env():
+    """The environment of a run.sh or bench.py job: this session's (its token cache included), the
+    shared compilation cache, and this interpreter as run.sh's."""
+    return {**os.environ, **JAX_CACHE_ENV, "PYTHON": sys.executable}
 
 
 def read_metrics(out):
@@ -955,20 +918,6 @@ def test_data_checkpoint_round_trip_corruption_and_mismatch(tmp_path):
 
 # ============================================================================ data.py: flags and bad input
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--size", "huge"], "invalid choice"),
-    (["--steps", "-3"], "positive integer"),
-    (["--batch-size", "0"], "positive integer"),
-    (["--lr", "nan"], "positive number"),
-    (["--data", "/no/such/dir"], "no such directory"),
-    (["--bogus-flag"], "unrecognized"),
-])
-def test_data_bad_input_one_line_exit_2(argv, needle, tmp_path):
-    rc, out, err = run_script("adamw.py", "--size", "tiny", "--out", str(tmp_path / "o"), *argv)
-    assert rc == 2 and needle in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-
-
 def test_data_help_names_every_default_and_takes_no_abbreviations(capsys):
     for script in (adamw, muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear, kfac):
         with pytest.raises(SystemExit):
@@ -1071,7 +1020,7 @@ CASES = [  # (name, argv, what the one line must say)
     ("negative steps", ["--steps", "-1"], "'-1' must be a positive integer"),
     ("zero batch", ["--batch-size", "0"], "'0' must be a positive integer"),
     ("batch not divisible by 4 devices", ["--batch-size", "6"], "must be divisible by"),
-    ("negative target loss", ["--target-loss", "-1"], "'-1' must be >= 0"),
+    ("negative target loss", ["--target-loss", "-1"], "'-1' must be a number >= 0"),
     ("unknown size", ["--size", "huge"], "invalid choice: 'huge'"),
     ("a flag gn_full.py no longer takes", ["--solver", "cg"], "--solver"),
     ("missing data directory", ["--data", f"{tmp}/no-such-dir"], "no such directory"),
@@ -1126,14 +1075,88 @@ def test_data_bad_input_table_for_every_script(tmp_path):
     assert not bad, bad[:3]
 
 
-def test_data_bad_input_exit_code_of_a_real_process(tmp_path):
-    # each bad flag alone, as typed: the per-size help must not read a size before argparse checks it
-    for argv, needle in ((["--size", "huge"], "invalid choice: 'huge'"),
+AS_TYPED_DRIVER = r"""
+import json, os, runpy, sys, traceback
+sys.path.insert(0, os.getcwd())
+import jax, optax, numpy, data, model      # imported once; each command line runs in a fork of this
+cases = json.loads(sys.argv[1])
+for c in cases:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                             # the child: the script as `python SCRIPT ARGV...` runs it
+        os.close(r)
+        os.dup2(w, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.chdir(c["cwd"])
+        sys.argv = [c["script"], *c["argv"]]
+        try:
+            runpy.run_path(c["script"], run_name="__main__")
+            code = 0
+        except SystemExit as e:              # the interpreter's handling of what reaches the top
+            code = e.code if isinstance(e.code, int) else (e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    print(json.dumps({**c, "rc": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "err": err}), flush=True)
+"""
+
+SCRIPTS = ("adamw", "muon", "soap", "gn_full", "gn_cg", "gn_layerwise", "gn_proxlinear", "kfac")
+AS_TYPED = [  # (argv, what the one line must say: the flag, what it accepts)
+    (["--size", "huge"], ["--size", "invalid choice: 'huge' (choose from tiny, small, 45m, 150m)"]),
+    (["--size=45M"], ["--size", "invalid choice: '45M'"]),
+    (["--size", "huge", "--help"], ["--size", "invalid choice: 'huge'"]),
+    (["--steps", "0"], ["--steps", "'0' must be a positive integer"]),
+    (["--steps", "ten"], ["--steps", "'ten' must be a positive integer"]),
+    (["--lr", "-1"], ["--lr", "'-1' must be a positive number"]),
+    (["--lr", "nan"], ["--lr", "'nan' must be a positive number"]),
+    (["--batch-size", "0"], ["--batch-size", "'0' must be a positive integer"]),
+    (["--eval-every", "-3"], ["--eval-every", "'-3' must be a positive integer"]),
+    (["--data", "{tmp}/no-such-dir"], ["--data", "no such directory", "pass `bbc`"]),
+    (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    (["--out", "{tmp}/no-run", "--resume"], ["--resume", "no checkpoint in", "drop --resume"]),
+    (["--out", "{tmp}/corrupt", "--resume"], ["checkpoint {tmp}/corrupt/ckpt is corrupt or truncated"]),
+]
+
+
+def test_data_bad_flags_alone_as_typed_in_every_script(tmp_path):
+    """Every script, every bad flag given alone as a user types it (no --size before it), run as
+    `python SCRIPT ARGV` in a process of its own (forked from one that imported jax once; three of
+    them below in fresh interpreters too): exit code 2, one line naming the flag and what it takes,
+    no traceback, and nothing written: the working directory (the default --out is runs/ there)
+    and the token cache stay as they were."""
+    os.makedirs(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "ckpt").write_bytes(data.CKPT_MAGIC + b"\0" * 64)
+    cases = []
+    for script in SCRIPTS:
+        for i, (argv, needles) in enumerate(AS_TYPED):
+            cwd = tmp_path / f"{script}-{i}"
+            cwd.mkdir()
+            if script == "gn_cg" and argv[0] == "--lr":     # CG takes no lr: its damping instead
+                argv, needles = ["--lam", argv[1]], ["--lam", needles[1]]
+            cases.append({"script": os.path.join(HERE, f"{script}.py"), "cwd": str(cwd),
+                          "argv": [a.format(tmp=tmp_path) for a in argv],
+                          "needles": [n.format(tmp=tmp_path) for n in needles]})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    rc, out, err = run_script("-c", AS_TYPED_DRIVER, json.dumps(cases), env={"FULLGN_CACHE": str(cache)})
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == len(SCRIPTS) * len(AS_TYPED)
+    bad = [(r["script"], r["argv"], r["rc"], r["err"]) for r in rows
+           if not (r["rc"] == 2 and all(n in r["err"] for n in r["needles"]) and "Traceback" not in r["err"]
+                   and len(r["err"].strip().splitlines()) == 1 and not os.listdir(r["cwd"]))]
+    assert not bad, bad[:3]
+    assert not os.listdir(cache) and os.listdir(tmp_path / "corrupt") == ["ckpt"]
+    for argv, needle in ((["--size", "huge"], "invalid choice: 'huge'"),      # fresh interpreters
                          (["--size=45M", "--help"], "invalid choice: '45M'"),
                          (["--size", "tiny", "--distributed"], "coordinator_address should be defined")):
         rc, out, err = run_script("gn_full.py", *argv)
-        assert rc == 2 and needle in err and "Traceback" not in err
-        assert len(err.strip().splitlines()) == 1, err
+        assert rc == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 # ============================================================================ data.py: runs (resume, signals, the paper start, the data guard)
@@ -2804,6 +2827,33 @@ def test_kfac_two_steps_are_the_damped_kronecker_solves_with_momentum():
         np.testing.assert_allclose(got[k] - flat_dict(p0)[k], want[0][k] + want[1][k], rtol=1e-4, atol=1e-7)
 
 
+def test_kfac_inverses_are_refreshed_at_steps_1_1_plus_f_and_held_between():
+    """Five steps at MICRO with f = 2: after steps 1, 3 and 5 (t = 0, 2, 4, as Run.train numbers
+    them) each layer's A^-1 and G^-1 in the state are the dense inverses of that step's running
+    factors with their factored damping; after steps 2 and 4 they are the previous step's, while
+    the factors moved. A first refresh at step f (the identity until then) fails at step 1."""
+    args = kfac.parse(["--size", "tiny", "--damping", "1e-2", "--precondition-frequency", "2"])
+    state = kfac.init_state(args, MICRO, model.init_params(MICRO, jax.random.key(0)))
+    step = jax.jit(kfac.make_step(args, MICRO))
+    for t in range(5):
+        prev = state
+        state, _ = step(state, jax.tree.map(lambda a: a[None], tiny_batch(2, t, MICRO)), t)
+        for n in kfac.DENSE:
+            A = np.asarray(state["A"][0][kfac.A_OF[n]], np.float64)
+            G = np.asarray(state["G"][0][n], np.float64)
+            got = (state["A_inv"][0][n], state["G_inv"][0][n])
+            if t % 2 == 0:
+                pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+                want = (np.linalg.inv(A + pi * math.sqrt(1e-2) * np.eye(len(A))),
+                        np.linalg.inv(G + math.sqrt(1e-2) / pi * np.eye(len(G))))
+                for x, w in zip(got, want):
+                    assert_close_to_ref(x, w, 1e-4)
+            else:
+                assert np.abs(A - np.asarray(prev["A"][0][kfac.A_OF[n]], np.float64)).max() > 1e-6
+                for x, w in zip(got, (prev["A_inv"][0][n], prev["G_inv"][0][n])):
+                    np.testing.assert_array_equal(x, w, err_msg=f"step {t + 1}, {n}")
+
+
 ONE = model.Config(d=8, n_layers=1, n_heads=2, d_ff=16, seq_len=1, vocab=11)   # one token per sequence
 
 
@@ -2986,6 +3036,30 @@ def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch
         next(oracle.replay(str(R / "fig1" / "adamw"), "adamw", 1, tiny_params(), tokens, print))
 
 
+@pytest.mark.slow
+def test_oracle_replays_a_step_indexed_method_with_run_train_s_t_and_keys(tmp_path):
+    """K-FAC's step depends on t (its sampling key, its running-average weight, its refresh
+    steps): the replay's direction at each step is the step the run took, theta_{t+1} - theta_t
+    from the run's own checkpoints, not only its train_loss (taken before the update, the same at
+    step 1 under any numbering). A replay that numbered its steps from 1 fails at step 1."""
+    import oracle
+    out = tmp_path / "kfac"
+    kfac.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--seed", "3", "--out", str(out)])
+    args = oracle.run_args(str(out))
+    p0 = model.init_params(TINY, jax.random.key(3))
+    tmpl = kfac.init_state(args, TINY, p0)
+    thetas = [p0] + [data.load_checkpoint(str(out / f), tmpl)[0]["params"] for f in ("ckpt.prev", "ckpt")]
+    tokens = data.load_tokens("bbc", "train", TINY.vocab)
+    seen = list(oracle.replay(str(out), "kfac", 2, p0, tokens, print))
+    assert [t for t, *_ in seen] == [0, 1]
+    for t, theta, _, u, _ in seen:
+        np.testing.assert_array_equal(jax.flatten_util.ravel_pytree(theta)[0],
+                                      jax.flatten_util.ravel_pytree(thetas[t])[0])
+        took = jax.flatten_util.ravel_pytree(model.axpy(-1.0, thetas[t], thetas[t + 1]))[0]
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(u)[0], took, rtol=1e-5, atol=1e-8,
+                                   err_msg=f"step {t + 1}")
+
+
 # ============================================================================ plot.py
 
 def fake_run(root, name, lr, vals, K=4, tok=1000, secs=2.0):
@@ -3046,6 +3120,36 @@ def test_plot_steps_to_target_are_exact_and_interpolated(tmp_path, capsys):
     assert cmd("--lr", "0.03", "--steps", "9", "--target-loss", "5.2") == "longer"
     os.makedirs(tmp_path / "oracle")                                            # no training log
     assert plot.pick("made-with", [str(tmp_path / "oracle"), "oracle.py", "--points", "0"]) == "yes"
+
+
+def test_plot_seed_statistics_use_the_same_seeds_when_one_misses_the_target(tmp_path):
+    """Three seeds at the target 5.0, every curve exact at its evaluations: GN reaches it at steps
+    2 and 1 and misses it in seed 2; SOAP at 6, 4, 8; AdamW at 8, misses, 4. Per seed the best
+    baseline over GN: 3, 4 and none. Each mean, range and count is over the seeds measured, and
+    over the same ones (a mean that divides by every seed, or a range that counts a miss, fails)."""
+    import plot
+    curve = lambda at, n=9: [6.0 - (1.0 * s / at if s <= at else 1.0 + 0.01 * (s - at)) for s in range(n)] \
+        if at else [6.0 - 0.1 * s for s in range(n)]                    # at None: ends at 5.2
+    hits = {"gn_full": (2, 1, None), "soap": (6, 4, 8), "adamw": (8, None, 4)}
+    for m, ats in hits.items():
+        for seed, at in enumerate(ats):
+            root = tmp_path / "fig1" if seed == 0 else tmp_path / "seeds" / f"seed{seed}"
+            os.makedirs(root, exist_ok=True)
+            fake_run(root, m, 1e-3, curve(at))
+    seeds = plot.seed_runs(str(tmp_path))
+    steps, ratios = plot.seed_stats(seeds, 5.0)
+    assert {m: [None if x is None else round(x, 9) for x in xs] for m, xs in steps.items()} == {
+        m: list(ats) for m, ats in hits.items()}
+    assert ratios[2] is None and ratios[:2] == pytest.approx([3.0, 4.0])
+    table, stat = plot.seeds_table(seeds, 5.0)
+    assert stat == pytest.approx((3.5, 3.0, 4.0, 2, 3))   # mean, min, max over the 2 seeds with a ratio; of 3
+    assert "| AdamW | 8.00, -, 4.00 | 6.00 | 4.00 - 8.00 |" in table, table
+    assert "| SOAP | 6.00, 4.00, 8.00 | 6.00 | 4.00 - 8.00 |" in table, table
+    assert "| **best baseline / GN full** | 3.00, 4.00, - | **3.50** | 3.00 - 4.00 |" in table, table
+    assert plot.spread(ratios) == "3.50 [3.00-4.00] (3 seeds, 1 not reached)"
+    said = plot.summary([], {}, None, 5.0, stat)
+    assert said == ["No first-order baseline reached 5.0000.", "Over 3 seeds the ratio is 3.50 on average, range 3.00 "
+                    "to 4.00 (1 seed(s) without a ratio: a run did not reach the target)."]
 
 
 def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
@@ -3281,15 +3385,15 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
 # ============================================================================ bench.py
 
 @pytest.mark.slow
-@in_background(lambda d, env: subprocess_job(
-    [sys.executable, "bench.py", "--size", "tiny", "--batch-size", "8", "--repeats", "1", "--big", "tiny",
-     "--steps", "gradient,bare,gn_full", "--out", str(d / "bench.md"), "--devices", "2", "--alloc-rounds", "1",
-     "--sections", "steps,loop,scaling,util45m,memory,rss"], env))
-def test_bench_every_section_writes_its_table_at_tiny(background):
+def test_bench_every_section_writes_its_table_at_tiny(tmp_path):
     """Each section of bench.py runs at tiny (the 45m ones with --big tiny; scaling on 2 simulated
     devices) and writes its table: a smoke test of the code, not of its numbers. The blocks
     section runs in the gpu-check rehearsal (test_run_sh_gpu_check_writes_its_report)."""
-    d, (rc, _, err) = background
+    d = tmp_path
+    rc, _, err = subprocess_job(
+        [sys.executable, "bench.py", "--size", "tiny", "--batch-size", "8", "--repeats", "1", "--big", "tiny",
+         "--steps", "gradient,bare,gn_full", "--out", str(d / "bench.md"), "--devices", "2", "--alloc-rounds", "1",
+         "--sections", "steps,loop,scaling,util45m,memory,rss"], job_env())
     assert rc == 0, err[-3000:]
     text = (d / "bench.md").read_text()
     for title in ("Each script's step", "Script-loop overhead", "Device scaling", "Hardware utilisation",
@@ -3491,14 +3595,13 @@ def rehearsal(d, env):
 
 
 @pytest.mark.slow
-@in_background(rehearsal)
-def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(background):
+def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(tmp_path):
     """SIZE=tiny ./run.sh full: the 150m plan's structure at tiny through the same code (the
     built-in start, the baselines and GN's variants at given lrs, GN's lr sweep ranked by steps to
     the target, Figure 2, plot.py). Its --dry-run lists every run it makes (a sweep's grid
     extensions aside) and writes nothing; a run stopped at a checkpoint stops the plan, and the
     same command then resumes that run and skips every finished one."""
-    d, r = background
+    d, r = tmp_path, rehearsal(tmp_path, job_env())
     out, made = d / "full", r["made"]
     rc, log, err = r["first"]
     assert rc == 0, err[-3000:] + log[-3000:]
@@ -3524,13 +3627,12 @@ def test_run_sh_full_rehearsal_runs_the_plan_its_dry_run_lists(background):
 
 
 @pytest.mark.slow
-@in_background(lambda d, env: subprocess_job(["bash", "run.sh", "gpu-check", str(d / "gpu")], {
-    **env, "SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2", "MATHS_K": "model_ce_hessian",
-    "BENCH_EXTRA": "--batch-size 8 --repeats 1", "CHECK_WORK": str(d / "work")}))
-def test_run_sh_gpu_check_writes_its_report(background):
+def test_run_sh_gpu_check_writes_its_report(tmp_path):
     """./run.sh gpu-check at tiny on CPU: every part runs under its timeout and the report holds
     each one's exit status and table (the blocks section of bench.py included)."""
-    tmp_path, (rc, log, err) = background
+    rc, log, err = subprocess_job(["bash", "run.sh", "gpu-check", str(tmp_path / "gpu")], {
+        **job_env(), "SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2",
+        "MATHS_K": "model_ce_hessian", "BENCH_EXTRA": "--batch-size 8 --repeats 1", "CHECK_WORK": str(tmp_path / "work")})
     assert rc == 0, err[-3000:]
     report = (tmp_path / "gpu" / "report.md").read_text()
     for part in ("maths", "gn_full_tiny_bfloat16", "gn_full_tiny_tf32", "blocks_tiny", "memory_tiny"):
