@@ -1175,7 +1175,7 @@ class Run:
                 self.log(f"step 0 eval: {self.eval_batches} x {self.eval_batch_size} x "
                          f"{self.cfg.seq_len} validation tokens")
                 val_loss = evaluate(state["params"], "step 0 eval")
-                self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0, "load": os.getloadavg()[0]})
+                self._write({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed": 0.0})
                 self.log(f"step 0: val_loss {val_loss:.4f}")
             stop = lambda: bool(signals.interrupted) or step == args.stop_at > 0
             while step < args.steps and not agreed(stop()):
@@ -1185,7 +1185,7 @@ class Run:
                     _progress.update(line="compiling the step", t=t0, t0=t0, what=None)
                     step_fn = signals.call(lambda: step_fn.lower(state, batches, step).compile())
                     compile_s = time.time() - t0
-                t0 = time.time()
+                t0, cpu0 = time.time(), cpu_seconds()
                 _progress.update(line=f"step {step + 1}/{args.steps}", t=t0, t0=t0, what=None,
                                  steps_after=args.steps - step - 1)
                 new, m = signals.call(step_fn, state, batches, step)
@@ -1193,13 +1193,15 @@ class Run:
                 if evaluated and diagnose is not None:
                     m |= signals.call(diagnose, state, new, batches, m)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
-                dt = time.time() - t0
+                dt, cpu1 = time.time() - t0, cpu_seconds()
                 if not math.isfinite(m["train_loss"]):
                     raise UserError(f"train loss is {m['train_loss']} at step {step + 1}; last good "
                                     f"checkpoint: {last_good()}; lower --lr and rerun with --resume")
                 read = self.micro_per_step * self.tokens_per_micro
                 row = {"step": step + 1, "tokens": tokens + read, **m, "step_time": dt,
-                       "tokens_per_s": read / dt, "elapsed": elapsed + dt, "load": os.getloadavg()[0]}
+                       "tokens_per_s": read / dt, "elapsed": elapsed + dt}
+                if cpu0 and cpu1:         # other processes' CPU seconds during the step
+                    row["other_cpu_s"] = (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])
                 if step == step0:         # (each session compiles: a resumed run again)
                     row["compile_s"] = compile_s
                 if evaluated:
@@ -1275,6 +1277,20 @@ class Run:
         if self.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def cpu_seconds():
+    """(CPU seconds the machine has spent busy, CPU seconds this process has used) now: /proc/stat's
+    first line (user nice system irq softirq steal, all but idle and iowait, in clock ticks) and
+    os.times(); None where /proc/stat cannot be read (not Linux). Over a step, the first's change
+    less the second's is the CPU time other processes took: plot.alone reads it."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return sum(ticks[i] for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def agreed(flag):

@@ -80,12 +80,18 @@ def to_target(run, target):
     return None
 
 
+ALONE_SHARE = 0.1   # of one core: what other processes may take over a run's steps for it to count as alone
+
+
 def alone(run):
-    """Whether the run had the machine to itself: its metrics rows record the 1-minute load average
-    (data.Run), which one run keeps at about its cores' count; None where it was not recorded.
-    Seconds are compared only between runs made alone."""
-    loads = [r["load"] for r in run["rows"] if "load" in r]
-    return max(loads) <= run["conf"].get("cpus", 1) + 0.5 if loads else None
+    """Whether the run had the machine to itself: its metrics rows record the CPU seconds other
+    processes took during each step (other_cpu_s, data.cpu_seconds), and over all its steps they
+    took at most ALONE_SHARE of one core; None where the rows do not record it (the logs made
+    before they did: aloneness unknown). Seconds are compared only between runs made alone."""
+    rows = [r for r in run["rows"] if "other_cpu_s" in r]
+    if not rows:
+        return None
+    return sum(r["other_cpu_s"] for r in rows) <= ALONE_SHARE * sum(r["step_time"] for r in rows)
 
 
 def steps_to(run, target):
@@ -344,7 +350,7 @@ def fig1_table(rs, target):
         h = hit[r["name"]]
         if h:
             ratio = " / ".join(fmt(b / x) if x and b else "-" for b, x in zip(best, h["interp"])) if best else "-"
-            busy = {True: "alone", False: "not alone", None: "load not recorded"}[alone(r)]
+            busy = {True: "alone", False: "not alone", None: "aloneness unknown"}[alone(r)]
             cells = [f"{h['first'][0]} / {h['interp'][0]:.2f}", f"{h['interp'][1]:,.0f}",
                      f"{h['interp'][2]:.0f} ({busy})", ratio]
         else:
@@ -383,8 +389,11 @@ def summary(rs, hit, best, target, stat):
     if gn and best:
         r = [b / x if b else None for b, x in zip(best, gn["interp"])]
         word = lambda x, what: f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
+        unknown = any(alone(x) is None for x in rs) and not any(alone(x) is False for x in rs)
         secs = (f" and {word(r[2], 'seconds')}" if best[2] else
-                 "; seconds are not compared, as not every run had the machine to itself")
+                "; seconds are not compared: " + ("the logs do not record whether every run had the "
+                                                  "machine to itself" if unknown else
+                                                  "not every run had the machine to itself"))
         out.append(f"GN full reaches the target in {gn['interp'][0]:.2f} steps (interpolated; first "
                    f"evaluation at or below it: step {gn['first'][0]}), the best first-order method "
                    f"({NAMES[bname]}) in {best[0]:.2f}: **{word(r[0], 'steps')}**, {word(r[1], 'tokens')} "
