@@ -1407,7 +1407,7 @@ def recompute_log(mod, out):
         assert rows[0]["tokens"] == 0
         close(rows[0]["val_loss"], val_loss(params), err_msg="step 0: val_loss")
     for r in rows[1 - steps[0]:]:
-        t = r["step"]
+        t, rejected_only = r["step"], set()
         mbs = [windows(train, stream_starts(len(train), pos0 + (t - 1) * M + j, B, T, a.order, a.seed), T)
                for j in range(M)]
         theta = state["params"]
@@ -1435,6 +1435,9 @@ def recompute_log(mod, out):
                 assert eta == 0 or any(abs(eta - 2 ** (-i / 2)) < 1e-7 for i in range(a.ls_range)), eta
                 if eta > 0:                 # the best eta's loss: at theta_{t+1}
                     want["ls_loss"] = np.mean([float(loss_at(theta1, b, cfg)) for b in ls])
+                else:                       # rejected: no eta > 0 beat theta_t (the failed d, and
+                    assert r["ls_loss"] >= r["ls_loss_eta0"]      # so its ls_loss and inner_norm,
+                    rejected_only = {"ls_loss", "inner_norm"}     # leave no trace in the state)
             else:
                 want["eta"] = 1.0
             if cg:
@@ -1452,7 +1455,7 @@ def recompute_log(mod, out):
                 ema = jax.tree.map(lambda e, p: a.ema * e + (1 - a.ema) * p, ema, theta1)
                 if evaluated:
                     want["val_loss_ema"] = val_loss(ema)
-        unchecked = set(r) - set(want) - {"eta"} - NOT_RECOMPUTED
+        unchecked = set(r) - set(want) - {"eta"} - NOT_RECOMPUTED - rejected_only
         assert not unchecked, f"step {t}: logged but not recomputed: {unchecked}"
         for k, v in want.items():
             close(r[k], v, rtol=1e-4 if "norm" in k else 2e-5, err_msg=f"step {t}: {k}")
@@ -1460,6 +1463,34 @@ def recompute_log(mod, out):
     ckpt = data.load_checkpoint(os.path.join(out, "ckpt"), tmpl, keys=["params"])[0]["params"]
     close(jax.flatten_util.ravel_pytree(ckpt)[0], jax.flatten_util.ravel_pytree(state["params"])[0], atol=1e-6)
     return rows
+
+
+def test_data_run_loop_logs_recomputed_through_a_resume_and_a_rejection(tmp_path, capsys):
+    """The fast tier's run-loop check. adamw, 2 steps at tiny stopped after step 1 and resumed:
+    config.json records the flag the resume changed with its new value, and the log, the
+    checkpointed step's row included, recomputes from the definitions (recompute_log: the batches
+    of the seeded order, the validation split). gn_full at inner lr 30, whose line search rejects
+    step 1: its log recomputes, and the state checkpointed after step 1 holds theta_t as the inner
+    iterate and a fresh inner optimizer state, not the failed solve's moments."""
+    out = tmp_path / "adamw"
+    argv = ["--size", "tiny", "--steps", "2", "--eval-every", "1", "--grad-accum", "2", "--seed", "2",
+            "--out", str(out)]
+    adamw.main([*argv, "--stop-at", "1"])
+    adamw.main([*argv, "--resume"])
+    conf = json.load(open(out / "config.json"))
+    assert conf["args"]["stop_at"] == 1 and conf["resumes"] == [{"step": 1, "changed": {"stop_at": 0}}]
+    assert [r["step"] for r in recompute_log(adamw, str(out))] == [0, 1, 2]
+    out = tmp_path / "gn_full"
+    gn_full.main(["--size", "tiny", "--steps", "2", "--eval-every", "1", "--inner-steps", "2",
+                  "--ls-batches", "1", "--lr", "30", "--out", str(out)])
+    rows = recompute_log(gn_full, str(out))
+    assert rows[1]["rejected"] == 1
+    args = argparse.Namespace(**json.load(open(out / "config.json"))["args"])
+    fresh = gn_full.init_state(args, TINY, tiny_params(args.seed))
+    after1 = data.load_checkpoint(str(out / "ckpt.prev"), fresh)[0]
+    for k in ("params", "inner", "opt"):
+        want = fresh["params"] if k == "inner" else fresh[k]
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after1[k]), jax.tree.leaves(want))), k
 
 
 def check_paper_start_resume(script, tmp_path, monkeypatch, capsys):
