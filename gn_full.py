@@ -39,7 +39,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import data
 import model
@@ -61,10 +60,6 @@ DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m valu
 
 
 def parse(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(x == "--solver" or x.startswith("--solver=") for x in argv):
-        raise data.UserError("gn_full.py runs Algorithm 1 alone: drop --solver; Hessian-free CG "
-                             "(--solver cg) is gn_cg.py (python gn_cg.py --help)")
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
     data.gn_flags(p)

@@ -24,7 +24,7 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_
   - Muon's 1-D params go to the AdamW group; no EMA by default; resume restores every block's
     state; GPT-2 BPE and data.py's sources instead of C4 with the T5 tokenizer.
 
-Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
+Metrics as gn_full.py's: train_loss l(theta_t) over the inner micro-batches,
 grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm the norm of the
 K blocks' model gradients at their warm starts (first inner micro-batch), eta, step_norm
 |eta* d|, inner_norm |d|, ls_loss, ls_loss_eta0, rejected, and the passes of the network.

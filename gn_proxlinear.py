@@ -26,7 +26,7 @@ Differences from the authors' code (natalieabreu/full-gauss-newton, llama_train_
   - the logged train_loss is the true loss at theta_t; resume restores the inner solver's state;
   - GPT-2 BPE and data.py's sources instead of C4 with the T5 tokenizer.
 
-Metrics as gn_full.py --solver inner: train_loss l(theta_t) over the inner micro-batches,
+Metrics as gn_full.py's: train_loss l(theta_t) over the inner micro-batches,
 grad_norm |grad l(theta_t)| on the first inner micro-batch, model_grad_norm |grad p(D0)| at the
 warm start (first inner micro-batch), eta, step_norm |eta* d|, inner_norm |d|, the passes, and
 with a line search ls_loss, ls_loss_eta0 and rejected.

@@ -784,49 +784,6 @@ def oracle_summary(results):
     return text
 
 
-PREVIOUS_SWEEP_STEP = {"depth28": 14}   # the previous rule's sweep length at a point (else 8)
-
-
-def rule_change(results, sweep_by, rs, target):
-    """The previous rule beside the one rule, on the same sweep runs: then, the baselines' and
-    K-FAC's lrs were picked by the validation loss at the sweeps' last step (8 at quick), the
-    target was the picked baselines' lowest loss at 80% of the budget, GN was ranked by steps to
-    it and its variants ran at GN's lr. Which picks differ, and the ratio under each. "" unless
-    every baseline's sweep runs to the budget (the one rule's plan)."""
-    step = PREVIOUS_SWEEP_STEP.get(os.path.basename(results.rstrip("/")), 8)
-    fig1 = {r["name"]: r for r in rs}
-    at = lambda r, s: next((v for st, _, _, v in r["val"] if st == s), math.inf)
-    base = [m for m in BASELINES if m in fig1 and sweep_by.get(m)]
-    if not base or "gn_full" not in fig1 or any(final(r)[0] < final(fig1[m])[0] and not to_target(r, target)
-                                                  for m in base for r in sweep_by[m]):
-        return ""
-    old = {m: min(sweep_by[m], key=lambda r: at(r, step)) for m in base}
-    budget = max(final(fig1[m])[0] for m in base)
-    old_target = min(at(r, budget * 8 // 10) for r in old.values())
-    gn = sweep_by.get("gn_full", [fig1["gn_full"]])
-    old["gn_full"] = min(gn, key=lambda r: rank_key(r, old_target))
-    kfac = [r for m, rs_ in sweep_by.items() if m.startswith("kfac_lam") for r in rs_]
-    if "kfac" in fig1 and kfac:
-        old["kfac"] = min(kfac, key=lambda r: at(r, step))
-    for m in ("gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls"):
-        lw = [r for r in sweep_by.get(m, []) if r["lr"] == old["gn_full"]["lr"]]
-        if m in fig1 and lw:
-            old[m] = lw[0]
-    name = lambda r: f"{r['lr']:g}" + (f" (lam {r['conf']['args']['damping']:g})" if r["conf"]["args"].get("damping") else "")
-    lines = ["| row | one rule: lr, steps to the target | previous rule: lr, steps to its target | changed |",
-             "|---|---|---|---|"]
-    for m, r in sorted(old.items()):
-        lines.append(f"| {NAMES.get(m, m)} | {name(fig1[m])}, {fmt(steps_to(fig1[m], target))} | {name(r)}, "
-                     f"{fmt(steps_to(r, old_target))} | {'**yes**' if name(r) != name(fig1[m]) else 'no'} |")
-    ratio = lambda picks, t: (min((steps_to(picks[m], t) for m in base if steps_to(picks[m], t)), default=None),
-                              steps_to(picks["gn_full"], t))
-    (b1, g1), (b0, g0) = ratio(fig1, target), ratio(old, old_target)
-    return (f"The one rule against the previous (baselines and K-FAC by their validation loss at step "
-            f"{step}, the target {old_target!r} from those picks at step {budget * 8 // 10}, the GN variants "
-            f"at GN's lr), on the same runs: best baseline / GN full {fmt(b1 / g1 if b1 and g1 else None)} "
-            f"under the one rule, {fmt(b0 / g0 if b0 and g0 else None)} under the previous.\n\n" + "\n".join(lines))
-
-
 def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds, readme):
     md_table, hit, best = fig1_table(rs, target)
     s_table, stat = seeds_table(seeds, target)
@@ -838,7 +795,7 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     parts = [f"Target validation loss: **{target!r}** (OUT/target.txt: the baselines' lowest "
              f"validation loss at 80% of the budget, as run.sh states). Figure 1 runs {K} "
              f"micro-batches of {tok:,} tokens per step." if rs else "", " ".join(head), at,
-             "![Figure 1](fig1_iterations.png)", md_table, rule_change(results, sweep_by, rs, target)]
+             "![Figure 1](fig1_iterations.png)", md_table]
     if s_table:
         parts += ["Seeds (the start's init and the data order): seed 0 is the Figure-1 run.", s_table]
     if sweep_by:
