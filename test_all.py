@@ -1464,13 +1464,16 @@ def recompute_log(mod, out):
     return rows
 
 
-def test_data_run_loop_logs_recomputed_through_a_resume_and_a_rejection(tmp_path, capsys):
+def test_data_run_loop_logs_recomputed_through_a_resume_and_a_rejection(tmp_path, monkeypatch):
     """The fast tier's run-loop check. adamw, 2 steps at tiny stopped after step 1 and resumed:
     config.json records the flag the resume changed with its new value, and the log, the
     checkpointed step's row included, recomputes from the definitions (recompute_log: the batches
     of the seeded order, the validation split). gn_full at inner lr 30, whose line search rejects
     step 1: its log recomputes, and the state checkpointed after step 1 holds theta_t as the inner
-    iterate and a fresh inner optimizer state, not the failed solve's moments."""
+    iterate and a fresh inner optimizer state, not the failed solve's moments. At --size tiny
+    with one block instead of two: the loop is what is checked, and it compiles in half the time."""
+    cfg = dataclasses.replace(TINY, n_layers=1)
+    monkeypatch.setitem(model.CONFIGS, "tiny", cfg)
     out = tmp_path / "adamw"
     argv = ["--size", "tiny", "--steps", "2", "--eval-every", "1", "--grad-accum", "2", "--seed", "2",
             "--out", str(out)]
@@ -1485,7 +1488,7 @@ def test_data_run_loop_logs_recomputed_through_a_resume_and_a_rejection(tmp_path
     rows = recompute_log(gn_full, str(out))
     assert rows[1]["rejected"] == 1
     args = argparse.Namespace(**json.load(open(out / "config.json"))["args"])
-    fresh = gn_full.init_state(args, TINY, tiny_params(args.seed))
+    fresh = gn_full.init_state(args, cfg, model.init_params(cfg, jax.random.key(args.seed)))
     after1 = data.load_checkpoint(str(out / "ckpt.prev"), fresh)[0]
     for k in ("params", "inner", "opt"):
         want = fresh["params"] if k == "inner" else fresh[k]
