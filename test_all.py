@@ -1075,7 +1075,7 @@ def test_data_bad_input_table_for_every_script(tmp_path):
 
 
 AS_TYPED_DRIVER = r"""
-import json, os, runpy, sys, traceback
+import json, os, runpy, signal, sys, traceback
 sys.path.insert(0, os.getcwd())
 import jax, optax, numpy, data, model      # imported once; each command line runs in a fork of this
 cases = json.loads(sys.argv[1])
@@ -1083,6 +1083,7 @@ for c in cases:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                             # the child: the script as `python SCRIPT ARGV...` runs it
+        signal.alarm(10)                     # a command line wrongly accepted starts a run: cut it short
         os.close(r)
         os.dup2(w, 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
@@ -1201,7 +1202,8 @@ def test_data_progress_eta_times_each_phase_alone(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_data_paper_start_is_trained_once_cached_and_keyed(tmp_path, capsys):
+def test_data_paper_start_is_trained_once_cached_and_keyed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FULLGN_CACHE", str(tmp_path / "cache"))   # a cache no other test's start is in
     common = ["--size", "tiny", "--start", "paper", "--start-steps", "3", "--steps", "1"]
     starts = lambda: sorted(glob.glob(os.path.join(os.environ["FULLGN_CACHE"], "starts", "adamw-tiny-*")))
     before = starts()
