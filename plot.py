@@ -1,6 +1,7 @@
 """Figures and results.md from run directories: reads only config.json and metrics.jsonl.
 
     python plot.py RESULTS_DIR [--target LOSS] [--readme README.md]
+    python plot.py RUN_DIR [RUN_DIR ...] [--target LOSS] [--out PNG]   (any runs, side by side)
     python plot.py --pick WHAT ARGS...        (run.sh's choices: best, next-lr, next-damping, lr, ...)
 
 RESULTS_DIR holds the layout that `run.sh quick|full` (and `run.sh seeds`) writes:
@@ -866,27 +867,83 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     return text
 
 
+def label(run):
+    """A run's legend: its directory, script, size and lr (its config.json)."""
+    a = run["conf"]["args"]
+    return f"{run['name']}: {a.get('method', '?')} --size {a.get('size', '?')}, lr {a.get('lr', '-')}"
+
+
+def runs_figure(rs, out, target=None):
+    """Validation (top, with the target) and train loss (bottom) of any runs against steps, tokens
+    and seconds."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharey="row")
+    for r in rs:
+        val = r["val"]
+        train = [(x["step"], x["tokens"], x.get("elapsed", 0.0), x["train_loss"]) for x in r["rows"]
+                 if "train_loss" in x]
+        for row, pts in enumerate((val, train)):
+            for col in range(3):
+                axes[row, col].plot([p[col] for p in pts], [p[3] for p in pts], "o-", ms=3, label=label(r))
+    for col, x in enumerate(("step", "tokens", "seconds (steps only, compilation apart)")):
+        axes[1, col].set_xlabel(x)
+    axes[0, 0].set_ylabel("validation loss")
+    axes[1, 0].set_ylabel("train loss")
+    if target is not None:
+        for ax in axes[0]:
+            ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:g}")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def runs_table(rs, target):
+    """A markdown line per run: its steps, final validation loss and steps to the target."""
+    lines = ["| run | steps | final val_loss | steps to the target: first eval / interpolated |",
+             "|---|---|---|---|"]
+    for r in rs:
+        hit = to_target(r, target) if target is not None and r["val"] else None
+        reach = "-" if target is None else (f"{hit['first'][0]} / {hit['interp'][0]:.2f}" if hit else "not reached")
+        fin = f"{final(r)[3]:.4f} (step {final(r)[0]})" if r["val"] else "-"
+        lines.append(f"| {label(r)} | {r['rows'][-1]['step'] if r['rows'] else 0} | {fin} | {reach} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--pick"]:
         print(pick(argv[1], argv[2:]))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="the results directory written by run.sh")
+    p.add_argument("dirs", nargs="+", help="the results directory written by run.sh, or run "
+                   "directories written by any script (each with its config.json and metrics.jsonl)")
     p.add_argument("--target", type=float, default=None, help="target validation loss (default: "
-                   "RESULTS/target.txt)")
+                   "RESULTS/target.txt; run directories: none)")
     p.add_argument("--readme", default=None, help="also rewrite the generated results section of "
                    "this README (between its results:begin and results:end markers)")
+    p.add_argument("--out", default="runs.png", help="run directories: the figure's file (runs.png)")
     a = p.parse_args(argv)
-    target = target_of(a.results, a.target)
-    rs = runs(os.path.join(a.results, "fig1", "*"))
-    seeds = seed_runs(a.results)
+    is_run = [os.path.exists(os.path.join(d, "metrics.jsonl")) for d in a.dirs]
+    if any(is_run):
+        if not all(is_run):
+            p.error("not run directories (no metrics.jsonl): " + ", ".join(
+                d for d, ok in zip(a.dirs, is_run) if not ok))
+        rs = [load(d) for d in a.dirs]
+        runs_figure(rs, a.out, a.target)
+        print(runs_table(rs, a.target) + f"\n\n![runs]({a.out})")
+        return
+    if len(a.dirs) > 1:
+        p.error("give one results directory, or run directories (each with a metrics.jsonl)")
+    results = a.dirs[0]
+    target = target_of(results, a.target)
+    rs = runs(os.path.join(results, "fig1", "*"))
+    seeds = seed_runs(results)
     if rs:
-        figure1(a.results, rs, target, seeds)
-    sweep_by = sweeps(a.results)
-    by, target3, budget = figures23(a.results, rs)
-    abl = ablations(a.results, target)
-    print(write_results(a.results, target, rs, by, target3, budget, abl, sweep_by, seeds, a.readme))
+        figure1(results, rs, target, seeds)
+    sweep_by = sweeps(results)
+    by, target3, budget = figures23(results, rs)
+    abl = ablations(results, target)
+    print(write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds, a.readme))
 
 
 if __name__ == "__main__":

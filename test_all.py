@@ -6,7 +6,7 @@ muon, soap, gn_full, gn_cg, gn_layerwise, gn_proxlinear, kfac, oracle, plot, ben
 or gn_steps). Maths is checked against dense references on tiny problems.
 
 Run: python -m pytest -q test_all.py                 (the whole suite)
-     python -m pytest -q test_all.py -m "not slow"   (the fast tier: no subprocess or training runs)
+     python -m pytest -q test_all.py -m "not slow"   (the fast tier: no long subprocess or training runs)
 """
 import argparse
 import gzip
@@ -3201,6 +3201,30 @@ def test_plot_seed_statistics_use_the_same_seeds_when_one_misses_the_target(tmp_
     said = plot.summary([], {}, None, 5.0, stat)
     assert said == ["No first-order baseline reached 5.0000.", "Over 3 seeds the ratio is 3.50 on average, range 3.00 "
                     "to 4.00 (1 seed(s) without a ratio: a run did not reach the target)."]
+
+
+def test_plot_draws_any_run_directories_side_by_side(tmp_path, capsys):
+    """python plot.py RUN_DIR RUN_DIR --target T: one figure of every run's validation and train
+    loss against steps, tokens and seconds, and a markdown line per run from its config and log
+    (its steps, final loss and steps to the target); a directory without a log is refused."""
+    import plot
+    dirs = []
+    for name, method, vals in (("gn_full-small", "gn_full", [6.0, 5.4, 5.1]), ("soap-small", "soap", [6.0, 5.8, 5.6])):
+        d = fake_run(str(tmp_path / "runs"), name, 0.01, vals)
+        conf = json.load(open(f"{d}/config.json"))
+        json.dump({**conf, "args": {**conf["args"], "method": method, "size": "small"}}, open(f"{d}/config.json", "w"))
+        rows = [{**r, "train_loss": r["val_loss"] + 0.1} for r in read_metrics(d)]
+        open(f"{d}/metrics.jsonl", "w").writelines(json.dumps(r) + "\n" for r in rows)
+        dirs.append(d)
+    png = tmp_path / "both.png"
+    plot.main([*dirs, "--target", "5.5", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+    assert "| gn_full-small: gn_full --size small, lr 0.01 | 2 | 5.1000 (step 2) | 1 / 0.83 |" in out, out
+    assert "| soap-small: soap --size small, lr 0.01 | 2 | 5.6000 (step 2) | not reached |" in out, out
+    with pytest.raises(SystemExit) as e:
+        plot.main([dirs[0], str(tmp_path)])
+    assert e.value.code == 2 and "not run directories (no metrics.jsonl)" in capsys.readouterr().err
 
 
 def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
