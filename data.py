@@ -975,7 +975,10 @@ class Run:
                             "checkpoint; pass --resume to start it over, or choose another --out")
         self.resume = args.resume and has_ckpt      # --resume with no checkpoint: start over
         if self.resume:       # a corrupt checkpoint is refused before anything (the token cache) is written
-            _read_checkpoint(self.ckpt)
+            try:
+                _read_checkpoint(self.ckpt)
+            except UserError as e:
+                raise UserError(f"--resume: {e}") from None
         self.start_for = os.environ.get(START_ENV)  # this run is another run's paper start
         self.resume_hint = ("rerun the same command: the start resumes from there" if self.start_for
                             else "continue with --resume")

@@ -1119,7 +1119,7 @@ AS_TYPED = [  # (argv, what the one line must say: the flag, what it accepts)
     (["--data", "{tmp}/no-such-dir"], ["--data", "no such directory", "pass `bbc`"]),
     (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
     (["--out", "{tmp}/no-run", "--resume"], ["--resume", "no checkpoint in", "drop --resume"]),
-    (["--out", "{tmp}/corrupt", "--resume"], ["checkpoint {tmp}/corrupt/ckpt is corrupt or truncated"]),
+    (["--out", "{tmp}/corrupt", "--resume"], ["--resume: checkpoint {tmp}/corrupt/ckpt is corrupt or truncated"]),
 ]
 
 
