@@ -317,17 +317,23 @@ def steps_table(a, pooled):
     return lines
 
 
-def worker(a, section, on, env=None):
-    """Section `section`'s (info, raw times) from a subprocess, with the allocator setting on or
-    off (FULLGN_MALLOPT=0)."""
-    argv = [sys.executable, __file__, "--worker", section, "--size", a.size, "--batch-size",
-            str(a.batch_size), "--split", str(a.split), "--micro", str(a.micro), "--repeats",
-            str(a.repeats), "--steps", a.steps]
-    out = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True,
+def in_subprocess(argv, on, env=None):
+    """The JSON last line of `python bench.py ARGV` run with the allocator setting on or off
+    (FULLGN_MALLOPT=0), checked to have taken effect there."""
+    out = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True, check=True,
                          env=dict(os.environ, **(env or {}), FULLGN_MALLOPT=str(int(on)))).stdout
     r = json.loads(out.splitlines()[-1])
     if r["mallopt"] != on:
         raise RuntimeError(f"the allocator setting did not take effect in the subprocess (asked {on})")
+    return r
+
+
+def worker(a, section, on, env=None):
+    """Section `section`'s (info, raw times) from a subprocess, with the allocator setting on or
+    off."""
+    r = in_subprocess(["--worker", section, "--size", a.size, "--batch-size", str(a.batch_size),
+                       "--split", str(a.split), "--micro", str(a.micro), "--repeats", str(a.repeats),
+                       "--steps", a.steps], on, env)
     return r["info"], r["times"]
 
 
@@ -462,11 +468,7 @@ def rss(a):
     for on in (True, False):
         say(f"rss: a subprocess runs the {a.big} gn_full step at 32 x T, --split 4 (minutes at 45m), "
             f"allocator setting {'on' if on else 'off'}")
-        out = subprocess.run([sys.executable, __file__, "--rss-worker", "--big", a.big], stdout=subprocess.PIPE,
-                             text=True, check=True, env=dict(os.environ, FULLGN_MALLOPT=str(int(on)))).stdout
-        r = json.loads(out.splitlines()[-1])
-        if r["mallopt"] != on:
-            raise RuntimeError(f"the allocator setting did not take effect in the subprocess (asked {on})")
+        r = in_subprocess(["--rss-worker", "--big", a.big], on)
         own = r["peak"] - r["before"] + r["args"]       # the step's own peak, its arguments included
         lines.append(
             f"- {'with' if on else 'without'} the allocator setting: {a.big} gn_full step at 32 x T, --split 4, "

@@ -390,7 +390,8 @@ def summary(rs, hit, best, target, stat):
     if gn and best:
         r = [b / x if b else None for b, x in zip(best, gn["interp"])]
         word = lambda x, what: f"{x:.2f}x fewer {what}" if x >= 1 else f"{1 / x:.2f}x more {what}"
-        unknown = any(alone(x) is None for x in rs) and not any(alone(x) is False for x in rs)
+        marks = {alone(x) for x in rs}
+        unknown = None in marks and False not in marks
         secs = (f" and {word(r[2], 'seconds')}" if best[2] else
                 "; seconds are not compared: " + ("the logs do not record whether every run had the "
                                                   "machine to itself" if unknown else
