@@ -9,10 +9,10 @@ micro-batches x_1..x_N (--outer-batches) and n_ls fresh ones for the line search
                                                          from one jax.linearize, never materialised
     delta  = CG on (G + lam I) delta = -g from 0.95 delta_{t-1}      Martens 2010 §4.5 (warm start)
              stopped by Martens' relative progress rule (§4.4), |r| <= 1e-6 |g| or --cg-iters
-    step   = delta, or the earlier stored CG iterate with the lowest loss on the fresh
+    d      = delta, or the earlier stored CG iterate with the lowest loss on the fresh
              micro-batches, walking back while it falls                    §4.6 (backtracking)
     eta*   = the GN family's line search on the same micro-batches (model.line_search)
-    theta_{t+1} = theta_t + eta* step;  the next CG starts from 0.95 delta, CG's own last iterate.
+    theta_{t+1} = theta_t + eta* d;  the next CG starts from 0.95 delta, CG's own last iterate.
 Damping lam: fixed (--lam), or Levenberg-Marquardt (§4.1, --lam-rule lm) on rho = (L(theta_t +
 delta) - L(theta_t)) / (q(delta) - q(0)), q the undamped GN model: x3/2 below 1/4, x2/3 above 3/4.
 A step that no eta > 0 improves (eta = 0 is evaluated too) is rejected: theta stays, CG restarts
@@ -21,7 +21,7 @@ from 0 with twice the damping (--no-reject: the best eta > 0 all the same).
 The authors' code has no CG; the GN-family pieces it shares with gn_full.py (the line search,
 the EMA, the metrics) are theirs, with gn_full.py's listed differences. Metrics: train_loss and
 grad_norm of g on the outer batch, eta, lam, rho, cg_iters, cg_residual |r|/|g|, phi (CG's
-quadratic at delta), step_norm |eta* step|, ls_loss, ls_loss_eta0, rejected, the passes.
+quadratic at delta), step_norm |eta* d|, ls_loss, ls_loss_eta0, rejected, the passes.
 """
 import math
 import sys
@@ -162,9 +162,9 @@ def backtrack(f, delta, stash, n_stored):
         return (j - 1, jax.tree.map(lambda a, b: jnp.where(better, a, b), x, best),
                 jnp.minimum(f_j, f_best), better)
     f_full = f(delta)
-    j_end, step, f_step, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
-                                                (n_stored - 1, delta, f_full, True))
-    return step, f_step, f_full, n_stored - 1 - j_end
+    j_end, d, f_d, _ = jax.lax.while_loop(lambda c: (c[0] >= 0) & c[3], back,
+                                          (n_stored - 1, delta, f_full, True))
+    return d, f_d, f_full, n_stored - 1 - j_end
 
 
 def lm_damping(lam, rho, lo=0.25, hi=0.75):
@@ -202,17 +202,17 @@ def make_step(args, cfg):
         f = lambda x: jnp.mean(jax.lax.map(
             lambda b: model.mean_loss(axpy(1.0, x, theta), b, cfg, args.split), ls))
         n_st = jnp.sum(jnp.array(store_at) < info["iters"])
-        step, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
-        eta, rejected, m = model.line_search(theta, step, ls, cfg, args.ls_range, args.split,
+        d, _, f_full, n_back = backtrack(f, delta, info["stash"], n_st)
+        eta, rejected, m = model.line_search(theta, d, ls, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)
         rho = (f_full - m["ls_loss_eta0"]) / (gd + 0.5 * dGd)     # against the undamped GN model
         new_lam = lm_damping(lam, rho) if args.lam_rule == "lm" else lam
         # a rejected step: theta stays, CG restarts from 0 with twice the damping
-        new = {"params": axpy(eta, step, theta), "lam": jnp.where(rejected, 2 * lam, new_lam),
+        new = {"params": axpy(eta, d, theta), "lam": jnp.where(rejected, 2 * lam, new_lam),
                "delta": jax.tree.map(lambda a: jnp.where(rejected, 0.0, a), delta)}
         m |= {"train_loss": loss, "grad_norm": optax.tree.norm(g), "eta": eta,
               "lam": lam, "rho": rho, "cg_iters": info["iters"], "cg_residual": info["residual"],
-              "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(step)}
+              "phi": info["phi"][info["iters"]], "step_norm": eta * optax.tree.norm(d)}
         n_ls_fwd = (args.ls_range + 2 + n_back) * len(ls["inputs"])       # grid + f(0), f(delta), back
         grad_passes = N if Kc < N else 0
         products = info["iters"]                                          # G v products

@@ -164,8 +164,9 @@ def make_optimizer(args):
     adam_lr = model.make_schedule(args.schedule, args.adam_lr, args.warmup, args.steps)
     clip = optax.clip_by_global_norm(args.clip) if args.clip else optax.identity()
     adam = optax.chain(clip, optax.adamw(adam_lr, args.b1, args.b2, args.eps, weight_decay=args.wd))
-    labels = lambda params: jax.tree_util.tree_map_with_path(model.muon_label, params)
-    return optax.multi_transform({"adam": adam, "muon": optax.set_to_zero()}, labels), lr
+    label = lambda path, x: "matrix" if model.muon_label(path, x) == "muon" else "adam"   # Muon's split
+    labels = lambda params: jax.tree_util.tree_map_with_path(label, params)
+    return optax.multi_transform({"adam": adam, "matrix": optax.set_to_zero()}, labels), lr
 
 
 # =============================================== the step (data.Run.train jits it)

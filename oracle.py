@@ -135,34 +135,38 @@ def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, split=1):
     A = lambda v: axpy(lam, v, Gv(v))
     solve = lambda op, b: gn_cg.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
     d_star, info = solve(A, g)
-    get = gn_layerwise.get_block
-    A_k = [lambda v, keys=keys: get(A(embed(theta, keys, v)), keys) for keys in blocks]  # G_kk + lam I
-    lw = [solve(A_k[k], get(g, keys)) for k, keys in enumerate(blocks)]
-    d_lw = zeros(theta)
-    for keys, (x, _) in zip(blocks, lw):
-        d_lw = gn_layerwise.set_block(d_lw, keys, x)
+    # block k as a 0/1 mask M_k over every parameter: G_kk + lam I acts as M_k A M_k, and the L + 2
+    # blocks' solves and products run as one vmapped program (a block's own program each would
+    # compile L + 2 copies of the GGN-vector product)
+    masks = [embed(theta, keys, jax.tree.map(jnp.ones_like, gn_layerwise.get_block(theta, keys))) for keys in blocks]
+    M = jax.tree.map(lambda *m: jnp.stack(m), *masks) if blocks else None        # (L + 2, ...) per leaf
+    on = lambda m, v: jax.tree.map(jnp.multiply, m, v)                            # v_k, zero off block k
+    A_k = lambda m, v: on(m, A(on(m, v)))
+    if blocks:
+        x_lw, info_lw = jax.vmap(lambda m: solve(lambda v: A_k(m, v), on(m, g)))(M)    # d_LW,k, stacked
+        d_lw = jax.tree.map(lambda x: x.sum(0), x_lw)
+        ref_k = jax.vmap(lambda m, x: delta(tdot(on(m, g), x), tdot(x, A_k(m, x))))(M, x_lw)
     q = lambda gu, uAu, uu: gu + 0.5 * (uAu - lam * uu)                  # the undamped model
     gs, sAs = tdot(g, d_star), tdot(d_star, A(d_star))
     ref, q_star = delta(gs, sAs), q(gs, sAs, tdot(d_star, d_star))
-    ref_k = [delta(tdot(get(g, keys), x), tdot(x, A_k[k](x)))
-             for k, (keys, (x, _)) in enumerate(zip(blocks, lw))]
+
+    def per_block(m, u):           # f_k and cos_k of one direction on one block
+        u_k, s_k = on(m, u), on(m, d_star)
+        f = delta(tdot(on(m, g), u_k), tdot(u_k, A_k(m, u_k)))
+        return f, tdot(u_k, s_k) / jnp.sqrt(jnp.maximum(tdot(u_k, u_k) * tdot(s_k, s_k), 1e-30))
 
     def stats(u):                  # one direction (lax.map: compiled once)
         gu, uAu = tdot(g, u), tdot(u, A(u))
         out = {"f": delta(gu, uAu) / ref, "e": q(gu, uAu, tdot(u, u)) / q_star}
         if blocks:
-            f_k, cos_k = [], []
-            for k, keys in enumerate(blocks):
-                u_k, s_k = get(u, keys), get(d_star, keys)
-                f_k.append(delta(tdot(get(g, keys), u_k), tdot(u_k, A_k[k](u_k))) / ref_k[k])
-                cos_k.append(tdot(u_k, s_k) / jnp.sqrt(jnp.maximum(tdot(u_k, u_k) * tdot(s_k, s_k), 1e-30)))
-            out |= {"f_k": jnp.stack(f_k), "cos_k": jnp.stack(cos_k)}
+            f_k, cos_k = jax.vmap(per_block, in_axes=(0, None))(M, u)
+            out |= {"f_k": f_k / ref_k, "cos_k": cos_k}
         return out
     names = list(dirs) + (["layerwise"] if blocks else [])
     res = jax.lax.map(stats, jax.tree.map(lambda *xs: jnp.stack(xs), *dirs.values(), *([d_lw] if blocks else [])))
     out = {"delta_star": ref, "q_star": q_star, "residual": info["residual"], "iters": info["iters"],
            "dirs": {n: jax.tree.map(lambda x: x[i], res) for i, n in enumerate(names)}}
-    return out | ({"block_residual": jnp.stack([i["residual"] for _, i in lw])} if blocks else {})
+    return out | ({"block_residual": info_lw["residual"]} if blocks else {})
 
 
 def rename(r, names):

@@ -30,6 +30,7 @@ if __name__ != "__main__" or sys.argv[1:2] != ["--pick"]:   # (run.sh's many --p
     import matplotlib                                        # logs only: 0.2 s each without it, 1 s with)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
 # The paper's steps to validation loss 3.25 (its Figure 1): GN 54, layerwise 78, SOAP 292,
 # Muon ~864 (40M-token batch), AdamW slower (no number).
@@ -756,6 +757,133 @@ def versus_gn(xs):
     return "not told apart from GN (its seeds are not all on one side of 1)"
 
 
+# ---------------------------------------------------------------- r(k): baseline steps per GN step
+def r_of_k(gn, other):
+    """[(k, r(k))] at each of GN full's evaluated steps k >= 1: `other`'s steps to GN's validation
+    loss at its step k, over k; None where other's logged curve never gets that low. GN's side is
+    a whole step, exact; only other's crossing is interpolated, inside one of its own steps (every
+    step of Figure 1's runs is evaluated)."""
+    return [(k, s / k if (s := steps_to(other, loss)) is not None else None) for k, _, _, loss in gn["val"] if k >= 1]
+
+
+def rk_rows(results):
+    """{row: {k: {seed: r(k)}}} at one point, each row's seed i against GN full's seed i, at the k
+    that GN's seed i logged: each baseline; "best", the fewest steps of any baseline to GN's loss
+    (so the smallest r of the three); and every other Figure-1 row (layerwise, prox-linear, K-FAC)."""
+    seeds = {r["name"]: [r] for r in runs(os.path.join(results, "fig1", "*"))} | seed_runs(results)
+    out = {}
+    for i, gn in enumerate(seeds.pop("gn_full", [])):
+        per = {m: dict(r_of_k(gn, rs[i])) for m, rs in seeds.items() if i < len(rs)}
+        for k in [k for k, *_ in gn["val"] if k >= 1]:
+            got = [per[m][k] for m in BASELINES if per.get(m, {}).get(k) is not None]
+            for m, v in [("best", min(got) if got else None)] + [(m, per[m][k]) for m in per]:
+                out.setdefault(m, {}).setdefault(k, {})[i] = v
+    return out
+
+
+def rk_cell(by_seed):
+    """'mean [lo-hi] (n seeds)' of r(k) over the seeds that logged step k; 'not reached' counts the
+    seeds whose run's logged curve stops above GN's loss (at its budget, or at the target)."""
+    got = sorted(v for v in by_seed.values() if v is not None)
+    miss = len(by_seed) - len(got)
+    if not got:
+        return "not reached"
+    mean = sum(got) / len(got)
+    cell = f"{mean:.2f}" + (f" [{got[0]:.2f}-{got[-1]:.2f}]" if len(got) > 1 else "")
+    if len(by_seed) > 1:
+        cell += f" ({len(by_seed)} seeds" + (f", {miss} not reached" if miss else "") + ")"
+    return cell
+
+
+RK_ROWS = ("best", *BASELINES, "gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls", "kfac")
+
+
+def rk_table(rows):
+    cols = [m for m in RK_ROWS if m in rows]
+    head = ["best baseline" if m == "best" else NAMES[m] for m in cols]
+    lines = ["| k | " + " | ".join(head) + " |", "|" + "---|" * (len(cols) + 1)]
+    for k in sorted(rows["best"]):
+        lines.append(f"| {k} | " + " | ".join(rk_cell(rows[m].get(k, {})) if rows[m].get(k) else "-"
+                                               for m in cols) + " |")
+    return "\n".join(lines)
+
+
+def rk_points(results):
+    """The points of r(k)'s figure: the tokens axis (with results' own), else results' own alone."""
+    by = axes_points(results)
+    return by.get("tokens") or [p for p in [point_of(results)] if p]
+
+
+def rk_figure(results, rows_at):
+    """r(k) against k: the best baseline at each point of the tokens axis (mean, and its seeds'
+    range as a band), and the other rows against GN at results' own point."""
+    rows = rows_at[results]
+    others = [m for m in ("gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls", "kfac") if m in rows]
+    fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 6 * bool(others), 4.5), squeeze=False)
+    a1 = axes[0][0]
+    for i, p in enumerate(rk_points(results)):
+        best = rows_at[p["dir"]]["best"]
+        ks = [k for k in sorted(best) if any(v is not None for v in best[k].values())]
+        vals = [[v for v in best[k].values() if v is not None] for k in ks]
+        c = plt.cm.viridis(i / max(len(rk_points(results)) - 1, 1))
+        a1.plot(ks, [sum(v) / len(v) for v in vals], "o-", color=c,
+                label=f"{p['tokens_per_step']:,} tokens per step ({point_name(p)})")
+        a1.fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=c, alpha=0.2)
+    for m in others:
+        ks = [k for k in sorted(rows[m]) if any(v is not None for v in rows[m][k].values())]
+        vals = [[v for v in rows[m][k].values() if v is not None] for k in ks]
+        axes[0][1].plot(ks, [sum(v) / len(v) for v in vals], "o-", color=COLORS[m], label=NAMES[m])
+        axes[0][1].fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[m], alpha=0.2)
+    for ax in axes[0]:
+        ax.axhline(1, color="k", lw=0.8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    a1.axhline(292 / 54, color="tab:red", ls=":", lw=1, label="the paper's steps ratio: 5.4 (292 / 54)")
+    style(a1, "best baseline's steps per GN step, r(k) (mean, seed range)", "GN full's step k",
+          "r(k) = baseline steps to GN's loss at k / k")
+    if others:
+        style(axes[0][1], f"each row's steps per GN step at {point_name(point_of(results))}", "GN full's step k",
+              "r(k) = row's steps to GN's loss at k / k")
+    save(fig, results, "r_of_k.png")
+
+
+def rk_claims(results, rows_at):
+    """The r(k) sentences of 'What matches the paper': the best baseline's r(k) at each point of
+    the tokens axis, its trend along the axis at each k that every point logged (the rule of
+    apart), and each other row's r(k) at results' own point."""
+    pts = rk_points(results)
+    per = lambda p, m, k: [v for _, v in sorted(rows_at[p["dir"]].get(m, {}).get(k, {}).items())]
+    out = [("**Baseline steps per GN step, r(k)** (GN's validation loss at its whole step k, exact; the "
+            "best baseline's steps to that loss, interpolated on its every-step curve, over k; the best "
+            "baseline: the fewest steps of the three): "
+            + "; ".join(f"{p['tokens_per_step']:,} tokens per step ({point_name(p)}): "
+                        + ", ".join(f"r({k}) {rk_cell(rows_at[p['dir']]['best'][k])}"
+                                    for k in sorted(rows_at[p["dir"]]["best"])) for p in pts) + ".")]
+    common = sorted(set.intersection(*[set(rows_at[p["dir"]]["best"]) for p in pts])) if len(pts) > 1 else []
+    if common:
+        said = []
+        for k in common:
+            vals = [per(p, "best", k) for p in pts]
+            means = [sum(x for x in v if x) / max(1, sum(1 for x in v if x)) for v in vals]
+            if all(apart(a, b) for a, b in zip(vals, vals[1:])):
+                word = ("rises" if all(x < y for x, y in zip(means, means[1:])) else
+                        "falls" if all(x > y for x, y in zip(means, means[1:])) else "moves, not monotonically,")
+                said.append(f"at k = {k} it {word} at every step of the axis")
+            else:
+                said.append(f"at k = {k} neighbouring points are not all told apart")
+        axis = ", ".join(f"{p['tokens_per_step']:,}" for p in pts)
+        out.append(f"**r(k) along the tokens axis** ({axis} "
+                   "tokens per step; two points told apart when each has 3 seeds measured and their ranges "
+                   "are disjoint): " + "; ".join(said) + ".")
+    rows = rows_at[results]
+    others = [m for m in RK_ROWS[4:] if m in rows]
+    if others:
+        out.append(f"**Each row's steps per GN step** at {point_name(point_of(results))} (below 1: fewer steps "
+                   "than GN to GN's loss at k): " + "; ".join(
+                       f"{NAMES[m]} " + ", ".join(f"r({k}) {rk_cell(rows[m][k])}" for k in sorted(rows[m]))
+                       for m in others) + ".")
+    return out
+
+
 def oracle_summary(results):
     """The oracle in one paragraph, from oracle/oracle.jsonl: f and e of the step each run takes
     (GN along its run, per step), the layerwise oracle's f, over every point, set and lam."""
@@ -837,10 +965,27 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
                       + cg_summary(r) + " |" for r in abl)]
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
     said = claims(results, by, budget)
+    rows_at = {p["dir"]: rk_rows(p["dir"]) for p in rk_points(results)} | {results: rk_rows(results)}
+    if rows_at[results].get("best"):
+        rk_figure(results, rows_at)
+        said += rk_claims(results, rows_at)
     if said:
         parts += ["## What matches the paper", "Each claim with the points and seeds it rests on; two "
                   "points are told apart only when each has 3 seeds, all reaching the target, and their "
                   "ranges do not overlap (plot.apart).", "\n".join(f"- {c}" for c in said)]
+    if rows_at[results].get("best"):
+        pts = [point_of(results)] + [p for ps in axes_points(results).values() for p in ps if p["dir"] != results]
+        parts += ["## r(k): each row's steps per GN full step", "r(k) = a row's steps to GN full's validation "
+                  "loss at GN's step k, over k, seed i against GN's seed i (GN's side a whole step, exact; "
+                  "the row's crossing interpolated on its curve, evaluated every step); the best baseline: "
+                  "the fewest steps of the three. Mean [range] over the seeds that logged step k; not "
+                  "reached: the row's logged curve stops above that loss (at its budget, or at the target).",
+                  "![r(k)](r_of_k.png)"]
+        for p in pts:
+            rows = rows_at.get(p["dir"]) or rk_rows(p["dir"])
+            if rows.get("best"):
+                parts += [f"{point_name(p)}: {p['N']} micro-batches per step, {p['tokens_per_step']:,} tokens "
+                          f"per step, target {p['target']:.4f}", rk_table(rows)]
     axes = axes_section(results)
     parts += axes
     if ora:
@@ -856,11 +1001,6 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
             sys.exit(2)
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
         block = readme_headline(rs, hit, best, stat, kfac) + "\n\n" + readme_table(rs, hit, seeds, target)
-        if at:
-            p = headline_at(results)
-            prs = runs(os.path.join(p["dir"], "fig1", "*"))
-            block += "\n\n" + at + "\n\n" + readme_table(prs, fig1_table(prs, p["target"])[1],
-                                                           seed_runs(p["dir"]), p["target"])
         if said:
             block += ("\n\n**What matches the paper** (each claim's points and seeds; two points differ only "
                       "where 3 seeds each leave their ranges disjoint):\n" + "\n".join(f"- {c}" for c in said))

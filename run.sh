@@ -428,7 +428,7 @@ case "$mode" in
         BUDGET=3904 BATCHES="16 61 244" ;;
       tiny)  # the CPU rehearsal of the same plan: tiny presets, a 4-step built-in start
         what="the CPU rehearsal of the 150m plan" TARGET=${TARGET:-} PROX_LS=1 CAP_adamw=4 EXTRA="$EXTRA --start paper --start-steps 4" SWEEP_GN="0.01 0.03 0.1"
-        BUDGET=4 BATCHES="1" ;;
+        BUDGET=4 BATCHES="1" FIG2_METHODS="adamw gn_full" ;;   # (Figure 2's loop at two of its methods)
       *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;
     esac
     if [ -n "$dry" ]; then
