@@ -1222,9 +1222,10 @@ def test_data_paper_start_is_trained_once_cached_and_keyed(tmp_path, capsys, mon
         assert read_metrics(tmp_path / run)[0]["val_loss"] == start_rows[-1]["val_loss"]
         conf = json.load(open(tmp_path / run / "config.json"))
         assert conf["start"]["ckpt"] == os.path.join(made[0], "ckpt") and conf["start"]["data_offset_micro_batches"] == 12
-    adamw.main([*common, "--seed", "1", "--out", str(tmp_path / "c")])     # a determining flag changed
-    assert "training the paper's shared AdamW start first" in capsys.readouterr().out
-    assert len(set(starts()) - set(before)) == 2
+    for n, flag in enumerate((["--seed", "1"], ["--start-steps", "2"]), 2):   # a determining flag changed
+        adamw.main([*common, *flag, "--out", str(tmp_path / f"c{n}")])
+        assert "training the paper's shared AdamW start first" in capsys.readouterr().out
+        assert len(set(starts()) - set(before)) == n, flag
 
 
 def guard_lines(size, steps, micro, n_train, n_val, explicit=(), start=False, capsys=None):
