@@ -137,8 +137,9 @@ def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, split=1):
     d_star, info = solve(A, g)
     # block k as a 0/1 mask M_k over every parameter: G_kk + lam I acts as M_k A M_k, and the L + 2
     # blocks' solves and products run as one vmapped program (a block's own program each would
-    # compile L + 2 copies of the GGN-vector product)
-    masks = [embed(theta, keys, jax.tree.map(jnp.ones_like, gn_layerwise.get_block(theta, keys))) for keys in blocks]
+    # compile L + 2 copies of the GGN-vector product), holding L + 2 full-size CG states at once
+    ones = lambda keys: jax.tree.map(jnp.ones_like, gn_layerwise.get_block(theta, keys))
+    masks = [embed(theta, keys, ones(keys)) for keys in blocks]
     M = jax.tree.map(lambda *m: jnp.stack(m), *masks) if blocks else None        # (L + 2, ...) per leaf
     on = lambda m, v: jax.tree.map(jnp.multiply, m, v)                            # v_k, zero off block k
     A_k = lambda m, v: on(m, A(on(m, v)))

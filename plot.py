@@ -763,7 +763,8 @@ def r_of_k(gn, other):
     loss at its step k, over k; None where other's logged curve never gets that low. GN's side is
     a whole step, exact; only other's crossing is interpolated, inside one of its own steps (every
     step of Figure 1's runs is evaluated)."""
-    return [(k, s / k if (s := steps_to(other, loss)) is not None else None) for k, _, _, loss in gn["val"] if k >= 1]
+    return [(k, s / k if (s := steps_to(other, loss)) is not None else None)
+            for k, _, _, loss in gn["val"] if k >= 1]
 
 
 def rk_rows(results):
@@ -833,7 +834,8 @@ def rk_figure(results, rows_at):
         ks = [k for k in sorted(rows[m]) if any(v is not None for v in rows[m][k].values())]
         vals = [[v for v in rows[m][k].values() if v is not None] for k in ks]
         axes[0][1].plot(ks, [sum(v) / len(v) for v in vals], "o-", color=COLORS[m], label=NAMES[m])
-        axes[0][1].fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[m], alpha=0.2)
+        axes[0][1].fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[m],
+                                alpha=0.2)
     for ax in axes[0]:
         ax.axhline(1, color="k", lw=0.8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
