@@ -815,27 +815,26 @@ def rk_points(results):
     return by.get("tokens") or [p for p in [point_of(results)] if p]
 
 
+def rk_band(ax, by_k, color, label):
+    """One row's r(k) against k: the mean over its seeds, and their range as a band."""
+    ks = [k for k in sorted(by_k) if any(v is not None for v in by_k[k].values())]
+    vals = [[v for v in by_k[k].values() if v is not None] for k in ks]
+    ax.plot(ks, [sum(v) / len(v) for v in vals], "o-", color=color, label=label)
+    ax.fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
+
+
 def rk_figure(results, rows_at):
     """r(k) against k: the best baseline at each point of the tokens axis (mean, and its seeds'
     range as a band), and the other rows against GN at results' own point."""
-    rows = rows_at[results]
-    others = [m for m in ("gn_layerwise", "gn_proxlinear", "gn_proxlinear_no_ls", "kfac") if m in rows]
+    rows, pts = rows_at[results], rk_points(results)
+    others = [m for m in RK_ROWS[4:] if m in rows]
     fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 6 * bool(others), 4.5), squeeze=False)
     a1 = axes[0][0]
-    for i, p in enumerate(rk_points(results)):
-        best = rows_at[p["dir"]]["best"]
-        ks = [k for k in sorted(best) if any(v is not None for v in best[k].values())]
-        vals = [[v for v in best[k].values() if v is not None] for k in ks]
-        c = plt.cm.viridis(i / max(len(rk_points(results)) - 1, 1))
-        a1.plot(ks, [sum(v) / len(v) for v in vals], "o-", color=c,
-                label=f"{p['tokens_per_step']:,} tokens per step ({point_name(p)})")
-        a1.fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=c, alpha=0.2)
+    for i, p in enumerate(pts):
+        rk_band(a1, rows_at[p["dir"]]["best"], plt.cm.viridis(i / max(len(pts) - 1, 1)),
+                f"{p['tokens_per_step']:,} tokens per step ({point_name(p)})")
     for m in others:
-        ks = [k for k in sorted(rows[m]) if any(v is not None for v in rows[m][k].values())]
-        vals = [[v for v in rows[m][k].values() if v is not None] for k in ks]
-        axes[0][1].plot(ks, [sum(v) / len(v) for v in vals], "o-", color=COLORS[m], label=NAMES[m])
-        axes[0][1].fill_between(ks, [min(v) for v in vals], [max(v) for v in vals], color=COLORS[m],
-                                alpha=0.2)
+        rk_band(axes[0][1], rows[m], COLORS[m], NAMES[m])
     for ax in axes[0]:
         ax.axhline(1, color="k", lw=0.8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
