@@ -139,6 +139,8 @@ def flag(argv, name, default=None):
 def pick(what, args):
     if what in ("lr", "damping"):                       # lr DIR, damping DIR (K-FAC's lam)
         return repr(load(args[0])["conf"]["args"][what])
+    if what == "final":                                 # final DIR: its last validation loss
+        return repr(final(load(args[0]))[3])
     if what == "target":                                # target STEP DIR...: lowest val at STEP
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))

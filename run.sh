@@ -40,7 +40,9 @@
 #               grid (x3 or /3, twice at most); Figure 1's row is its sweep's best run. GN full and
 #               its variants (layerwise, prox-linear with and without line search) are swept over
 #               SWEEP_GN, each run stopping at the target; quick and seeds: also K-FAC (kfac.py), its
-#               lr at the middle damping, then the damping at that lr (the grid extended x10)
+#               lr at the middle damping, then the damping at that lr (the grid extended x10);
+#               quick, seeds and axes (LONG): Figure 1's GN rows then run on past the target to their
+#               budget, and the baselines and K-FAC to GN's loss at its last step (r(k), plot.py)
 #   5. fig2/3:  a fixed token budget at several batch sizes, each method at its Figure-1 lr
 #               (150m: 3B tokens, 1.2M to 120M tokens per step); quick leaves them to extras
 #   6. plot.py: figures and OUT/results.md
@@ -106,7 +108,8 @@ train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; sto
 
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
   if [ -n "$dry" ]; then  # a dry run has no logs: the choices are named, the grids not extended
-    case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; made-with) echo yes ;; *) echo "" ;; esac
+    case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; final) echo FINAL_OF_${2##*/} ;;
+      made-with) echo yes ;; *) echo "" ;; esac
     return
   fi
   $py plot.py --pick "$@"
@@ -199,6 +202,7 @@ plan() {  # plan [SEED]
       grow "$o/$m" "${GROW_FROM:-}/seeds/seed$seed/$m"
       run "$o/$m" $(row "$m") $S --lr "$(pick lr "$out/fig1/$m")" $lam --target-loss "$target"
     done
+    longer "$o" "$S"
     return
   fi
   # 2. the baselines' lr grids, every lr to its budget (to TARGET when that is fixed: the 80%
@@ -246,10 +250,28 @@ plan() {  # plan [SEED]
     esac
     adopt "$best" "$o/fig1/$m"
   done
+  longer "$o/fig1" "$S"
   # 5. Figures 2-3 (quick: in the extras mode)
   [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
   [ -n "$dry" ] || $py plot.py "$o"
+}
+
+longer() {  # longer DIR "ARGS": past the target, for r(k) (LONG: steps): DIR's GN rows (a seed's, or
+  local d=$1 S=$2 m lam end="" from   # fig1's) run on to their budget, then its baselines and K-FAC on to
+  [ -n "${LONG:-}" ] || return 0   # GN's validation loss at its last step, at most LONG steps (a row
+  for m in $(rows) - $(rows); do   # linked from BASE_FROM: grown in that plan)
+    if [ "$m" = - ]; then end=$(pick final "$d/gn_full"); continue; fi
+    [ -n "$dry" ] || { [ -d "$d/$m" ] && [ ! -L "$d/$m" ]; } || continue
+    lam=""; [ "$m" = kfac ] && lam="--damping $(pick damping "$out/fig1/kfac")"
+    from=$(cat "$d/$m/from" 2>/dev/null || true)   # (Figure 1's row: its sweep's best run, grown)
+    case $m in
+      gn_*) [ -z "$end" ] || continue; run "$d/$m" $(row "$m") $S --lr "$(pick lr "$out/fig1/$m")" ;;
+      *) [ -n "$end" ] || continue
+         run "$d/$m" $(row "$m") $S --lr "$(pick lr "$out/fig1/$m")" $lam --steps "$LONG" --target-loss "$end" ;;
+    esac
+    [ -z "$from" ] || [ -n "$dry" ] || echo "$from" > "$d/$m/from"
+  done
 }
 
 kfac_sweep() {  # kfac_sweep "ARGS": K-FAC's lr over SWEEP_KFAC at the middle lam of KFAC_LAMS,
@@ -330,7 +352,8 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
       point tok32k EXTRA="--batch-size 8" ;;
     depth)  # a shallower target (an 8-step budget) and the deepest that 2 passes of the data allow
       # (a 28-step budget), every baseline swept to its budget
-      point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8 CAP_gn_layerwise=8 CAP_gn_proxlinear=8 CAP_kfac=8
+      # (r(k) needs no target: depth8's GN rows are quick's runs, so none runs past it there, LONG="")
+      point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8 CAP_gn_layerwise=8 CAP_gn_proxlinear=8 CAP_kfac=8 LONG=
       # (a 28-step budget; each run grown from quick's run at its lr where one exists: the same first 14 steps)
       point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 GROW_FROM="$q" ;;
     *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
@@ -344,12 +367,13 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
   CAP_adamw=14 CAP_muon=14 CAP_soap=14 CAP_gn_full=10 CAP_gn_layerwise=10 CAP_gn_proxlinear=10
   B_adamw="--grad-accum 32 --schedule constant" B_muon=$B_adamw B_soap=$B_adamw B_gn="--inner-steps 32"
   B_kfac=$B_adamw SWEEP_KFAC="3e-3 1e-2 3e-2" KFAC_LAMS="1e-5 1e-4 1e-3" CAP_kfac=14
-  GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2
+  GN_EXTRA=--model-change PROX="--schedule constant" PROX_LS=2 LONG=28
   FIG2_LATER=1 FIG2_METHODS="adamw soap gn_full" BUDGET=128 BATCHES="2 8"
   EXTRA="--batch-size 16" ORACLE="--points 0,1,8 --lams 3e-2,1e-1 --micro-batches 8 --cg-iters 20 --tol 2e-2"
   FIG2_LS=1    # at 2 micro-batches per step, 2 line-search batches would double GN's cost
   # small config, BBC; K = 32 micro-batches of 16 x 128 (65,536 tokens) per step; a budget of
-  # 14 steps (GN and its variants at most 10); Figures 2-3 (in the extras mode) at 128
+  # 14 steps (GN and its variants at most 10; past the target, Figure 1's rows run on: GN's to 10,
+  # the baselines' and K-FAC's to GN's loss at its 10th step or 28 steps); Figures 2-3 (in the extras mode) at 128
   # micro-batches. The grids are centred on the best lrs that earlier runs of this plan found
   # (SOAP from 1e-3..1e-2, GN from 1e-3..1e-2, K-FAC from lam 1e-4..1e-2 and lr 0.01..0.1); the
   # plan still extends a grid whose best lies at its edge

@@ -3509,7 +3509,7 @@ FAKE_PY = """import json, os, subprocess, sys
 if sys.argv[1] == "plot.py":                 # run.sh's choices: the real plot.py
     sys.exit(subprocess.call([sys.executable] + sys.argv[1:]))
 a = sys.argv[2:]
-arg = lambda k, d=None: a[a.index(k) + 1] if k in a else d
+arg = lambda k, d=None: a[max(i for i, x in enumerate(a) if x == k) + 1] if k in a else d   # (the last, as argparse)
 out, steps, lr = arg("--out"), int(arg("--steps", 3)), float(arg("--lr", 1e-3))
 lam = float(arg("--damping", 0))
 with open(os.environ["CALLS"], "a") as f:
@@ -3517,9 +3517,12 @@ with open(os.environ["CALLS"], "a") as f:
 os.makedirs(out, exist_ok=True)
 json.dump({"args": {"lr": lr, "damping": lam, "grad_accum": 4, "steps": steps}, "tokens_per_micro_batch": 100,
            "params": 1000}, open(os.path.join(out, "config.json"), "w"))
-with open(os.path.join(out, "metrics.jsonl"), "w") as f:   # faster at larger lrs (and lams), below 5.9 at step 2
-    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": 6.0 - s * (0.05 + lr + lam)})
-                 + "\\n" for s in range(steps + 1))
+val = [6.0 - s * (0.05 + lr + lam) for s in range(steps + 1)]   # faster at larger lrs (and lams)
+target = float(arg("--target-loss", "-inf"))                      # (below 5.9 at step 2)
+val = val[:next((s + 1 for s, v in enumerate(val) if v <= target), steps + 1)]   # stopping at the target
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps({"step": s, "tokens": 400 * s, "elapsed": s, "val_loss": v}) + "\\n"
+                 for s, v in enumerate(val))
 open(os.path.join(out, "ckpt"), "w").write("")
 print("done: fake")
 """
@@ -3558,10 +3561,26 @@ def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
                           + [f"sweep/kfac_lam{lam}_0.27" for lam in ("1e-5", "1e-3", "0.01", "0.1")])
     best = {**{m: lrs.split()[-1] for m, lrs in grids.items()}, "gn_full": "0.27", "gn_layerwise": "0.27",
             "gn_proxlinear": "0.27", "gn_proxlinear_no_ls": "0.27", "kfac_lam0.1": "0.27"}
+    gn_end = read_metrics(q / "fig1" / "gn_full")[-1]["val_loss"]
     for m, lr in best.items():
         row = q / "fig1" / m.split("_lam")[0]
         assert (row / "from").read_text().strip() == str(q / "sweep" / f"{m}_{lr}"), m
-        assert (row / "metrics.jsonl").read_text() == (q / "sweep" / f"{m}_{lr}" / "metrics.jsonl").read_text()
+        swept = read_metrics(q / "sweep" / f"{m}_{lr}")
+        assert read_metrics(row)[:len(swept)] == swept, m
+        # then, for r(k), past the target: GN's rows to their 10-step budget, the baselines and
+        # K-FAC (at its damping) to GN's loss at its last step or 28 steps, each resumed (a
+        # baseline that reached that loss within its budget: as it is)
+        if not m.startswith("gn_") and min(x["val_loss"] for x in swept) <= gn_end:
+            assert str(row) not in runs, m
+            continue
+        r = runs[str(row)]
+        assert "--resume" in r and arg(f"fig1/{row.name}", "--lr") == lr, m
+        if m.startswith("gn_"):
+            assert "--target-loss" not in r and [x["step"] for x in read_metrics(row)][-1] == 10, m
+        else:
+            assert r[len(r) - 1 - r[::-1].index("--steps") + 1] == "28", m
+            assert float(arg(f"fig1/{row.name}", "--target-loss")) == gn_end, m
+    assert arg("fig1/kfac", "--damping") == "0.1"
     n = len(runs)
     for mode in ("quick", "kfac"):                            # (variants: the same sweep() as quick's)
         rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
@@ -3633,7 +3652,9 @@ def test_run_sh_depth28_grows_each_run_from_quick_s_run_at_its_lr(tmp_path):
     env = {"PYTHON": f"{sys.executable} {fake}", "CALLS": str(calls), "POINTS": "depth28", "SEEDS": "1"}
     rc, out, err = run_sh("axes", "depth", str(q), env=env, timeout=300)
     assert rc == 0, out[-2000:] + err[-2000:]
-    runs = {r[r.index("--out") + 1]: r for r in map(json.loads, open(calls))}
+    runs = {}                                                           # each run's first call
+    for r in map(json.loads, open(calls)):
+        runs.setdefault(r[r.index("--out") + 1], r)
     p = q / "axes" / "depth28" / "sweep"
     grown, fresh = runs[str(p / "adamw_1e-3")], runs[str(p / "muon_0.01")]
     assert "--resume" in grown and grown[grown.index("--steps") + 1] == "28"
