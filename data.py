@@ -882,7 +882,7 @@ def load_checkpoint(path, template, keys=None):
 
 # ============================================================================ the evaluator
 
-def make_evaluate(cfg, split=1, on_batch=None):
+def make_evaluate(cfg, n_chunks=1, on_batch=None):
     """A jitted evaluate(params, val_KBT) -> mean CE over the K fixed validation batches."""
     @jax.jit
     def evaluate(params, val):
@@ -892,7 +892,7 @@ def make_evaluate(cfg, split=1, on_batch=None):
             i, b = xs
             if on_batch is not None:
                 jax.debug.callback(on_batch, i, K)
-            return model.mean_loss(params, b, cfg, split)
+            return model.mean_loss(params, b, cfg, n_chunks)
         return jnp.mean(jax.lax.map(one, (jnp.arange(K), val)))
     return evaluate
 
@@ -997,8 +997,8 @@ class Run:
         self.val = shard_batch(val_batches(val, self.eval_batches, self.eval_batch_size, cfg.seq_len,
                                            process_rows(self.eval_batch_size)), self.mesh, 1)
         # eval batches are chunked to ~8k tokens of logits at a time (128 x 1024 at V=32000 is 17 GB)
-        split = math.gcd(self.eval_batch_size, max(1, self.eval_batch_size * cfg.seq_len // 8192))
-        self.evaluate = make_evaluate(cfg, split, ticker(args, "eval batch"))
+        n_chunks = math.gcd(self.eval_batch_size, max(1, self.eval_batch_size * cfg.seq_len // 8192))
+        self.evaluate = make_evaluate(cfg, n_chunks, ticker(args, "eval batch"))
         self.tokens_per_micro = args.batch_size * cfg.seq_len
 
     def guard_data(self, n_train, n_val):

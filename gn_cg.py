@@ -70,30 +70,30 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-def gn_model(params, batch, cfg, split=1):
+def gn_model(params, batch, cfg, n_chunks=1):
     """Linearise f once at params on a batch of (B, T) or stacked (K, B, T) micro-batches.
     Returns loss l(z0), the gradient g = J^T dl/dz, and v -> G v reusing the linearisation.
-    split > 1 bounds memory instead: the linearisation of every micro-batch's residuals is not
-    kept but recomputed chunk by chunk (`split` chunks of rows) inside each product, one more
+    n_chunks > 1 bounds memory instead: the linearisation of every micro-batch's residuals is not
+    kept but recomputed chunk by chunk (`n_chunks` chunks of rows) inside each product, one more
     forward pass per micro-batch and product."""
     x, y = batch["inputs"], batch["targets"]
     if x.ndim == 2:
         x, y = x[None], y[None]
-    N = y.size
+    n_tok = y.size
     # XLA on CPU (jax 0.10.2) miscompiles model.attention's JVP under jit when the tangent is a
     # compile-time constant (CG's x0 = 0, a block embedded in zeros): inf, nan or garbage from run
     # to run. The barrier keeps every v a runtime value.
     bar = jax.lax.optimization_barrier
-    if split > 1:
-        loss, g = model.mean_loss_and_grad(params, {"inputs": x, "targets": y}, cfg, split)
-        xs, ys = model.split_micro(x, split), model.split_micro(y, split)
+    if n_chunks > 1:
+        loss, g = model.mean_loss_and_grad(params, {"inputs": x, "targets": y}, cfg, n_chunks)
+        xs, ys = model.chunk_micro(x, n_chunks), model.chunk_micro(y, n_chunks)
 
         def Gv(v):
             v = bar(v)
 
             def chunk(acc, xy):
                 z0, jvp = jax.linearize(lambda p: model.forward(p, xy[0], cfg), params)
-                w = model.ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), N)
+                w = model.ce_hvp_logits(jax.nn.softmax(z0, -1), jvp(v), n_tok)
                 return axpy(1.0, jax.linear_transpose(jvp, params)(w)[0], acc), None
             return jax.lax.scan(chunk, jax.tree.map(jnp.zeros_like, v), (xs, ys))[0]
         return loss, g, Gv
@@ -101,8 +101,8 @@ def gn_model(params, batch, cfg, split=1):
     z0, jvp = jax.linearize(f, params)                     # z0: (K, B, T, V)
     vjp = jax.linear_transpose(jvp, params)
     p0 = jax.nn.softmax(z0, -1)                             # once, outside every product
-    g = vjp(model.ce_grad_logits(p0, y, N))[0]
-    Gv = lambda v: vjp(model.ce_hvp_logits(p0, jvp(bar(v)), N))[0]
+    g = vjp(model.ce_grad_logits(p0, y, n_tok))[0]
+    Gv = lambda v: vjp(model.ce_hvp_logits(p0, jvp(bar(v)), n_tok))[0]
     return model.cross_entropy(z0, y), g, Gv
 
 
@@ -184,7 +184,7 @@ def make_step(args, cfg):
 
     def step(state, batches, s):
         theta, lam = state["params"], state["lam"]
-        outer, ls = model.split_step_batches(batches, N)
+        outer, ls = model.inner_and_ls_batches(batches, N)
         if Kc < N:   # g on the whole outer batch, G on its first Kc micro-batches
             loss, g = model.mean_loss_and_grad(theta, outer, cfg, args.split)
             Gv = gn_model(theta, jax.tree.map(lambda a: a[:Kc], outer), cfg, args.split)[2]

@@ -72,9 +72,9 @@ def parse(argv=None):
 
 # ============================================================================ Algorithm 1
 
-def quad_model_grad(theta_t, D, batch, cfg, split=1):
+def quad_model_grad(theta_t, D, batch, cfg, n_chunks=1):
     """Algorithm 1's inner gradient on one micro-batch: grad q(D) = J^T (g0 + H0 J D), and l(z0).
-    The micro-batch is processed in `split` equal chunks (means of means). Only model.hidden is
+    The micro-batch is processed in `n_chunks` equal chunks (means of means). Only model.hidden is
     linearised: the head z = h W of model.forward is differentiated by hand, its JVP dh W + h dW as
     one matmul [dh, h] [W; dW]. Measured by bench.py (small): 1.1-1.2 gradients per call, against
     1.6-1.8 when linearising model.forward whole (same maths)."""
@@ -95,7 +95,7 @@ def quad_model_grad(theta_t, D, batch, cfg, split=1):
         w = w.astype(h0.dtype)
         head = jnp.einsum("btd,btv->dv", h0, w).astype(theta_t["lm_head"].dtype)
         return loss, vjp(w @ W.T)[0] | {"lm_head": head}
-    out = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
+    out = jax.lax.map(chunk, tuple(model.chunk_rows(batch[k], n_chunks) for k in ("inputs", "targets")))
     return jax.tree.map(lambda a: jnp.mean(a, 0), out)
 
 
@@ -108,27 +108,27 @@ def make_step(args, cfg):
 
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = model.split_step_batches(batches, N)
+        inner_batches, ls_batches = model.inner_and_ls_batches(batches, N)
 
         grad_q = lambda theta, b: quad_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.split)
-        (theta, opt_state), (loss0, model_gnorm, lr) = model.inner_solve(
-            grad_q, opt, state["inner"], state["opt"], inner,
+        (theta, opt_state), (loss0, gn_model_gnorm, lr) = model.inner_solve(
+            grad_q, opt, state["theta_hat"], state["opt"], inner_batches,
             lambda k: model.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
-        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+        eta, rejected, m = model.line_search(theta_t, d, ls_batches, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)    # rejected: eta = 0
         new = model.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
-        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": model_gnorm[0], "eta": eta}
-        n_ls = ls["inputs"].shape[0]
+        m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gn_model_gnorm[0], "eta": eta}
+        n_ls = ls_batches["inputs"].shape[0]
         return model.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
-                                   jvp=N, vjp=N + 1, trained=inner, d=d)
+                                   jvp=N, vjp=N + 1, trained=inner_batches, d=d)
     return step
 
 
 
 # ============================================================================ diagnostics
 
-def model_change_coeffs(theta_t, d, batches, cfg, split=1):
+def gn_model_change_coeffs(theta_t, d, batches, cfg, n_chunks=1):
     """The GN model along a direction d, averaged over K stacked micro-batches: with u_k = J_k d,
         a = mean_k g0_k^T u_k,   b = mean_k u_k^T H0_k u_k,   q(eta d) - l(z0) = eta a + eta^2/2 b.
     One forward + JVP per micro-batch (jax.jvp: no residuals kept, no VJP)."""
@@ -137,7 +137,7 @@ def model_change_coeffs(theta_t, d, batches, cfg, split=1):
         z0, u = jax.jvp(lambda p: model.forward(p, x, cfg), (theta_t,), (d,))
         p = jax.nn.softmax(z0, -1)
         return jnp.sum(model.ce_grad_logits(p, y, y.size) * u), jnp.sum(model.ce_hvp_logits(p, u, y.size) * u)
-    xs, ys = (model.split_micro(batches[k], split) for k in ("inputs", "targets"))
+    xs, ys = (model.chunk_micro(batches[k], n_chunks) for k in ("inputs", "targets"))
     a, b = jax.lax.map(chunk, (xs, ys))
     return jnp.mean(a), jnp.mean(b)
 
@@ -148,7 +148,7 @@ def make_diagnose(args, cfg):
     @jax.jit
     def coeffs(old, new, batches):
         taken = axpy(-1.0, old["params"], new["params"])                   # eta* d
-        return model_change_coeffs(old["params"], taken, jax.tree.map(
+        return gn_model_change_coeffs(old["params"], taken, jax.tree.map(
             lambda x: x[:args.inner_steps], batches), cfg, args.split)
 
     def diagnose(old, new, batches, m):
@@ -165,7 +165,7 @@ def make_diagnose(args, cfg):
 def init_state(args, cfg, params):
     """The state at step 0: theta_t, the inner iterate and its optimizer state, the lr scale
     (halved at each rejection), and with --ema the EMA."""
-    state = {"params": params, "inner": params, "opt": model.inner_optimizer(args, params)[0].init(params),
+    state = {"params": params, "theta_hat": params, "opt": model.inner_optimizer(args, params)[0].init(params),
              "lr_scale": jnp.float32(1)}
     return state | ({"ema": params} if args.ema else {})
 

@@ -96,19 +96,19 @@ def block_linearize(theta_t, keys, x, cfg):
     return z0, jvp, lambda w: vjp(w)[0]
 
 
-def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", split=1):
-    """One block's inner gradient on one micro-batch, with l(z0); chunked in `split` rows."""
+def block_inner_grad(theta_t, keys, D_k, batch, cfg, objective="gn", n_chunks=1):
+    """One block's inner gradient on one micro-batch, with l(z0); chunked in `n_chunks` rows."""
     def chunk(xy):
         x, y = xy
         z0, jvp, vjp = block_linearize(theta_t, keys, x, cfg)
-        u, N = jvp(D_k), y.size
+        u, n_tok = jvp(D_k), y.size
         if objective == "gn":                  # g0 + H0 u
             p = jax.nn.softmax(z0, -1)
-            w = model.ce_grad_logits(p, y, N) + model.ce_hvp_logits(p, u, N)
+            w = model.ce_grad_logits(p, y, n_tok) + model.ce_hvp_logits(p, u, n_tok)
         else:                                  # dl/dz at the linearised logits z0 + u
-            w = model.ce_grad_logits(jax.nn.softmax(z0 + u, -1), y, N)
+            w = model.ce_grad_logits(jax.nn.softmax(z0 + u, -1), y, n_tok)
         return model.cross_entropy(z0, y), vjp(w)
-    loss0, g = jax.lax.map(chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets")))
+    loss0, g = jax.lax.map(chunk, tuple(model.chunk_rows(batch[k], n_chunks) for k in ("inputs", "targets")))
     return jnp.mean(loss0), jax.tree.map(lambda a: jnp.mean(a, 0), g)
 
 
@@ -125,28 +125,28 @@ def make_step(args, cfg, blocks=None):
 
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = model.split_step_batches(batches, N)
-        phi_all, opt_states, loss0, gnorms = state["inner"], [], None, []   # phi: unscaled
+        inner_batches, ls_batches = model.inner_and_ls_batches(batches, N)
+        phi_all, opt_states, loss0, gnorms = state["theta_hat"], [], None, []   # phi: unscaled
         for keys, opt, opt_state in zip(blocks, opts, state["opt"]):   # K sub-problems, same data
             grad_k = lambda phi, b, keys=keys: block_inner_grad(
                 theta_t, keys, axpy(-1.0, get_block(theta_t, keys), phi), b, cfg, args.objective, args.split)
             (phi, opt_state), (loss0, gnorm, _) = model.inner_solve(
-                grad_k, opt, get_block(phi_all, keys), opt_state, inner,
+                grad_k, opt, get_block(phi_all, keys), opt_state, inner_batches,
                 lambda k: model.inner_lr(args, s, k) * state["lr_scale"],
                 data.ticker(args, f"block {keys} inner step"))
             phi_all = set_block(phi_all, keys, phi)
             opt_states.append(opt_state)
             gnorms.append(gnorm[0])
         d = axpy(-1.0, theta_t, phi_all)                                  # the merged direction
-        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+        eta, rejected, m = model.line_search(theta_t, d, ls_batches, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)    # rejected: eta = 0
         fresh = lambda th: [opt.init(get_block(th, keys)) for keys, opt in zip(blocks, opts)]
         new = model.next_inner_state(args, state, eta, d, phi_all, opt_states, rejected, fresh)
-        K, n_ls = len(blocks), ls["inputs"].shape[0]
+        K, n_ls = len(blocks), ls_batches["inputs"].shape[0]
         m |= {"train_loss": jnp.mean(loss0), "lr": model.inner_lr(args, s, 0) * state["lr_scale"],
               "model_grad_norm": jnp.sqrt(sum(g ** 2 for g in gnorms)), "eta": eta}
         return model.finish_gn_step(args, cfg, state, new, m, fwd=K * N + 1 + (args.ls_range + 1) * n_ls,
-                                   jvp=K * N, vjp=K * N + 1, trained=inner, d=d)
+                                   jvp=K * N, vjp=K * N + 1, trained=inner_batches, d=d)
     return step
 
 
@@ -158,7 +158,7 @@ def init_state(args, cfg, params, blocks=None):
     blocks = blocks or make_blocks(cfg)
     opt_states = [model.inner_optimizer(args, get_block(params, keys))[0].init(get_block(params, keys))
                   for keys in blocks]
-    state = {"params": params, "inner": params, "opt": opt_states, "lr_scale": jnp.float32(1)}
+    state = {"params": params, "theta_hat": params, "opt": opt_states, "lr_scale": jnp.float32(1)}
     return state | ({"ema": params} if args.ema else {})
 
 

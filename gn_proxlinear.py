@@ -65,9 +65,9 @@ def parse(argv=None):
 
 # ============================================================================ maths
 
-def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, split=1):
+def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, n_chunks=1):
     """Algorithm 2's inner gradient on one micro-batch: grad p(D) = J^T dl/dz (z0 + J D) + lam D,
-    and l(z0), the true loss at theta_t. Chunked in `split` rows as gn_full."""
+    and l(z0), the true loss at theta_t. Chunked in `n_chunks` rows as gn_full."""
     def chunk(xy):
         x, y = xy
         z0, jvp = jax.linearize(lambda p: model.forward(p, x, cfg), theta_t)
@@ -75,7 +75,7 @@ def prox_model_grad(theta_t, D, batch, cfg, lam=0.0, split=1):
         z = z0 + jvp(D)                                   # the linearised logits
         return model.cross_entropy(z0, y), vjp(model.ce_grad_logits(jax.nn.softmax(z, -1), y, y.size))[0]
     loss0, g = jax.tree.map(lambda a: jnp.mean(a, 0), jax.lax.map(
-        chunk, tuple(model.split_rows(batch[k], split) for k in ("inputs", "targets"))))
+        chunk, tuple(model.chunk_rows(batch[k], n_chunks) for k in ("inputs", "targets"))))
     return loss0, axpy(lam, D, g)
 
 
@@ -90,22 +90,22 @@ def make_step(args, cfg):
 
     def step(state, batches, s):
         theta_t = state["params"]
-        inner, ls = model.split_step_batches(batches, N)
+        inner_batches, ls_batches = model.inner_and_ls_batches(batches, N)
 
         grad_p = lambda theta, b: prox_model_grad(theta_t, axpy(-1.0, theta_t, theta), b, cfg, args.prox_lam,
                                                   args.split)
         (theta, opt_state), (loss0, gnorm, lr) = model.inner_solve(
-            grad_p, opt, state["inner"], state["opt"], inner,
+            grad_p, opt, state["theta_hat"], state["opt"], inner_batches,
             lambda k: model.inner_lr(args, s, k) * state["lr_scale"], inner_tick)
         d = axpy(-1.0, theta_t, theta)
         # eta = 1 without line-search batches, the paper's default here
-        eta, rejected, m = model.line_search(theta_t, d, ls, cfg, args.ls_range, args.split,
+        eta, rejected, m = model.line_search(theta_t, d, ls_batches, cfg, args.ls_range, args.split,
                                              not args.no_reject, ls_tick)
         new = model.next_inner_state(args, state, eta, d, theta, opt_state, rejected, opt.init)
         m |= {"train_loss": jnp.mean(loss0), "lr": lr[0], "model_grad_norm": gnorm[0], "eta": eta}
-        n_ls = ls["inputs"].shape[0]
+        n_ls = ls_batches["inputs"].shape[0]
         return model.finish_gn_step(args, cfg, state, new, m, fwd=N + 1 + (args.ls_range + 1) * n_ls,
-                                   jvp=N, vjp=N + 1, trained=inner, d=d)
+                                   jvp=N, vjp=N + 1, trained=inner_batches, d=d)
     return step
 
 
@@ -114,7 +114,7 @@ def make_step(args, cfg):
 
 def init_state(args, cfg, params):
     """theta_t, the inner iterate and its optimizer state, the lr scale (halved at a rejection)."""
-    state = {"params": params, "inner": params, "opt": model.inner_optimizer(args, params)[0].init(params),
+    state = {"params": params, "theta_hat": params, "opt": model.inner_optimizer(args, params)[0].init(params),
              "lr_scale": jnp.float32(1)}
     return state | ({"ema": params} if args.ema else {})
 

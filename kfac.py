@@ -2,33 +2,34 @@
 Kronecker product, the approximation of the layerwise GN preconditioner the paper's thesis invites.
 
 For each dense matrix W (in, out) of the blocks (wq wk wv wo w1 w2), with s = a W its output and
-the step's N tokens n (every position of every sequence an example: K-FAC-expand, Eschenhagen
+the step's n_tok tokens n (every position of every sequence an example: K-FAC-expand, Eschenhagen
 et al. 2023, arXiv 2311.00636, the choice for a loss that sums over positions, as an LM's does):
-    A = 1/N sum_n a_n a_n^T (in x in),   G = 1/N sum_n g_n g_n^T (out x out)
+    A = 1/n_tok sum_n a_n a_n^T (in x in),   Gam = 1/n_tok sum_n g_n g_n^T (out x out)
+(Gam: Grosse & Martens 2016's Gamma; G is the GGN in this repository)
     g_n = d/ds_n sum_m CE(z_m, y^_m),   y^_m ~ softmax(z_m)          targets sampled from the model
-So E[G] is the GGN's (for softmax CE the Fisher is the GGN, H = diag(p) - p p^T), and the layer's
-GGN block F_W = 1/N sum_n (a_n a_n^T) (x) E[g_n g_n^T] is approximated by A (x) G. Then, step t:
-    A_t = rho A_{t-1} + (1 - rho) A,  G_t likewise,  rho = min(1 - 1/t, --stat-decay)  [M&G's estimates]
+So E[Gam] is the GGN's (for softmax CE the Fisher is the GGN, H = diag(p) - p p^T), and the layer's
+GGN block F_W = 1/n_tok sum_n (a_n a_n^T) (x) E[g_n g_n^T] is approximated by A (x) Gam. Then, step t:
+    A_t = decay A_{t-1} + (1 - decay) A,  Gam_t likewise,  decay = min(1 - 1/t, --stat-decay)  [M&G's estimates]
     every f = --precondition-frequency steps, factored Tikhonov damping [M&G §6.3]:
-        pi = sqrt((tr A_t / in) / (tr G_t / out))
-        A^-1 = (A_t + pi sqrt(lam) I)^-1,   G^-1 = (G_t + sqrt(lam) / pi I)^-1
-    U = A^-1 grad_W G^-1          = (A (x) G + damping)^-1 grad_W in our (in, out) storage
+        pi = sqrt((tr A_t / in) / (tr Gam_t / out))
+        A^-1 = (A_t + pi sqrt(lam) I)^-1,   Gam^-1 = (Gam_t + sqrt(lam) / pi I)^-1
+    U = A^-1 grad_W Gam^-1          = (A (x) Gam + damping)^-1 grad_W in our (in, out) storage
     m = mu m + U,   W = W - lr_t m                         heavy-ball momentum (mu = --momentum)
 grad_W is the mean loss's gradient on the data's targets, clipped by the group's global norm
 (--clip), as Muon's group is. wte, lm_head and every 1-D leaf get AdamW (--adam-lr, b1, b2, wd),
-routed as Muon and GN's inner optimizer route them (model.muon_label); the head's G would be
+routed as Muon and GN's inner optimizer route them (model.muon_label); the head's Gam would be
 V x V. One forward and two backward passes per micro-batch: one on the data's targets (the
-gradient), one on the sampled ones (G); A comes from the forward.
+gradient), one on the sampled ones (Gam); A comes from the forward.
 
 Cost at the paper's sizes: per block eight d x d factors (the A of wq wk wv, which read one input,
-of wo and w1; the G of wq wk wv wo w2) and two d_ff x d_ff (w1's G, w2's A). At 150m (d 768, d_ff
-3072) that is 23.6M floats a block, 94 MB; with the inverses (one A^-1 and G^-1 per layer: pi
+of wo and w1; the Gam of wq wk wv wo w2) and two d_ff x d_ff (w1's Gam, w2's A). At 150m (d 768, d_ff
+3072) that is 23.6M floats a block, 94 MB; with the inverses (one A^-1 and Gam^-1 per layer: pi
 differs) 2.3 GB over the 12 blocks (the largest factor 3072^2, 36 MiB), replicated like the
 params; one eigh of each factor every f steps, about 10 n^3 flops each: 7.4e12 flops at 150m,
 amortised over f.
 
 Choices and their sources (no authors' code: the paper does not run K-FAC):
-  - sampled-target G, one sample per token (M&G; not the empirical Fisher of the data's labels);
+  - sampled-target Gam, one sample per token (M&G; not the empirical Fisher of the data's labels);
   - K-FAC-expand over positions (Eschenhagen et al. 2023); K-FAC-reduce would sum a and g over a
     sequence's positions first, a different approximation for shared weights;
   - factored Tikhonov damping with a fixed lam (M&G §6.3); M&G adapt lam, lr and momentum from a
@@ -64,10 +65,10 @@ DEFAULTS = {  # flag: (value, or {size: value}; sources of the 45m and 150m valu
 def parse(argv=None):
     p = data.Parser(__doc__)
     data.common_flags(p, DEFAULTS)
-    p.flag("--damping", 1e-3, "lam: Tikhonov damping, factored over A and G", type=data.pos_float)
+    p.flag("--damping", 1e-3, "lam: Tikhonov damping, factored over A and Gam", type=data.pos_float)
     p.flag("--momentum", 0.9, "mu: heavy-ball momentum on the preconditioned gradient",
            type=data.nonneg_float)
-    p.flag("--stat-decay", 0.95, "rho: decay of the running averages of A and G (M&G's 0.95)",
+    p.flag("--stat-decay", 0.95, "decay: of the running averages of A and Gam (M&G's 0.95)",
            type=data.unit_float)
     p.flag("--precondition-frequency", 10, "f: steps between refreshes of the damped inverses",
            type=data.pos_int)
@@ -86,12 +87,12 @@ DENSE = ("wq", "wk", "wv", "wo", "w1", "w2")
 A_OF = {"wq": "qkv", "wk": "qkv", "wv": "qkv", "wo": "wo", "w1": "w1", "w2": "w2"}  # wq wk wv: one input
 
 
-def factors_and_grad(params, batches, key, cfg, split=1, on_micro=None):
+def factors_and_grad(params, batches, key, cfg, n_chunks=1, on_micro=None):
     """Over K stacked micro-batches (K, B, T): the mean loss, its gradient (the data's targets),
-    and each dense layer's A = mean a a^T and G = mean g g^T over the N tokens, g the output
-    gradient of sum_n CE(z_n, y^_n) with y^_n ~ softmax(z_n). Lists A[i][name], G[i][name]."""
+    and each dense layer's A = mean a a^T and Gam = mean g g^T over the n_tok tokens, g the output
+    gradient of sum_n CE(z_n, y^_n) with y^_n ~ softmax(z_n). Lists A[i][name], Gam[i][name]."""
     K = batches["inputs"].shape[0]
-    chunks = jax.tree.map(lambda a: model.split_micro(a, split), batches)
+    chunks = jax.tree.map(lambda a: model.chunk_micro(a, n_chunks), batches)
 
     def micro(acc, xs):
         i, b = xs
@@ -106,55 +107,55 @@ def factors_and_grad(params, batches, key, cfg, split=1, on_micro=None):
         g_taps = vjp(model.ce_grad_logits(p_BTV, y_hat, 1))[1]                 # sum loss, sampled targets
         outer = lambda v: jnp.einsum("bti,btj->ij", v.astype(jnp.float32), v.astype(jnp.float32))
         A = [{A_OF[n]: outer(a[n]) for n in ("wq", "wo", "w1", "w2")} for a in ins]   # wk wv: wq's
-        G = [{n: outer(g[n]) for n in DENSE} for g in g_taps]
+        Gam = [{n: outer(g[n]) for n in DENSE} for g in g_taps]
         if on_micro is not None:
-            jax.debug.callback(on_micro, i, K * split)
+            jax.debug.callback(on_micro, i, K * n_chunks)
         loss = model.cross_entropy(z_BTV, y_BT)
-        return jax.tree.map(jnp.add, acc, (loss, g_params, A, G)), None
+        return jax.tree.map(jnp.add, acc, (loss, g_params, A, Gam)), None
 
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), *factor_shapes(params))
-    (loss, g, A, G), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
-    n = K * split
-    N = n * chunks["inputs"].shape[1] * chunks["inputs"].shape[2]               # tokens
-    return loss / n, jax.tree.map(lambda x: x / n, g), jax.tree.map(lambda x: x / N, (A, G))
+    (loss, g, A, Gam), _ = jax.lax.scan(micro, zero, (jnp.arange(K * n_chunks), chunks))
+    n = K * n_chunks
+    n_tok = n * chunks["inputs"].shape[1] * chunks["inputs"].shape[2]
+    return loss / n, jax.tree.map(lambda x: x / n, g), jax.tree.map(lambda x: x / n_tok, (A, Gam))
 
 
 def factor_shapes(params):
-    """Zeros of A (in x in, one per input: A_OF) and G (out x out, one per layer) of each block."""
+    """Zeros of A (in x in, one per input: A_OF) and Gam (out x out, one per layer) of each block."""
     sq = lambda k: jnp.zeros((k, k), jnp.float32)
     return ([{A_OF[n]: sq(p[n].shape[0]) for n in DENSE} for p in params["h"]],
             [{n: sq(p[n].shape[1]) for n in DENSE} for p in params["h"]])
 
 
-def damping(A, G, lam):
-    """Factored Tikhonov damping of A (x) G: A's pi sqrt(lam) and G's sqrt(lam) / pi, with
-    pi = sqrt((tr A / in) / (tr G / out))."""
-    pi = jnp.sqrt((jnp.trace(A) / A.shape[0]) / jnp.maximum(jnp.trace(G) / G.shape[0], 1e-30))
-    pi = jnp.clip(pi, 1e-6, 1e6)                      # a layer with G = 0 (no signal yet)
+def damping(A, Gam, lam):
+    """Factored Tikhonov damping of A (x) Gam: A's pi sqrt(lam) and Gam's sqrt(lam) / pi, with
+    pi = sqrt((tr A / in) / (tr Gam / out))."""
+    pi = jnp.sqrt((jnp.trace(A) / A.shape[0]) / jnp.maximum(jnp.trace(Gam) / Gam.shape[0], 1e-30))
+    pi = jnp.clip(pi, 1e-6, 1e6)                      # a layer with Gam = 0 (no signal yet)
     return pi * jnp.sqrt(lam), jnp.sqrt(lam) / pi
 
 
-def damped_inverse(eig, d):
-    """(M + d I)^-1 from eig = (e, Q) = eigh(M), M symmetric PSD."""
+def damped_inverse(eig, shift):
+    """(M + shift I)^-1 from eig = (e, Q) = eigh(M), M symmetric PSD."""
     e, Q = eig
-    return (Q / (jnp.maximum(e, 0.0) + d)) @ Q.T
+    return (Q / (jnp.maximum(e, 0.0) + shift)) @ Q.T
 
 
-def damped_inverses(A, G, lam):
-    """A^-1[i][n] = (A + pi sqrt(lam) I)^-1 and G^-1[i][n] = (G + sqrt(lam)/pi I)^-1 for every
+def damped_inverses(A, Gam, lam):
+    """A^-1[i][n] = (A + pi sqrt(lam) I)^-1 and Gam^-1[i][n] = (Gam + sqrt(lam)/pi I)^-1 for every
     dense layer n of every block i: one eigh per factor (wq wk wv's shared A once)."""
-    A_inv, G_inv = [], []
-    for a, g in zip(A, G):
+    A_inv, Gam_inv = [], []
+    for a, g in zip(A, Gam):
         eig = {k: jnp.linalg.eigh(M) for k, M in a.items()}
-        d = {n: damping(a[A_OF[n]], g[n], lam) for n in DENSE}
-        A_inv.append({n: damped_inverse(eig[A_OF[n]], d[n][0]) for n in DENSE})
-        G_inv.append({n: damped_inverse(jnp.linalg.eigh(g[n]), d[n][1]) for n in DENSE})
-    return A_inv, G_inv
+        shifts = {n: damping(a[A_OF[n]], g[n], lam) for n in DENSE}
+        A_inv.append({n: damped_inverse(eig[A_OF[n]], shifts[n][0]) for n in DENSE})
+        Gam_inv.append({n: damped_inverse(jnp.linalg.eigh(g[n]), shifts[n][1]) for n in DENSE})
+    return A_inv, Gam_inv
 
 
-def precondition(A_inv, grad_W, G_inv):
-    """(A (x) G + damping)^-1 grad_W with W stored (in, out): A^-1 grad_W G^-1."""
-    return A_inv @ grad_W @ G_inv
+def precondition(A_inv, grad_W, Gam_inv):
+    """(A (x) Gam + damping)^-1 grad_W with W stored (in, out): A^-1 grad_W Gam^-1."""
+    return A_inv @ grad_W @ Gam_inv
 
 
 def make_optimizer(args):
@@ -179,21 +180,21 @@ def make_step(args, cfg):
     def step(state, batches, t):
         params = state["params"]
         key = jax.random.fold_in(jax.random.key(args.seed), t)
-        loss, g, (A, G) = factors_and_grad(params, batches, key, cfg, args.split, on_micro=tick)
-        rho = jnp.minimum(1.0 - 1.0 / (t + 1), args.stat_decay)              # t + 1 = 1: the batch's own
-        A, G = jax.tree.map(lambda old, new: rho * old + (1 - rho) * new, (state["A"], state["G"]), (A, G))
-        A_inv, G_inv = jax.lax.cond(t % args.precondition_frequency == 0,
-                                    lambda: damped_inverses(A, G, args.damping),
-                                    lambda: (state["A_inv"], state["G_inv"]))
+        loss, g, (A, Gam) = factors_and_grad(params, batches, key, cfg, args.split, on_micro=tick)
+        decay = jnp.minimum(1.0 - 1.0 / (t + 1), args.stat_decay)              # t + 1 = 1: the batch's own
+        A, Gam = jax.tree.map(lambda old, new: decay * old + (1 - decay) * new, (state["A"], state["Gam"]), (A, Gam))
+        A_inv, Gam_inv = jax.lax.cond(t % args.precondition_frequency == 0,
+                                    lambda: damped_inverses(A, Gam, args.damping),
+                                    lambda: (state["A_inv"], state["Gam_inv"]))
         g_kfac = [{n: gi[n] for n in DENSE} for gi in g["h"]]
         c = jnp.minimum(1.0, args.clip / (optax.tree.norm(g_kfac) + 1e-12)) if args.clip else 1.0
-        U = jax.tree.map(lambda ai, gw, gi: precondition(ai, c * gw, gi), A_inv, g_kfac, G_inv)
+        U = jax.tree.map(lambda ai, gw, gi: precondition(ai, c * gw, gi), A_inv, g_kfac, Gam_inv)
         mom = jax.tree.map(lambda m, u: args.momentum * m + u, state["mom"], U)
         updates, opt = adam.update(g, state["opt"], params)                    # zero on the K-FAC leaves
         for i, m in enumerate(mom):
             updates["h"][i] = {**updates["h"][i], **{n: -lr(t) * m[n] for n in DENSE}}
-        new = {"params": optax.apply_updates(params, updates), "opt": opt, "A": A, "G": G,
-               "A_inv": A_inv, "G_inv": G_inv, "mom": mom}
+        new = {"params": optax.apply_updates(params, updates), "opt": opt, "A": A, "Gam": Gam,
+               "A_inv": A_inv, "Gam_inv": Gam_inv, "mom": mom}
         return new, {"train_loss": loss, "lr": lr(t), "grad_norm": optax.tree.norm(g)}
     return step
 
@@ -201,11 +202,11 @@ def make_step(args, cfg):
 # ============================================================================ loop
 
 def init_state(args, cfg, params):
-    A, G = factor_shapes(params)
+    A, Gam = factor_shapes(params)
     eye = lambda n: jnp.eye(n, dtype=jnp.float32)
-    return {"params": params, "opt": make_optimizer(args)[0].init(params), "A": A, "G": G,
+    return {"params": params, "opt": make_optimizer(args)[0].init(params), "A": A, "Gam": Gam,
             "A_inv": [{n: eye(p[n].shape[0]) for n in DENSE} for p in params["h"]],
-            "G_inv": [{n: eye(p[n].shape[1]) for n in DENSE} for p in params["h"]],
+            "Gam_inv": [{n: eye(p[n].shape[1]) for n in DENSE} for p in params["h"]],
             "mom": [{n: jnp.zeros_like(p[n]) for n in DENSE} for p in params["h"]]}
 
 

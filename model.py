@@ -187,17 +187,17 @@ def loss_fn(params, batch, cfg: Config):
 
 
 # ----------------------------------------------------------------------------- l in logit space
-# The GN family's maths: with p = softmax(z) per token and N tokens, l = (1/N) sum CE has
-#     dl/dz = (p - onehot(y)) / N,     d2l/dz2 = H = (diag(p) - p p^T) / N  (per token).
+# The GN family's maths: with p = softmax(z) per token and n_tok tokens, l = (1/n_tok) sum CE has
+#     dl/dz = (p - onehot(y)) / n_tok,     d2l/dz2 = H = (diag(p) - p p^T) / n_tok  (per token).
 
-def ce_grad_logits(p_BTV, y_BT, N):
-    """dl/dz for l = (1/N) sum CE, from p = softmax(z): (p - onehot(y)) / N."""
-    return (p_BTV - jax.nn.one_hot(y_BT, p_BTV.shape[-1])) / N
+def ce_grad_logits(p_BTV, y_BT, n_tok):
+    """dl/dz for l = (1/n_tok) sum CE, from p = softmax(z): (p - onehot(y)) / n_tok."""
+    return (p_BTV - jax.nn.one_hot(y_BT, p_BTV.shape[-1])) / n_tok
 
 
-def ce_hvp_logits(p_BTV, u_BTV, N):
-    """H u per token, written out: (diag(p) - p p^T) u / N = (p * u - p (p^T u)) / N."""
-    return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / N
+def ce_hvp_logits(p_BTV, u_BTV, n_tok):
+    """H u per token, written out: (diag(p) - p p^T) u / n_tok = (p * u - p (p^T u)) / n_tok."""
+    return (p_BTV * u_BTV - p_BTV * jnp.sum(p_BTV * u_BTV, -1, keepdims=True)) / n_tok
 
 
 # ----------------------------------------------------------------------------- vectors as pytrees
@@ -208,41 +208,41 @@ axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)       # a x + 
 
 # ----------------------------------------------------------------------------- many micro-batches
 
-def split_rows(x_BT, split):
-    """(B, ...) -> (split, B/split, ...), chunk j holding rows j, j+split, ...: memory is bounded
-    by one chunk, and each chunk keeps the batch's sharding (B/split rows over the devices)."""
-    return x_BT.reshape(x_BT.shape[0] // split, split, *x_BT.shape[1:]).swapaxes(0, 1)
+def chunk_rows(x_BT, n_chunks):
+    """(B, ...) -> (n_chunks, B/n_chunks, ...), chunk j holding rows j, j+n_chunks, ...: memory is bounded
+    by one chunk, and each chunk keeps the batch's sharding (B/n_chunks rows over the devices)."""
+    return x_BT.reshape(x_BT.shape[0] // n_chunks, n_chunks, *x_BT.shape[1:]).swapaxes(0, 1)
 
 
-def split_micro(x_KBT, split):
-    """(K, B, ...) stacked micro-batches -> (K * split, B/split, ...) chunks, by split_rows."""
+def chunk_micro(x_KBT, n_chunks):
+    """(K, B, ...) stacked micro-batches -> (K * n_chunks, B/n_chunks, ...) chunks, by chunk_rows."""
     K, B = x_KBT.shape[:2]
-    return jax.vmap(lambda x: split_rows(x, split))(x_KBT).reshape(K * split, B // split, *x_KBT.shape[2:])
+    return jax.vmap(lambda x: chunk_rows(x, n_chunks))(x_KBT).reshape(K * n_chunks, B // n_chunks, *x_KBT.shape[2:])
 
 
-def mean_loss(params, batch, cfg: Config, split=1):
-    """loss_fn computed in `split` equal chunks of rows: the same mean, less memory."""
-    chunks = jax.tree.map(lambda a: split_rows(a, split), batch)
+def mean_loss(params, batch, cfg: Config, n_chunks=1):
+    """loss_fn computed in `n_chunks` equal chunks of rows: the same mean, less memory."""
+    chunks = jax.tree.map(lambda a: chunk_rows(a, n_chunks), batch)
     return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, cfg), chunks))
 
 
-def mean_loss_and_grad(params, batches, cfg: Config, split=1, on_micro=None):
-    """Mean loss and gradient over K stacked micro-batches (K, B, T), each in `split` chunks,
-    accumulated by lax.scan: memory is that of one chunk. on_micro(i, K * split) is a progress
+def mean_loss_and_grad(params, batches, cfg: Config, n_chunks=1, on_micro=None):
+    """Mean loss and gradient over K stacked micro-batches (K, B, T), each in `n_chunks` chunks,
+    accumulated by lax.scan: memory is that of one chunk. on_micro(i, K * n_chunks) is a progress
     hook, called once per chunk."""
     K = batches["inputs"].shape[0]
-    chunks = jax.tree.map(lambda a: split_micro(a, split), batches)
+    chunks = jax.tree.map(lambda a: chunk_micro(a, n_chunks), batches)
 
     def micro(acc, xs):
         i, b = xs
         loss, g = jax.value_and_grad(loss_fn)(params, b, cfg)
         if on_micro is not None:
-            jax.debug.callback(on_micro, i, K * split)
+            jax.debug.callback(on_micro, i, K * n_chunks)
         return jax.tree.map(jnp.add, acc, (loss, g)), None
 
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K * split), chunks))
-    return loss / (K * split), jax.tree.map(lambda x: x / (K * split), g)
+    (loss, g), _ = jax.lax.scan(micro, zero, (jnp.arange(K * n_chunks), chunks))
+    return loss / (K * n_chunks), jax.tree.map(lambda x: x / (K * n_chunks), g)
 
 
 # ----------------------------------------------------------------------------- the optimizers the methods share
@@ -288,7 +288,7 @@ def muon_adamw(params, muon_lr, adam_lr, beta, b1, b2, eps, wd, clip):
 # eta*; (5) theta_{t+1} = theta_t + eta* d; (6) the next solve starts from theta-hat with its
 # optimizer state. The model's gradient is each method's own; the rest is here.
 
-def split_step_batches(batches, N):
+def inner_and_ls_batches(batches, N):
     """The data of steps (2) and (4): a GN step's (N + n_ls, B, T) micro-batches, the first N for
     the inner solve (gn_cg.py: the outer batch), the n_ls after them, fresh, for the line search."""
     return jax.tree.map(lambda a: a[:N], batches), jax.tree.map(lambda a: a[N:], batches)
@@ -320,9 +320,9 @@ def inner_lr(args, s, k):
     return jnp.where(i < w, warm, cos)
 
 
-def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None):
+def inner_solve(loss_model_grad, opt, theta, opt_state, batches, lr_of, on_step=None):
     """Steps (2) and (3): N inner steps (the paper's Algorithms 1 and 2, each layerwise block). At
-    step k, on micro-batch k of the N stacked `batches`, model_grad(theta, batch_k) -> (l(z0),
+    step k, on micro-batch k of the N stacked `batches`, loss_model_grad(theta, batch_k) -> (l(z0),
     gradient of the method's model of the loss at theta); the optax `opt` turns it into an update
     at unit lr, scaled by lr_of(k). Returns the final (theta, opt_state), and per step l(z0),
     the model gradient's norm and the lr."""
@@ -331,7 +331,7 @@ def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None)
     def one(carry, xs):
         theta, opt_state = carry
         k, b = xs
-        loss0, grad = model_grad(theta, b)
+        loss0, grad = loss_model_grad(theta, b)
         updates, opt_state = opt.update(grad, opt_state, theta)
         lr = lr_of(k)
         theta = axpy(lr, updates, theta)
@@ -341,18 +341,18 @@ def inner_solve(model_grad, opt, theta, opt_state, batches, lr_of, on_step=None)
     return jax.lax.scan(one, (theta, opt_state), (jnp.arange(N), batches))
 
 
-def losses_along(theta, d, batches, etas, cfg: Config, split=1, on_eta=None):
+def losses_along(theta, d, batches, etas, cfg: Config, n_chunks=1, on_eta=None):
     """Mean loss at theta + eta d over K stacked batches, for each eta of etas."""
     def loss_at(xs):
         i, eta = xs
         if on_eta is not None:
             jax.debug.callback(on_eta, i, len(etas))
         th = jax.tree.map(lambda a, b: a + eta * b, theta, d)
-        return jnp.mean(jax.lax.map(lambda b: mean_loss(th, b, cfg, split), batches))
+        return jnp.mean(jax.lax.map(lambda b: mean_loss(th, b, cfg, n_chunks), batches))
     return jax.lax.map(loss_at, (jnp.arange(len(etas)), etas))
 
 
-def line_search(theta, d, batches, cfg: Config, ls_range, split=1, reject=True, on_eta=None):
+def line_search(theta, d, batches, cfg: Config, ls_range, n_chunks=1, reject=True, on_eta=None):
     """Step (4), the line search (the authors' llama_train_gn.py, ls_range): eta* = the eta in
     (1/sqrt2)^i, i < ls_range, with the lowest mean loss at theta + eta d on the K stacked fresh
     batches. eta = 0 (theta itself) is evaluated too: when no eta > 0 beats it the step is
@@ -362,7 +362,7 @@ def line_search(theta, d, batches, cfg: Config, ls_range, split=1, reject=True, 
     if batches["inputs"].shape[0] == 0:
         return jnp.float32(1.0), jnp.bool_(False), {}
     etas = jnp.array([2 ** (-i / 2) for i in range(ls_range)] + [0.0], jnp.float32)
-    losses = losses_along(theta, d, batches, etas, cfg, split, on_eta)
+    losses = losses_along(theta, d, batches, etas, cfg, n_chunks, on_eta)
     i = jnp.argmin(losses[:-1])
     rejected = (losses[i] >= losses[-1]) & reject
     return (jnp.where(rejected, 0.0, etas[i]), rejected,
@@ -377,11 +377,11 @@ def next_inner_state(args, state, eta, d, theta_hat, opt_state, rejected, opt_in
     theta_t = state["params"]
     theta_next = axpy(eta, d, theta_t)                          # theta_t if rejected
     if args.reset_start:
-        inner, opt_state = theta_next, opt_init(theta_next)
+        theta_hat, opt_state = theta_next, opt_init(theta_next)
     else:
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(rejected, a, b), new, old)
-        inner, opt_state = keep(theta_t, theta_hat), keep(opt_init(theta_t), opt_state)
-    return {"params": theta_next, "inner": inner, "opt": opt_state,    # inner: theta-hat, unscaled
+        theta_hat, opt_state = keep(theta_t, theta_hat), keep(opt_init(theta_t), opt_state)
+    return {"params": theta_next, "theta_hat": theta_hat, "opt": opt_state,    # theta_hat unscaled
             "lr_scale": state["lr_scale"] * jnp.where(rejected, 0.5, 1.0)}
 
 

@@ -125,13 +125,13 @@ def embed(theta, keys, u_k):
     return gn_layerwise.set_block(zeros(theta), keys, u_k)
 
 
-def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, split=1):
+def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, n_chunks=1):
     """f, e, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
     "layerwise"), at theta on the GN model of all K stacked micro-batches (K, B, T) of `batch`; d*
-    and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost). split > 1: each product re-linearises the micro-batches
+    and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost). n_chunks > 1: each product re-linearises the micro-batches
     chunk by chunk (gn_cg.gn_model), in the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*),
     "residual", "iters", "dirs": {name: {"f", "e", "f_k", "cos_k"}}} and, with blocks, "block_residual"."""
-    _, g, Gv = gn_cg.gn_model(theta, batch, cfg, split)
+    _, g, Gv = gn_cg.gn_model(theta, batch, cfg, n_chunks)
     A = lambda v: axpy(lam, v, Gv(v))
     solve = lambda op, b: gn_cg.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)
     d_star, info = solve(A, g)
@@ -211,7 +211,7 @@ def replay(path, name, upto, params0, tokens, log):
         if dev > REPLAY_RTOL:
             raise data.UserError(f"replaying {path}: train_loss {got:.6f} at step {t + 1}, the run "
                                  f"logged {want:.6f}; was it run with other code?")
-        u = axpy(-1.0, state["params"], new["inner"] if name == "gn_full" else new["params"])
+        u = axpy(-1.0, state["params"], new["theta_hat"] if name == "gn_full" else new["params"])
         if name == "gn_full" and float(m["eta"]) == 0:
             log(f"{name} step {t + 1} was rejected (its d is discarded): not measured")
             u = None
@@ -237,10 +237,10 @@ def main(argv=None):
     want = {m: a.points for m in ("adamw", "muon", "soap", "kfac")
             if os.path.exists(os.path.join(a.results, "fig1", m))}
     want["gn_full"] = list(range(gn_steps)) if a.gn_points is None else a.gn_points
-    split = 2 if args0.batch_size % 2 == 0 else 1   # K stored linearisations would not fit at small
+    n_chunks = 2 if args0.batch_size % 2 == 0 else 1   # K stored linearisations would not fit at small
     # the directions go in as a list (names outside): one compilation per count, whatever the run
     jitted = {on: jax.jit(lambda th, b, lam, us, on=on: measure(
-        th, b, lam, {f"u{i}": u for i, u in enumerate(us)}, cfg, blocks if on else [], a.cg_iters, a.tol, split))
+        th, b, lam, {f"u{i}": u for i, u in enumerate(us)}, cfg, blocks if on else [], a.cg_iters, a.tol, n_chunks))
         for on in (False, True)}
     meas = {on: (lambda th, b, lam, dirs, on=on: rename(jitted[on](th, b, lam, list(dirs.values())), list(dirs)))
             for on in (False, True)}

@@ -16,15 +16,17 @@
 #                               step; depth: of the target), each point in OUT/axes/<point>;
 #                               POINTS="p ..." only those, SEEDS="1 2" with seeds, VARIANTS=1 with
 #                               layerwise and prox-linear, KFAC=1 with K-FAC (Figure 1 at a point)
-#   ./run.sh full [--dry-run] [OUT]
-#                               Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
+#   ./run.sh full [OUT]         Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
 #                               (DATA=dir of C4 shards). SIZE=45m: the authors' templates'
 #                               experiment instead (4M tokens per step); SIZE=tiny: a CPU rehearsal
-#                               of the same plan. --dry-run prints every run with its tokens,
-#                               passes of the data and estimated H100-hours, and runs nothing
+#                               of the same plan; PAPER_LRS=1: every row at its script's lr, unswept
 #   ./run.sh reject [OUT]       GN's rejection of a step that no eta > 0 improves, at a too-large
 #                               inner lr from random init: with and without it (5 minutes)
 #   ./run.sh gpu-check [OUT]    the one-GPU acceptance check (at most 8 minutes): OUT/report.md
+#   ./run.sh MODE ... --dry-run every run the mode would make (its command line) and the decisions
+#                               it would take, running nothing (full: each run's tokens, passes of
+#                               the data and estimated H100-hours, and the other plan's cost)
+#   ./run.sh --help             these modes and the variables that change a plan
 #
 # Plan (quick and full), every method from one shared AdamW checkpoint as the paper does:
 #   1. start:   quick: AdamW from scratch -> OUT/start/ckpt; full: the scripts' built-in paper
@@ -52,17 +54,20 @@
 # start once on one host first: the first run's error names its command).
 set -euo pipefail
 cd "$(dirname "$0")"
+dry="" args=()   # --dry-run (any mode, anywhere): print the plan, run nothing
+for a in "$@"; do if [ "$a" = --dry-run ]; then dry=1; else args+=("$a"); fi; done
+set -- ${args[@]+"${args[@]}"}
 mode=${1:-}
-dry=""
-if [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 case $mode in variants|kfac|seeds|extras) out=${2:-results/quick} ;; *) out=${2:-results/$mode} ;; esac
+if [ -n "$dry" ]; then plan_file=$(mktemp); trap 'rm -f "$plan_file"' EXIT; fi
 py=${PYTHON:-python}
 fig=fig1
 
 run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; resume an interrupted
   local dir=$1; shift   # one, or a finished one at the same lr given a longer budget or lower target
   if [ -n "$dry" ]; then   # (a run listed once: a sweep's grid runs again when its best is picked)
-    grep -q "	$dir	" "$plan_file" || printf '%s\t%s\t%s\n' "$fig" "$dir" "$*" >> "$plan_file"; return
+    grep -v "^decision" "$plan_file" | grep -q "	$dir	" || printf '%s\t%s\t%s\t%s\n' "$fig" "$dir" "$*" "$(state "$dir" "$@")" >> "$plan_file"
+    return
   fi
   if [ -f "$dir/done" ]; then
     case $(pick made-with "$dir" "$@") in
@@ -79,6 +84,21 @@ run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; re
   touch "$dir/done"
 }
 
+decide() {  # decide DIR "TEXT": a dry run lists the choice that makes DIR (a real run takes it)
+  [ -z "$dry" ] || printf '%s\t%s\t%s\n' decision "$1" "$2" >> "$plan_file"
+}
+
+results() {  # results DIR: plot.py's figures and results.md (not in a dry run)
+  [ -n "$dry" ] || $py plot.py "$1"
+}
+
+state() {  # state DIR SCRIPT ARGS...: what a dry run says of a planned run
+  if [[ "$*" == *_OF_* || "$*" == *TARGET* ]]; then echo "after the picks it needs"
+  elif [ -f "$1/done" ]; then
+    case $($py plot.py --pick made-with "$@") in yes) echo done ;; longer) echo "done; to run on" ;; *) echo "again" ;; esac
+  elif [ -e "$1/ckpt" ]; then echo "to resume"; else echo "to run"; fi
+}
+
 grow() {  # grow DIR SRC: DIR starts as a copy of the finished run SRC, which run then continues to
   local dir=$1 src=$2   # DIR's budget or target (GROW_FROM; exact only where the lr schedule is constant:
   [ -z "$dry" ] && [ -n "${GROW_FROM:-}" ] && [ ! -e "$dir" ] && [ -f "$src/done" ] && [ -e "$src/ckpt" ] \
@@ -88,7 +108,7 @@ grow() {  # grow DIR SRC: DIR starts as a copy of the finished run SRC, which ru
 }
 
 adopt() {  # adopt BEST DIR: Figure 1's row DIR is a copy of its sweep's best run (again if that changes)
-  [ -n "$dry" ] && return
+  if [ -n "$dry" ]; then decide "$2" "a copy of its sweep's best run by plot.py's rank_key (steps to TARGET)"; return; fi
   if [ "$(cat "$2/from" 2>/dev/null)" != "$1" ]; then
     rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -r "$1" "$2" && echo "$1" > "$2/from"
     echo "== $2: the best of its sweep, $1"
@@ -106,8 +126,14 @@ train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; sto
   fi
 }
 
+target_of() {  # target_of OUT: the plan's target (OUT/target.txt)
+  if [ -n "$dry" ]; then echo TARGET; else cat "$1/target.txt"; fi
+}
+
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
-  if [ -n "$dry" ]; then  # a dry run has no logs: the choices are named, the grids not extended
+  if [ -n "$dry" ]; then  # a dry run: the choice from the logs where they exist, else named; no
+    local logs=$2; [ "$1" = target ] && logs=${3:-}                                   # grid extended
+    if [ "$1" != made-with ] && [ -e "$logs" ] && $py plot.py --pick "$@" 2>/dev/null; then return; fi
     case $1 in lr|damping) echo "${1^^}_OF_${2##*/}" ;; target) echo TARGET ;; final) echo FINAL_OF_${2##*/} ;;
       made-with) echo yes ;; *) echo "" ;; esac
     return
@@ -125,7 +151,10 @@ sweep() {  # sweep NAME "LRS" SCRIPT ARGS...: one method's lr sweep, ranked by s
     grow "$out/sweep/${name}_$lr" "${GROW_FROM:-}/sweep/${name}_$lr" >&2
     run "$out/sweep/${name}_$lr" "$@" --lr "$lr" >&2
   done
-  if [ -n "$dry" ]; then set -- $lrs; echo "$out/sweep/${name}_$2"; return; fi   # (the middle lr)
+  if [ -n "$dry" ]; then
+    decide "$out/sweep/${name}_*" "a best lr at the grid's edge ($lrs) extends it (x3 or /3, twice at most)"
+    set -- $lrs; echo "$out/sweep/${name}_$2"; return   # (the middle lr)
+  fi
   local runs=("$out"/sweep/"${name}"_[0-9]*) next   # a best lr at the grid's edge extends the grid,
   while [ ${#runs[@]} -lt $(( $(wc -w <<< "$lrs") + 2 )) ]; do   # by 2 lrs at most (a rerun: none more)
     next=$(pick next-lr --target "$target" "${runs[@]}"); [ -z "$next" ] && break
@@ -191,7 +220,7 @@ plan() {  # plan [SEED]
   fi
   local target
   if [ "$seed" != 0 ]; then  # seeds: every Figure-1 row at its lr (K-FAC: and lam), to the target
-    target=$(cat "$out/target.txt")
+    target=$(target_of "$out")
     for m in $(rows); do
       if [ -L "$out/fig1/$m" ]; then   # BASE_FROM's baseline: its seed's run too
         [ -n "$dry" ] || ln -sfn "$(realpath --relative-to="$o" "$BASE_FROM/seeds/seed$seed/$m")" "$o/$m"
@@ -226,10 +255,11 @@ plan() {  # plan [SEED]
   #    at 80% of its budget, unrounded
   target=$TARGET
   if [ -n "${BASE_FROM:-}" ]; then
-    target=$(cat "$BASE_FROM/target.txt")
+    target=$(target_of "$BASE_FROM")
   elif [ -z "$target" ]; then
     local at=$(( CAP_adamw * 8 / 10 ))
     target=$(pick target "$at" $grid)
+    decide "$o/target.txt" "TARGET: the lowest validation loss of the baselines' grids at step $at"
     [ -n "$dry" ] || echo "target loss $target: the baselines' lowest validation loss at step $at of $CAP_adamw"
   fi
   [ -n "$dry" ] || echo "$target" > "$o/target.txt"
@@ -254,14 +284,16 @@ plan() {  # plan [SEED]
   # 5. Figures 2-3 (quick: in the extras mode)
   [ -n "${FIG2_LATER:-}" ] || batch_sizes "$S"
   # 6. figures and results.md
-  [ -n "$dry" ] || $py plot.py "$o"
+  results "$o"
 }
 
 longer() {  # longer DIR "ARGS": past the target, for r(k) (LONG: steps): DIR's GN rows (a seed's, or
   local d=$1 S=$2 m lam end="" from   # fig1's) run on to their budget, then its baselines and K-FAC on to
   [ -n "${LONG:-}" ] || return 0   # GN's validation loss at its last step, at most LONG steps (a row
   for m in $(rows) - $(rows); do   # linked from BASE_FROM: grown in that plan)
-    if [ "$m" = - ]; then end=$(pick final "$d/gn_full"); continue; fi
+    if [ "$m" = - ]; then
+      end=$(pick final "$d/gn_full"); decide "$d" "past the target: the baselines and K-FAC on to $end (GN's last loss)"; continue
+    fi
     [ -n "$dry" ] || { [ -d "$d/$m" ] && [ ! -L "$d/$m" ]; } || continue
     lam=""; [ "$m" = kfac ] && lam="--damping $(pick damping "$out/fig1/kfac")"
     from=$(cat "$d/$m/from" 2>/dev/null || true)   # (Figure 1's row: its sweep's best run, grown)
@@ -282,7 +314,10 @@ kfac_sweep() {  # kfac_sweep "ARGS": K-FAC's lr over SWEEP_KFAC at the middle la
   for lam in "${lams[@]}"; do
     [ "$lam" = "$lam0" ] || run "$out/sweep/kfac_lam${lam}_$lr_k" $(row kfac) $1 --damping "$lam" --lr "$lr_k" >&2
   done
-  if [ -n "$dry" ]; then echo "$out/sweep/kfac_lam${lam0}_$lr_k"; return; fi
+  if [ -n "$dry" ]; then
+    decide "$out/sweep/kfac_lam*_$lr_k" "a best lam at the grid's edge ($KFAC_LAMS) extends it (x10 or /10, twice at most)"
+    echo "$out/sweep/kfac_lam${lam0}_$lr_k"; return
+  fi
   local runs=("$out"/sweep/kfac_lam*_"$lr_k")
   while [ ${#runs[@]} -lt $(( ${#lams[@]} + 2 )) ]; do
     next=$(pick next-damping --target "$target" "${runs[@]}"); [ -z "$next" ] && break
@@ -310,7 +345,7 @@ extras() {  # after quick: Figures 2-3, GN's ablations, the oracle gap and the i
   local target cap=$CAP_gn_full
   batch_sizes "--size $size --data $data --seed 0 $EXTRA --init-from $out/start/ckpt"
   fig=fig1
-  target=$(cat "$out/target.txt")
+  target=$(target_of "$out")
   local S="--size $size --data $data $EXTRA --init-from $out/start/ckpt $B_gn"
   S="$S --eval-every 1 --steps $cap --lr $(pick lr "$out/fig1/gn_full") --target-loss $target"
   run "$out/ablations/gn_no_linesearch" gn_full.py $S --ls-batches 0
@@ -324,7 +359,7 @@ extras() {  # after quick: Figures 2-3, GN's ablations, the oracle gap and the i
   # 5x those of GN's 32 inner steps; about 2 minutes per step here, hence 6 steps)
   run "$out/ablations/gn_cg_curv8_iters20" gn_cg.py $C --curvature-batches 8 --cg-iters 20 --steps 6
   run "$out/oracle" oracle.py --results "$out" $ORACLE
-  $py plot.py "$out"
+  results "$out"
 }
 
 point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in OUT/axes/NAME, from
@@ -336,7 +371,7 @@ point() {  # point NAME VAR=VALUE...: quick's plan at one point of an axis, in O
     for kv in "$@"; do declare "$kv"; done
     plan
     for s in ${SEEDS:-}; do plan "$s"; done
-    [ -z "${SEEDS:-}" ] || [ -n "$dry" ] || $py plot.py "$out" )   # the point's results.md, seeds too
+    [ -z "${SEEDS:-}" ] || results "$out" )   # the point's results.md, seeds too
 }
 
 axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that separate it from
@@ -358,7 +393,7 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
       point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 GROW_FROM="$q" ;;
     *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
   esac
-  $py plot.py "$q"
+  results "$q"
 }
 
 quick_settings() {  # the small config on BBC, for quick, seeds and axes
@@ -380,15 +415,19 @@ quick_settings() {  # the small config on BBC, for quick, seeds and axes
 }
 
 gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one markdown report
-  local o=$1 big=${SIZE:-45m} fig1=${FIG1_SIZE:-150m} t0=$SECONDS
-  local work=${CHECK_WORK:-$(mktemp -d)}      # checkpoints and the token cache stay out of OUT
-  mkdir -p "$o"
+  local o=$1 big=${SIZE:-45m} mem=(${MEMORY:-150m 128 16}) t0=$SECONDS work=${CHECK_WORK:-}
   local report=$o/report.md
-  { echo "# GPU check"; echo
-    echo "$(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo -), $($py -c 'import jax; d = jax.devices(); print(f"jax {jax.__version__}, {len(d)} x {d[0].device_kind}")')"
-  } > "$report"
+  if [ -n "$dry" ]; then work=${work:-WORK}
+  else   # checkpoints and the token cache stay out of OUT
+    [ -n "$work" ] || work=$(mktemp -d)
+    mkdir -p "$o"
+    { echo "# GPU check"; echo
+      echo "$(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null || echo -), $($py -c 'import jax; d = jax.devices(); print(f"jax {jax.__version__}, {len(d)} x {d[0].device_kind}")')"
+    } > "$report"
+  fi
   part() {  # part NAME TIMEOUT CMD...: run CMD under the timeout; its exit, time and output's tail
     local name=$1 limit=$2 t=$SECONDS rc=0; shift 2
+    if [ -n "$dry" ]; then printf 'gpu-check\t%s\ttimeout %s %s\n' "$o/$name.log" "$limit" "$(printf '%q ' "$@")" >> "$plan_file"; return; fi
     echo "== $name: $*"
     timeout "$limit" "$@" > "$o/$name.log" 2>&1 || rc=$?
     { echo; echo "## $name"; echo; echo "\`$*\`: exit $rc in $((SECONDS - t)) s (limit $limit s)"
@@ -396,42 +435,98 @@ gpu_check() {  # the one-GPU acceptance check: each part under a timeout, one ma
   }
   # 1. the GN maths tests at full precision on the device (the suite pins --dtype float32), in this
   # one process (-n 0: two test workers would each take the device's memory)
-  part maths "${T_MATHS:-100}" $py -m pytest -q -x -n 0 -m "not slow" test_all.py \
+  part maths 100 $py -m pytest -q -x -n 0 -m "not slow" test_all.py \
        -k "${MATHS_K:-model_ce or gn_full_ or gn_layerwise_ or gn_proxlinear_}"
   # 2. the paper-size GN run from a short start, in bf16 and as the paper ran fp32 (TF32)
   for dt in bfloat16 tf32; do
-    part "gn_full_${big}_$dt" "${T_RUN:-110}" $py gn_full.py --size "$big" --start-steps 20 --steps 2 \
+    part "gn_full_${big}_$dt" 110 $py gn_full.py --size "$big" --start-steps 20 --steps 2 \
          --eval-every 1 --split 1 --dtype "$dt" --out "$work/gn_full_$dt" --cache-dir "$work/cache" ${CHECK_EXTRA:-}
-    cp "$work/gn_full_$dt/metrics.jsonl" "$o/gn_full_${big}_$dt.metrics.jsonl" 2>/dev/null || true
+    [ -n "$dry" ] || cp "$work/gn_full_$dt/metrics.jsonl" "$o/gn_full_${big}_$dt.metrics.jsonl" 2>/dev/null || true
   done
   # 3. the GN building blocks at the paper size; 4. XLA's memory analysis of a Figure-1 GN step
-  # (128 x 1024 at --split 16: 48.7 GiB on CPU; bench.py --sections memory searches the splits)
-  part "blocks_$big" "${T_BENCH:-80}" $py bench.py --size "$big" --sections blocks --repeats 3 --alloc-rounds 0 ${BENCH_EXTRA:-}
-  part "memory_$fig1" "${T_MEM:-90}" $py -c 'import sys, bench; size, b, s = sys.argv[1], *map(int, sys.argv[2:]); gib = bench.analysed_gib("gn_full", b, s, size); print(f"gn_full step at {size}, {b}-sequence micro-batch, --split {s}: {gib:.1f} GiB")' \
-       "$fig1" "${FIG1_BATCH:-128}" "${FIG1_SPLIT:-16}"
-  echo "gpu-check: $((SECONDS - t0)) s; report $report"
+  # (MEMORY: 150m, 128 x 1024 at --split 16: 48.7 GiB on CPU; bench.py --sections memory searches the splits)
+  part "blocks_$big" 80 $py bench.py --size "$big" --sections blocks --repeats 3 --alloc-rounds 0 ${BENCH_EXTRA:-}
+  part "memory_${mem[0]}" 90 $py -c 'import sys, bench; size, b, s = sys.argv[1], *map(int, sys.argv[2:]); gib = bench.analysed_gib("gn_full", b, s, size); print(f"gn_full step at {size}, {b}-sequence micro-batch, --split {s}: {gib:.1f} GiB")' \
+       "${mem[@]}"
+  [ -n "$dry" ] || echo "gpu-check: $((SECONDS - t0)) s; report $report"
+}
+
+show_plan() {  # show_plan WHAT: a dry run's plan, every run's command line and every decision
+  echo "run.sh $1: the plan (nothing was run)"; echo
+  echo "| figure | command | now |"; echo "|---|---|---|"
+  awk -F'\t' -v py="$py" '$1 == "gpu-check" {printf "| %s | `%s > %s` | |\n", $1, $3, $2}
+    $1 != "decision" && $1 != "gpu-check" {printf "| %s | `%s %s --out %s` | %s |\n", $1, py, $3, $2, $4}' "$plan_file"
+  decisions
+}
+
+decisions() {  # the decisions of a dry run's plan, one line each
+  grep -q "^decision" "$plan_file" || return 0
+  echo; echo "Decisions, taken from the runs' logs as the plan goes (plot.py --pick):"
+  awk -F'\t' '$1 == "decision" {printf "- %s: %s\n", $2, $3}' "$plan_file"
+}
+
+paper_lrs() {  # "adamw=LR ...": every Figure-1 row at its script's preset lr at $size (sources: its --help)
+  $py -c 'import sys, adamw, muon, soap, gn_full as f, gn_layerwise as l, gn_proxlinear as p
+lr = lambda m: m.parse(["--size", sys.argv[1]]).lr
+print(" ".join(f"{n}={lr(m)!r}" for n, m in [("adamw", adamw), ("muon", muon), ("soap", soap), ("gn_full", f),
+      ("gn_layerwise", l), ("gn_proxlinear", p), ("gn_proxlinear_no_ls", p)]))' "$size"
+}
+
+usage() {  # the modes (this file's header) and the variables that change a plan
+  sed -n '2,29p' "$0" | sed -e 's/^#//' -e 's/^ //'
+  cat <<'EOF'
+
+Variables that change a plan (default in brackets):
+  DATA       the corpus [bbc, the embedded BBC news; full: a directory of C4 shards]
+  SIZE       full: 150m, 45m or tiny [150m]; gpu-check: its GN run's size [45m]
+  TARGET     full: the target loss [150m: 3.25; else the baselines' lowest loss at 80% of the budget]
+  LRS        "method=lr ...": a row's lr, its sweep skipped [none]
+  PAPER_LRS  full: 1 runs every row at its script's preset lr at SIZE, no sweeps (the lr's source:
+             `python SCRIPT.py --size SIZE --help`) [unset: every row swept]
+  ROWS       Figure 1's rows of the plan [adamw muon soap gn_full, the variants, K-FAC where set]
+  VARIANTS   axes: 1 adds layerwise GN and prox-linear [unset]; quick and seeds: always
+  KFAC       axes: 1 adds K-FAC [unset]; quick and seeds: always
+  POINTS     axes: only these points [every point of GROUP]
+  SEEDS      axes: these seeds too, e.g. "1 2" [none]
+  EXTRA      flags every run gets [none]
+  DTYPE      full: --dtype of every run [each script's]
+  SPLIT      full: --split of every run [each script's]
+  LAUNCH     a launcher before every run, e.g. "srun --ntasks-per-node 1" [none]
+  PYTHON     the interpreter [python]
+  MEMORY     gpu-check: "SIZE BATCH SPLIT" of its memory analysis [150m 128 16]
+  CHECK_WORK, CHECK_EXTRA, BENCH_EXTRA, MATHS_K
+             gpu-check: its work directory [a temporary one], flags for its GN runs and its
+             bench.py run [none], and the maths tests' -k [the GN maths]
+EOF
 }
 
 case "$mode" in
+  -h|--help|help)
+    usage ;;
   test)
+    if [ -n "$dry" ]; then echo "$py -m pytest -q test_all.py"; exit; fi
     exec $py -m pytest -q test_all.py ;;
   smoke)
     for s in adamw muon soap gn_full gn_cg gn_layerwise gn_proxlinear kfac; do
+      if [ -n "$dry" ]; then fig=smoke run "$out/$s" "$s.py" --size tiny --steps 2 --eval-every 1; continue; fi
       rm -rf "$out/$s"
       $py $s.py --size tiny --steps 2 --eval-every 1 --out "$out/$s" | tail -n 1
-    done ;;
+    done
+    [ -z "$dry" ] || show_plan smoke ;;
   quick|variants|kfac|seeds|extras)   # quick's plan in pieces of at most 100 minutes each
     quick_settings; KFAC=1      # (axes: quick_settings alone; K-FAC with KFAC=1)
     case $mode in
       quick) time ROWS="adamw muon soap gn_full" plan ;;
       variants) time ROWS="gn_layerwise gn_proxlinear_no_ls gn_proxlinear" plan ;;
       kfac) time ROWS=kfac plan ;;
-      seeds) time (for s in 1 2; do plan "$s"; done; $py plot.py "$out") ;;
+      seeds) time (for s in 1 2; do plan "$s"; done; results "$out") ;;
       extras) time extras ;;
-    esac ;;
+    esac
+    [ -z "$dry" ] || show_plan "$mode" ;;
   axes)
     quick_settings; out=${3:-results/quick}
-    time axes "${2:-}" ;;
+    time axes "${2:-}"
+    [ -z "$dry" ] || show_plan "axes ${2:-}" ;;
   full)
     size=${SIZE:-150m} data=${DATA:-bbc} START=builtin
     SWEEP_ADAMW="0.001 0.003 0.01" SWEEP_MUON="0.001 0.003 0.01" SWEEP_SOAP="0.001 0.003 0.01" SWEEP_GN="0.001 0.003 0.01"
@@ -455,11 +550,19 @@ case "$mode" in
         BUDGET=4 BATCHES="1" FIG2_METHODS="adamw gn_full" ;;   # (Figure 2's loop at two of its methods)
       *) echo "run.sh full: SIZE must be 150m, 45m or tiny (got $size)" >&2; exit 2 ;;
     esac
+    swept=${LRS:-}
+    [ -z "${PAPER_LRS:-}" ] || { LRS=$(paper_lrs); what="$what, at the scripts' $size lrs (PAPER_LRS=1: no sweeps)"; }
     if [ -n "$dry" ]; then
-      plan_file=$(mktemp); trap 'rm -f "$plan_file"' EXIT
       plan
       echo "run.sh full at $size: $what. The plan (nothing was run):"; echo
-      $py bench.py --plan "$plan_file"; exit
+      grep -v "^decision" "$plan_file" | cut -f1-3 > "$plan_file.runs"; $py bench.py --plan "$plan_file.runs"
+      decisions
+      # the other plan's cost beside it: every row swept, or every row at the scripts' lrs
+      if [ -n "${PAPER_LRS:-}" ]; then other="every row swept" LRS=$swept; else other="PAPER_LRS=1" LRS=$(paper_lrs); fi
+      : > "$plan_file"; plan
+      grep -v "^decision" "$plan_file" | cut -f1-3 > "$plan_file.runs"
+      echo; echo "The same at $size with $other: $($py bench.py --plan "$plan_file.runs" | sed -n 's/^| all | \([^|]*\) | \([^|]*\) |.*/\1 tokens, \2 H100-hours/p')"
+      rm -f "$plan_file.runs"; exit
     fi
     echo "run.sh full at $size: $what (./run.sh full --dry-run lists its runs and their estimated cost)"
     time plan ;;
@@ -467,9 +570,11 @@ case "$mode" in
     R="--size small --data ${DATA:-bbc} --lr 0.5 --schedule constant_with_inner_cosine --inner-steps 32"
     R="$R --ls-batches 2 --eval-every 1"
     run "$out/no_reject" gn_full.py $R --steps 3 --no-reject
-    run "$out/with_rejection" gn_full.py $R --steps 5 ;;
+    run "$out/with_rejection" gn_full.py $R --steps 5
+    [ -z "$dry" ] || show_plan reject ;;
   gpu-check)
-    gpu_check "${2:-results/gpu}" ;;
+    gpu_check "${2:-results/gpu}"
+    [ -z "$dry" ] || show_plan gpu-check ;;
   *)
-    sed -n '2,27p' "$0"; exit 2 ;;
+    usage; exit 2 ;;
 esac

@@ -1,11 +1,11 @@
 """SOAP (Vyas et al. 2024, arXiv 2409.11321): Adam in the eigenbasis of Shampoo's preconditioner.
 
 One optimizer step on K = --grad-accum micro-batches; for each 2-D parameter W (m x n) with the
-clipped mean gradient G (SOAP Algorithm 3, reference nikhilvyas/SOAP soap.py):
-    G' = Q_L^T G Q_R                                 rotate into the current eigenbasis
-    M  = b1 M + (1 - b1) G',   V = b2 V + (1 - b2) G'^2          Adam moments, rotated basis
+clipped mean gradient g (SOAP Algorithm 3, reference nikhilvyas/SOAP soap.py):
+    g' = Q_L^T g Q_R                                 rotate into the current eigenbasis
+    M  = b1 M + (1 - b1) g',   V = b2 V + (1 - b2) g'^2          Adam moments, rotated basis
     W  = W - lr_t sqrt(1 - b2^t)/(1 - b1^t) Q_L (M / (sqrt(V) + eps)) Q_R^T,  then W -= lr_t wd W
-    L  = bs L + (1 - bs) G G^T,   R = bs R + (1 - bs) G^T G      after the step (bs = b2)
+    L  = bs L + (1 - bs) g g^T,   R = bs R + (1 - bs) g^T g      after the step (bs = b2)
     every f steps: Q <- QR(L Q_sorted) (one power iteration), with V re-sorted to match
 The first step only builds L, R and Q = eigh(L), eigh(R) and moves nothing. Sides longer than
 max_precond_dim (10000: the vocab side of wte and lm_head) stay unrotated; 1-D parameters get AdamW.
@@ -17,7 +17,7 @@ At 150m, GN's 240M tokens per step (1831 x 128 x 1024): no source gives SOAP's b
 
 Differences from the authors' code (natalieabreu/full-gauss-newton, optimizers.py + soap_jax):
   - SOAP written here by hand as an optax GradientTransformation (they used haydn-jones/SOAP_JAX,
-    unpinned); decay uses the pre-update W (p - lr N - lr wd p; the reference decays after, equal
+    unpinned); decay uses the pre-update W (p - lr U - lr wd p; the reference decays after, equal
     to first order in lr);
   - gradients are accumulated by lax.scan inside one jitted step rather than optax.MultiSteps;
   - no EMA of the weights; GPT-2 BPE and data.py's sources instead of C4 with the T5 tokenizer.
@@ -80,10 +80,10 @@ class SoapState(NamedTuple):
     Q_R: optax.Updates
 
 
-def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
+def _soap_leaf(g, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
     """One parameter. Sides whose factor is zero-size are identity (static, shape-based choice)."""
     rot_l, rot_r = L.size > 0, R.size > 0
-    G = G.astype(jnp.float32)
+    g = g.astype(jnp.float32)
 
     def project(X, Q_L, Q_R):  # X -> Q_L^T X Q_R
         X = _mm(Q_L.T, X) if rot_l else X
@@ -94,8 +94,8 @@ def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
         return _mm(X, Q_R.T) if rot_r else X
 
     def update_factors(L, R):  # lerp towards the current outer products (torch: GG.lerp_(GG^T, 1-beta_s))
-        L = L + (1 - bs) * (_mm(G, G.T) - L) if rot_l else L
-        R = R + (1 - bs) * (_mm(G.T, G) - R) if rot_r else R
+        L = L + (1 - bs) * (_mm(g, g.T) - L) if rot_l else L
+        R = R + (1 - bs) * (_mm(g.T, g) - R) if rot_r else R
         return L, R
 
     def first_step(_):
@@ -103,17 +103,17 @@ def _soap_leaf(G, M, V, L, R, Q_L, Q_R, t, b1, b2, bs, eps, freq):
         # the eigenbasis never contains the gradient it is applied to.  Exact eigh, descending order.
         L1, R1 = update_factors(L, R)
         eig = lambda A: jnp.flip(jnp.linalg.eigh(A + 1e-30 * jnp.eye(A.shape[0], dtype=A.dtype))[1], 1)
-        return (jnp.zeros_like(G), M, V, L1, R1,
+        return (jnp.zeros_like(g), M, V, L1, R1,
                 eig(L1) if rot_l else Q_L, eig(R1) if rot_r else Q_R)
 
     def later_step(_):
-        Gp = project(G, Q_L, Q_R)
-        M1 = b1 * M + (1 - b1) * Gp
-        V1 = b2 * V + (1 - b2) * Gp * Gp
+        gp = project(g, Q_L, Q_R)
+        M1 = b1 * M + (1 - b1) * gp
+        V1 = b2 * V + (1 - b2) * gp * gp
         tf = t.astype(jnp.float32)
-        N = project_back(M1 / (jnp.sqrt(V1) + eps), Q_L, Q_R)
-        direction = N * (jnp.sqrt(1 - b2**tf) / (1 - b1**tf))
-        # Factors see the current G only after it was used, as in the reference.
+        U = project_back(M1 / (jnp.sqrt(V1) + eps), Q_L, Q_R)
+        direction = U * (jnp.sqrt(1 - b2**tf) / (1 - b1**tf))
+        # Factors see the current g only after it was used, as in the reference.
         L1, R1 = update_factors(L, R)
 
         def refresh(ops):
@@ -179,8 +179,8 @@ def scale_by_soap(b1=0.9, b2=0.95, eps=1e-8, shampoo_beta=None, precondition_fre
 
 def _decoupled_weight_decay(lr, weight_decay) -> optax.GradientTransformation:
     """Adds -lr*wd*p (pre-update p), skipped on the first (zero) step so that step leaves p unchanged.
-    The reference does W <- W - step*N, then W <- W - lr*wd*W; we use the old W, i.e. exactly
-    p_new = p - step*N - lr*wd*p (equal to first order in lr)."""
+    The reference does W <- W - step*U, then W <- W - lr*wd*W; we use the old W, i.e. exactly
+    p_new = p - step*U - lr*wd*p (equal to first order in lr)."""
     def update_fn(updates, count, params=None):
         if params is None:
             raise ValueError("soap weight decay needs params")

@@ -356,26 +356,26 @@ def test_model_remat_does_not_change_the_maths():
 
 
 def test_model_chunked_means_equal_the_unchunked_at_split_2_and_K_2():
-    """Every function of model.py and data.py that takes `split` (the loss, the loss and gradient
+    """Every function of model.py and data.py that takes `n_chunks` (the loss, the loss and gradient
     over stacked micro-batches, the line search's losses, the evaluator), at K = 2 micro-batches
     of 2 rows in 1 and 2 chunks each, against plain autodiff of the loss on the 4 rows at once:
-    a mean that divides by K, or by split, alone fails."""
+    a mean that divides by K, or by n_chunks, alone fails."""
     p, b = model.init_params(MICRO, jax.random.key(0)), tiny_batch(4, 1, MICRO)
     stacked = jax.tree.map(lambda a: a.reshape(2, 2, -1), b)                   # (K, B, T)
     d = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a), p)
     etas = jnp.array([1.0, 0.5, 0.0])
     want_l, want_g = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=2)(p, b, MICRO)
     want_along = [float(model.loss_fn(model.axpy(e, d, p), b, MICRO)) for e in etas]
-    for split in (1, 2):
-        loss, g = jax.jit(lambda p, s: model.mean_loss_and_grad(p, s, MICRO, split))(p, stacked)
+    for n_chunks in (1, 2):
+        loss, g = jax.jit(lambda p, s: model.mean_loss_and_grad(p, s, MICRO, n_chunks))(p, stacked)
         np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(want_g)[0],
-                                   rtol=1e-5, atol=1e-7, err_msg=f"split {split}")
-        np.testing.assert_allclose(float(jax.jit(lambda p, b: model.mean_loss(p, b, MICRO, split))(p, b)), float(want_l),
+                                   rtol=1e-5, atol=1e-7, err_msg=f"split {n_chunks}")
+        np.testing.assert_allclose(float(jax.jit(lambda p, b: model.mean_loss(p, b, MICRO, n_chunks))(p, b)), float(want_l),
                                    rtol=1e-6)
-        along = jax.jit(lambda p, d, s, e: model.losses_along(p, d, s, e, MICRO, split))(p, d, stacked, etas)
+        along = jax.jit(lambda p, d, s, e: model.losses_along(p, d, s, e, MICRO, n_chunks))(p, d, stacked, etas)
         np.testing.assert_allclose(along, want_along, rtol=1e-6)
-        np.testing.assert_allclose(float(data.make_evaluate(MICRO, split)(p, stacked)), float(want_l), rtol=1e-6)
+        np.testing.assert_allclose(float(data.make_evaluate(MICRO, n_chunks)(p, stacked)), float(want_l), rtol=1e-6)
 
 
 def test_model_ce_hessian_vector_product_matches_jax_hessian():
@@ -383,7 +383,7 @@ def test_model_ce_hessian_vector_product_matches_jax_hessian():
     y = jax.random.randint(jax.random.key(1), (2, 3), 0, 7)
     u = jax.random.normal(jax.random.key(2), (2, 3, 7))
     Hfull = jax.hessian(lambda zz: model.cross_entropy(zz, y))(z).reshape(42, 42)
-    got = model.ce_hvp_logits(jax.nn.softmax(z, -1), u, N=6)
+    got = model.ce_hvp_logits(jax.nn.softmax(z, -1), u, n_tok=6)
     np.testing.assert_allclose(got.reshape(-1), Hfull @ u.reshape(-1), rtol=1e-5, atol=1e-7)
     g = jax.grad(lambda zz: model.cross_entropy(zz, y))(z)
     np.testing.assert_allclose(model.ce_grad_logits(jax.nn.softmax(z, -1), y, 6), g, rtol=1e-5, atol=1e-7)
@@ -1454,7 +1454,7 @@ def recompute_log(mod, out):
                 want |= {"fwd_passes": K * N + 1 + (a.ls_range + 1) * n_ls, "jvp_passes": K * N,
                          "vjp_passes": K * N + 1}
                 if eta > 0:                 # d = theta-hat - theta_t, the unscaled inner direction
-                    want["inner_norm"] = tree_norm(model.axpy(-1.0, theta, new["inner"]))
+                    want["inner_norm"] = tree_norm(model.axpy(-1.0, theta, new["theta_hat"]))
                 scale = scale / 2 if eta == 0 else scale
             if a.ema:                   # the EMA of the outer iterates, from theta_0
                 ema = jax.tree.map(lambda e, p: a.ema * e + (1 - a.ema) * p, ema, theta1)
@@ -1498,8 +1498,8 @@ def test_data_run_loop_logs_recomputed_through_a_resume_and_a_rejection(tmp_path
     args = argparse.Namespace(**json.load(open(out / "config.json"))["args"])
     fresh = gn_full.init_state(args, cfg, model.init_params(cfg, jax.random.key(args.seed)))
     after1 = data.load_checkpoint(str(out / "ckpt.prev"), fresh)[0]
-    for k in ("params", "inner", "opt"):
-        want = fresh["params"] if k == "inner" else fresh[k]
+    for k in ("params", "theta_hat", "opt"):
+        want = fresh["params"] if k == "theta_hat" else fresh[k]
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after1[k]), jax.tree.leaves(want))), k
 
 
@@ -2038,7 +2038,7 @@ def test_soap_run_log_recomputed_from_its_definitions(tmp_path):
 # ============================================================================ gn_full.py
 
 def test_gn_full_chunked_products_equal_the_dense_ones_at_split_2():
-    """gn_full's functions that take `split`, in 1 and 2 chunks, against the dense g = J^T dl/dz
+    """gn_full's functions that take `n_chunks`, in 1 and 2 chunks, against the dense g = J^T dl/dz
     and G = J^T H J over 4 rows: Algorithm 1's inner gradient g + G D on one micro-batch of 4
     rows; the GN model's coefficients g^T d and d^T G d over K = 2 stacked micro-batches of 2."""
     p, flat, unravel, b, J, H = micro_problem(seed=5, B=4)
@@ -2047,10 +2047,10 @@ def test_gn_full_chunked_products_equal_the_dense_ones_at_split_2():
     v = np.random.default_rng(0).normal(size=flat.size)
     V = unravel(jnp.asarray(v, jnp.float32))
     rel = lambda got, want: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(got)[0]) - want) / np.linalg.norm(want)
-    for split in (1, 2):
-        _, q_grad = jax.jit(lambda p, V, b: gn_full.quad_model_grad(p, V, b, MICRO, split))(p, V, b)
-        assert rel(q_grad, g + G @ v) < 1e-5, split
-        a, c = jax.jit(lambda p, V, s: gn_full.model_change_coeffs(p, V, s, MICRO, split))(p, V, stacked)
+    for n_chunks in (1, 2):
+        _, q_grad = jax.jit(lambda p, V, b: gn_full.quad_model_grad(p, V, b, MICRO, n_chunks))(p, V, b)
+        assert rel(q_grad, g + G @ v) < 1e-5, n_chunks
+        a, c = jax.jit(lambda p, V, s: gn_full.gn_model_change_coeffs(p, V, s, MICRO, n_chunks))(p, V, stacked)
         np.testing.assert_allclose([float(a), float(c)], [g @ v, v @ G @ v], rtol=1e-4)
 
 
@@ -2068,12 +2068,12 @@ def test_gn_full_inner_gradient_is_autodiff_of_the_quadratic():
         return l(z0) + jnp.vdot(jax.grad(l)(z0), u) + 0.5 * u.reshape(-1) @ Hz @ u.reshape(-1)
 
     want = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(q))(D))[0]
-    for split in (1, 2):
-        loss0, grad = jax.jit(lambda p, D, b: gn_full.quad_model_grad(p, D, b, MICRO, split))(p, D, b)
+    for n_chunks in (1, 2):
+        loss0, grad = jax.jit(lambda p, D, b: gn_full.quad_model_grad(p, D, b, MICRO, n_chunks))(p, D, b)
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(loss0, l(z0), rtol=1e-6)
     # the diagnostic's coefficients: q(eta D) - l(z0) = eta a + eta^2 b / 2
-    a, c = jax.jit(lambda p, D, b: gn_full.model_change_coeffs(p, D, jax.tree.map(lambda x: x[None], b), MICRO))(p, D, b)
+    a, c = jax.jit(lambda p, D, b: gn_full.gn_model_change_coeffs(p, D, jax.tree.map(lambda x: x[None], b), MICRO))(p, D, b)
     np.testing.assert_allclose(float(l(z0) + a + 0.5 * c), float(jax.jit(q)(D)), rtol=1e-5)
 
 
@@ -2100,7 +2100,7 @@ def test_gn_full_inner_solve_warm_starts_from_theta_hat_not_theta_next():
         eta = float(ms[t]["eta"])
         assert eta < 1, "the test needs a step where the line search scales d down"
         theta_t, new = (jax.flatten_util.ravel_pytree(x)[0] for x in (states[t]["params"], states[t + 1]["params"]))
-        hat = jax.flatten_util.ravel_pytree(states[t + 1]["inner"])[0]
+        hat = jax.flatten_util.ravel_pytree(states[t + 1]["theta_hat"])[0]
         d = (new - theta_t) / eta
         np.testing.assert_allclose(hat - theta_t, d, rtol=1e-3, atol=1e-6)
         assert float(jnp.abs(hat - new).max()) > 1e-3 * float(jnp.abs(d).max())   # they do differ
@@ -2111,7 +2111,7 @@ def test_gn_full_metrics_against_autodiff():
     """grad_norm, model_grad_norm and model_change at step 2 (theta_1 after eta* < 1, so the warm
     start D0 = theta-hat - theta_1 is not 0), each recomputed by plain autodiff of l and f."""
     states, ms = gn_inner_two_steps()
-    m, theta_t, hat, new = ms[1], states[1]["params"], states[2]["inner"], states[2]["params"]
+    m, theta_t, hat, new = ms[1], states[1]["params"], states[2]["theta_hat"], states[2]["params"]
     inner = jax.tree.map(lambda a: a[:2], synthetic_batches(3, seed=1))
     first = jax.tree.map(lambda a: a[0], inner)
     l = lambda z, y: model.cross_entropy(z, y)
@@ -2126,7 +2126,7 @@ def test_gn_full_metrics_against_autodiff():
         H0u = jax.jvp(lambda z: jax.grad(l)(z, b["targets"]), (z0,), (u,))[1]
         return jnp.vdot(g0, u) + 0.5 * jnp.vdot(u, H0u)
     # model_grad_norm: |grad q(D0)| at the warm start D0 = theta-hat_0 - theta_1, first micro-batch
-    D0 = model.axpy(-1.0, theta_t, states[1]["inner"])
+    D0 = model.axpy(-1.0, theta_t, states[1]["theta_hat"])
     assert tree_norm(D0) > 1e-3
     np.testing.assert_allclose(float(m["model_grad_norm"]), tree_norm(jax.grad(q_change)(D0, first)), rtol=1e-3)
     assert abs(float(m["model_grad_norm"]) - float(m["grad_norm"])) > 1e-3    # the two differ here
@@ -2191,9 +2191,9 @@ def test_gn_cg_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
         got = jax.flatten_util.ravel_pytree(ggn_vp(unravel(jnp.array(v, jnp.float32))))[0]
         want = G @ v
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
-    for split in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
+    for n_chunks in (2,):   # the memory-bound form: re-linearised chunk by chunk in each product
         v = rng.normal(size=flat.size)
-        got = jax.flatten_util.ravel_pytree(jax.jit(lambda p, b, v: gn_cg.gn_model(p, b, MICRO, split)[2](v))(
+        got = jax.flatten_util.ravel_pytree(jax.jit(lambda p, b, v: gn_cg.gn_model(p, b, MICRO, n_chunks)[2](v))(
             p, b, unravel(jnp.array(v, jnp.float32))))[0]
         assert np.linalg.norm(got - G @ v) / np.linalg.norm(G @ v) < 1e-5
     Gv = ggn_vp
@@ -2205,8 +2205,8 @@ def test_gn_cg_ggn_vp_equals_explicit_JtHJ_symmetric_psd():
     assert np.linalg.eigvalsh(G).min() > -1e-6 * np.abs(G).max()                 # G itself PSD
     # the gradient from the same linearisation (or the chunked form) is the true gradient
     want_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(model.loss_fn), static_argnums=2)(p, b, MICRO))[0]
-    for split in (1, 2):
-        g = jax.flatten_util.ravel_pytree(jax.jit(lambda p, b: gn_cg.gn_model(p, b, MICRO, split)[1])(p, b))[0]
+    for n_chunks in (1, 2):
+        g = jax.flatten_util.ravel_pytree(jax.jit(lambda p, b: gn_cg.gn_model(p, b, MICRO, n_chunks)[1])(p, b))[0]
         np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
 
 
@@ -2379,10 +2379,10 @@ def test_gn_cg_chunked_curvature_equals_the_dense_one_at_split_2_and_K_2():
     v = np.random.default_rng(0).normal(size=flat.size)
     V = unravel(jnp.asarray(v, jnp.float32))
     rel = lambda got, want: np.linalg.norm(np.asarray(jax.flatten_util.ravel_pytree(got)[0]) - want) / np.linalg.norm(want)
-    for split in (1, 2):
-        loss, g_got, Gv = jax.jit(lambda p, s, V: (lambda l, gg, mv: (l, gg, mv(V)))(*gn_cg.gn_model(p, s, MICRO, split)))(p, stacked, V)
+    for n_chunks in (1, 2):
+        loss, g_got, Gv = jax.jit(lambda p, s, V: (lambda l, gg, mv: (l, gg, mv(V)))(*gn_cg.gn_model(p, s, MICRO, n_chunks)))(p, stacked, V)
         np.testing.assert_allclose(float(loss), float(want_l), rtol=1e-6)
-        assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, split
+        assert rel(g_got, g) < 1e-5 and rel(Gv, G @ v) < 1e-5, n_chunks
 
 
 @pytest.mark.slow
@@ -2415,7 +2415,7 @@ def test_gn_steps_reject_a_catastrophe_and_restart_the_solve(script):
     new, m = step(state, batches, 0)
     assert float(m["rejected"]) == 1 and float(m["eta"]) == 0 and float(m["ls_loss"]) > float(m["ls_loss_eta0"])
     flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])
-    assert np.array_equal(flat(new["params"]), flat(params)) and np.array_equal(flat(new["inner"]), flat(params))
+    assert np.array_equal(flat(new["params"]), flat(params)) and np.array_equal(flat(new["theta_hat"]), flat(params))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new["opt"]), jax.tree.leaves(opt_state)))
     assert float(new["lr_scale"]) == 0.5
     first = jax.tree.map(lambda a: a[0], batches)         # grad_norm: |grad l(theta_t)|, first inner batch
@@ -2649,8 +2649,8 @@ def test_gn_layerwise_block_inner_grad_on_real_sub_blocks_against_dense_ggn():
         assert 0 < mask.sum() < mask.size                               # a real sub-block
         D = np.where(mask, 0.1 * np.random.default_rng(1).normal(size=flat.size), 0.0)
         D_k = gn_layerwise.get_block(unravel(jnp.array(D, jnp.float32)), keys)
-        for split in (1, 2):
-            loss0, grad = gn_layerwise.block_inner_grad(p, keys, D_k, b, MICRO, "gn", split)
+        for n_chunks in (1, 2):
+            loss0, grad = gn_layerwise.block_inner_grad(p, keys, D_k, b, MICRO, "gn", n_chunks)
             got = np.asarray(jax.flatten_util.ravel_pytree(gn_layerwise.set_block(zeros, keys, grad))[0])
             want = g[mask] + G[np.ix_(mask, mask)] @ D[mask]
             assert np.all(got[~mask] == 0)
@@ -2692,7 +2692,7 @@ def test_gn_layerwise_warm_starts_from_the_unscaled_merge():
     eta = float(ms[0]["eta"])
     assert eta < 1, "the test needs a step where the line search scales d down"
     theta_t, new, hat = (jax.flatten_util.ravel_pytree(x)[0] for x in
-                         (states[0]["params"], states[1]["params"], states[1]["inner"]))
+                         (states[0]["params"], states[1]["params"], states[1]["theta_hat"]))
     np.testing.assert_allclose(hat - theta_t, (new - theta_t) / eta, rtol=1e-3, atol=1e-6)
     # grad_norm is |grad l(theta_t)| on the first inner micro-batch
     first = jax.tree.map(lambda a: a[0], synthetic_batches(3, seed=0))
@@ -2730,8 +2730,8 @@ def test_gn_proxlinear_inner_gradient_is_autodiff_of_linearised_ce():
                 + 0.5 * lam * model.tdot(D, D))
 
     want = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(obj))(D))[0]
-    for split in (1, 2):
-        loss0, grad = jax.jit(lambda p, D, b: gn_proxlinear.prox_model_grad(p, D, b, MICRO, lam, split))(p, D, b)
+    for n_chunks in (1, 2):
+        loss0, grad = jax.jit(lambda p, D, b: gn_proxlinear.prox_model_grad(p, D, b, MICRO, lam, n_chunks))(p, D, b)
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(grad)[0], want, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(loss0, model.loss_fn(p, b, MICRO), rtol=1e-5)
 
@@ -2817,17 +2817,17 @@ def ref_output_grads(p, toks_T, y_T, n_heads, names, h=1e-6):
 
 def test_kfac_factors_against_explicit_activations_and_output_gradients():
     """On MICRO (2 sequences of 4 tokens, K = 2 micro-batches): every layer's A = mean a a^T over
-    the 16 tokens, from the float64 reference forward's inputs, and G = mean g g^T, g by central
+    the 16 tokens, from the float64 reference forward's inputs, and Gam = mean g g^T, g by central
     differences of the sum of per-token CE at targets sampled as kfac.py samples them (one draw
     from softmax(z) per token, key folded with the micro-batch index); the loss and gradient on
     the data's targets against jax.grad."""
     p = model.init_params(MICRO, jax.random.key(3))
     batches = jax.tree.map(lambda *b: jnp.stack(b), tiny_batch(2, 4, MICRO), tiny_batch(2, 5, MICRO))
     key = jax.random.key(7)
-    loss, g, (A, G) = jax.jit(lambda p, b, k: kfac.factors_and_grad(p, b, k, MICRO))(p, batches, key)
+    loss, g, (A, Gam) = jax.jit(lambda p, b, k: kfac.factors_and_grad(p, b, k, MICRO))(p, batches, key)
     pn, N = np_tree(p), 16
     A_ref = [{n: 0.0 for n in kfac.DENSE}]
-    G_ref = [{n: 0.0 for n in kfac.DENSE}]
+    Gam_ref = [{n: 0.0 for n in kfac.DENSE}]
     for k in range(2):
         x, y = batches["inputs"][k], batches["targets"][k]
         y_hat = np.asarray(jax.random.categorical(jax.random.fold_in(key, k), model.forward(p, x, MICRO)))
@@ -2835,22 +2835,22 @@ def test_kfac_factors_against_explicit_activations_and_output_gradients():
             gs, ins = ref_output_grads(pn, np.asarray(x[b]), y_hat[b], MICRO.n_heads, kfac.DENSE)
             for n in kfac.DENSE:
                 A_ref[0][n] = A_ref[0][n] + ins[0][n].T @ ins[0][n] / N
-                G_ref[0][n] = G_ref[0][n] + gs[0][n].T @ gs[0][n] / N
+                Gam_ref[0][n] = Gam_ref[0][n] + gs[0][n].T @ gs[0][n] / N
     for n in kfac.DENSE:
         assert_close_to_ref(A[0][kfac.A_OF[n]], A_ref[0][n], 1e-5)   # wq wk wv: one A
-        assert_close_to_ref(G[0][n], G_ref[0][n], 1e-4)
+        assert_close_to_ref(Gam[0][n], Gam_ref[0][n], 1e-4)
     want = jax.grad(lambda p: (model.loss_fn(p, jax.tree.map(lambda a: a[0], batches), MICRO)
                                + model.loss_fn(p, jax.tree.map(lambda a: a[1], batches), MICRO)) / 2)(p)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(want)[0],
                                rtol=1e-5, atol=1e-7)
 
 
-def np_damped_kronecker_solve(A, G, grad_W, lam):
-    """vec(U) = ((A + pi sqrt(lam) I) (x) (G + sqrt(lam)/pi I))^-1 vec(grad_W), solved densely in
-    float64 with W's row-major vec, for which (A (x) G) vec(W) = vec(A W G)."""
-    A, G, grad_W = (np.asarray(x, np.float64) for x in (A, G, grad_W))
-    pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
-    K = np.kron(A + pi * math.sqrt(lam) * np.eye(len(A)), G + math.sqrt(lam) / pi * np.eye(len(G)))
+def np_damped_kronecker_solve(A, Gam, grad_W, lam):
+    """vec(U) = ((A + pi sqrt(lam) I) (x) (Gam + sqrt(lam)/pi I))^-1 vec(grad_W), solved densely in
+    float64 with W's row-major vec, for which (A (x) Gam) vec(W) = vec(A W Gam)."""
+    A, Gam, grad_W = (np.asarray(x, np.float64) for x in (A, Gam, grad_W))
+    pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(Gam) / len(Gam)))
+    K = np.kron(A + pi * math.sqrt(lam) * np.eye(len(A)), Gam + math.sqrt(lam) / pi * np.eye(len(Gam)))
     return np.linalg.solve(K, grad_W.reshape(-1)).reshape(grad_W.shape)
 
 
@@ -2888,7 +2888,7 @@ def test_kfac_two_steps_are_the_damped_kronecker_solves_with_momentum():
 
 def test_kfac_inverses_are_refreshed_at_steps_1_1_plus_f_and_held_between():
     """Five steps at MICRO with f = 2: after steps 1, 3 and 5 (t = 0, 2, 4, as Run.train numbers
-    them) each layer's A^-1 and G^-1 in the state are the dense inverses of that step's running
+    them) each layer's A^-1 and Gam^-1 in the state are the dense inverses of that step's running
     factors with their factored damping; after steps 2 and 4 they are the previous step's, while
     the factors moved. A first refresh at step f (the identity until then) fails at step 1."""
     args = kfac.parse(["--size", "tiny", "--damping", "1e-2", "--precondition-frequency", "2"])
@@ -2899,17 +2899,17 @@ def test_kfac_inverses_are_refreshed_at_steps_1_1_plus_f_and_held_between():
         state, _ = step(state, jax.tree.map(lambda a: a[None], tiny_batch(2, t, MICRO)), t)
         for n in kfac.DENSE:
             A = np.asarray(state["A"][0][kfac.A_OF[n]], np.float64)
-            G = np.asarray(state["G"][0][n], np.float64)
-            got = (state["A_inv"][0][n], state["G_inv"][0][n])
+            Gam = np.asarray(state["Gam"][0][n], np.float64)
+            got = (state["A_inv"][0][n], state["Gam_inv"][0][n])
             if t % 2 == 0:
-                pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+                pi = math.sqrt((np.trace(A) / len(A)) / (np.trace(Gam) / len(Gam)))
                 want = (np.linalg.inv(A + pi * math.sqrt(1e-2) * np.eye(len(A))),
-                        np.linalg.inv(G + math.sqrt(1e-2) / pi * np.eye(len(G))))
+                        np.linalg.inv(Gam + math.sqrt(1e-2) / pi * np.eye(len(Gam))))
                 for x, w in zip(got, want):
                     assert_close_to_ref(x, w, 1e-4)
             else:
                 assert np.abs(A - np.asarray(prev["A"][0][kfac.A_OF[n]], np.float64)).max() > 1e-6
-                for x, w in zip(got, (prev["A_inv"][0][n], prev["G_inv"][0][n])):
+                for x, w in zip(got, (prev["A_inv"][0][n], prev["Gam_inv"][0][n])):
                     np.testing.assert_array_equal(x, w, err_msg=f"step {t + 1}, {n}")
 
 
@@ -2918,7 +2918,7 @@ ONE = model.Config(d=8, n_layers=1, n_heads=2, d_ff=16, seq_len=1, vocab=11)   #
 
 def test_kfac_sampled_G_is_unbiased_and_A_kron_G_is_the_ggn_block_where_kfac_is_exact():
     """w2 of a one-block model fed one token per sequence, so each token's logits z_n depend on
-    its own layer output s_n only: (1) kfac.py's sampled G, averaged over 4000 draws, equals
+    its own layer output s_n only: (1) kfac.py's sampled Gam, averaged over 4000 draws, equals
     mean_n J_n^T H_n J_n (J_n = dz_n/ds_n by jax.jacfwd, H_n = diag(p) - p p^T) within 5 standard
     errors; (2) with every sequence the same token (a_n and J_n^T H_n J_n the same for all n: K-FAC
     exact) A (x) mean_n J_n^T H_n J_n equals w2's block of the dense GGN J^T H J of all the params;
@@ -2937,8 +2937,8 @@ def test_kfac_sampled_G_is_unbiased_and_A_kron_G_is_the_ggn_block_where_kfac_is_
         # returns wrong factors from the 683rd key on, on XLA's CPU backend in jax 0.10.2; jit of
         # one key, and one key over 4000 tokens as kfac.make_step samples, agree with this form)
         fac = jax.jit(jax.vmap(lambda k: kfac.factors_and_grad(p, jax.tree.map(lambda a: a[None], b), k, ONE)[2]))
-        A, G = fac(jax.random.split(jax.random.key(5), 4000))
-        Gs = np.asarray(G[0]["w2"], np.float64)
+        A, Gam = fac(jax.random.split(jax.random.key(5), 4000))
+        Gs = np.asarray(Gam[0]["w2"], np.float64)
         se = Gs.std(0) / math.sqrt(len(Gs))
         assert np.all(np.abs(Gs.mean(0) - M) <= 5 * se + 1e-7), np.abs(Gs.mean(0) - M).max()
         flat, unravel = jax.flatten_util.ravel_pytree(p)
@@ -2946,7 +2946,7 @@ def test_kfac_sampled_G_is_unbiased_and_A_kron_G_is_the_ggn_block_where_kfac_is_
             jnp.arange(flat.size, dtype=jnp.float32))["h"][0]["w2"], np.int64).reshape(-1)
         F = dense_ggn(p, b, ONE)[1][np.ix_(idx, idx)]
         err = np.linalg.norm(np.kron(np.asarray(A[0]["w2"][0], np.float64), M) - F) / np.linalg.norm(F)
-        print(f"tokens {toks}: |A (x) E[G] - F_w2| / |F_w2| = {err:.2e}")
+        print(f"tokens {toks}: |A (x) E[Gam] - F_w2| / |F_w2| = {err:.2e}")
         assert (err < 1e-5) if exact else (err > 1e-2), err
 
 
@@ -2966,7 +2966,7 @@ def test_oracle_fractions_against_a_dense_G():
     # oracle.measure against G = J^T H J and solves in numpy, on MICRO's 3 blocks (wte; h[0] with
     # ln_f; lm_head), the model of K = 3 stacked micro-batches of 2 rows (g and G over all 6 rows:
     # a measure that used fewer micro-batches than it is given fails); Delta, f, e, f_k and cos_k
-    # of random, descent, orthogonal and ascent directions; split 2 (oracle.main's): each product
+    # of random, descent, orthogonal and ascent directions; n_chunks 2 (oracle.main's): each product
     # re-linearises the micro-batches chunk by chunk
     import oracle
     p, flat, unravel, b, J, H = micro_problem(seed=5, B=6)
@@ -2996,7 +2996,7 @@ def test_oracle_fractions_against_a_dense_G():
     dirs = {k: unravel(jnp.asarray(v, jnp.float32)) for k, v in dense.items()}
     stacked = jax.tree.map(lambda a: a.reshape(3, 2, *a.shape[1:]), b)           # (K, B, T)
     r = jax.jit(lambda p, b, u: oracle.measure(p, b, jnp.float32(lam), u, MICRO, blocks, iters=400, tol=1e-6,
-                                               split=2))(p, stacked, dirs)
+                                               n_chunks=2))(p, stacked, dirs)
     assert float(r["residual"]) < 1e-4 and float(np.max(r["block_residual"])) < 1e-4
     np.testing.assert_allclose(float(r["delta_star"]), 0.5 * g @ np.linalg.solve(A, g), rtol=1e-3)
     np.testing.assert_allclose(float(r["q_star"]), q(d_star), rtol=1e-3)
@@ -3076,7 +3076,7 @@ def test_oracle_replays_each_run_and_measures_its_own_step(tmp_path, monkeypatch
     assert 0 < gn_rows[3]["eta"] < 1, "the test needs a GN step that the line search scales down"
     tmpl = gn_full.init_state(oracle.run_args(str(R / "fig1" / "gn_full")), TINY, tiny_params())
     theta = data.load_checkpoint(str(R / "fig1" / "gn_full" / "ckpt.prev"), tmpl)[0]["params"]
-    d = model.axpy(-1.0, theta, data.load_checkpoint(str(R / "fig1" / "gn_full" / "ckpt"), tmpl)[0]["inner"])
+    d = model.axpy(-1.0, theta, data.load_checkpoint(str(R / "fig1" / "gn_full" / "ckpt"), tmpl)[0]["theta_hat"])
     step3 = data.Batches(tokens, 8, TINY.seq_len, "random", 3).take(2 * 5, 4)
     for j in (0, 1):
         x, y = (step3[k][2 * j:2 * j + 2].reshape(16, -1) for k in ("inputs", "targets"))
@@ -3581,6 +3581,11 @@ def test_run_sh_quick_sweeps_every_row_and_picks_by_one_rule(tmp_path):
             assert r[len(r) - 1 - r[::-1].index("--steps") + 1] == "28", m
             assert float(arg(f"fig1/{row.name}", "--target-loss")) == gn_end, m
     assert arg("fig1/kfac", "--damping") == "0.1"
+    rc, plan, err = run_sh("quick", str(q), "--dry-run", env=env)   # the plan made: every run done
+    listed = re.findall(r"^\| fig1 \| `.* --out (\S+)` \| (.*) \|$", plan, re.M)
+    made = set(runs) | {str(q / "fig1" / m) for m in grids}                  # (copies, some never grown)
+    assert rc == 0 and {d for d, _ in listed} <= made and {st for _, st in listed} == {"done"}, err
+    assert {f"{q}/sweep/soap_3e-2", f"{q}/fig1/gn_full", f"{q}/fig1/soap"} <= {d for d, _ in listed}
     n = len(runs)
     for mode in ("quick", "kfac"):                            # (variants: the same sweep() as quick's)
         rc, out, err = run_sh(mode, str(q), env=env, timeout=600)
@@ -3665,6 +3670,40 @@ def test_run_sh_depth28_grows_each_run_from_quick_s_run_at_its_lr(tmp_path):
     assert "--resume" in seed and seed[seed.index("--lr") + 1] == "0.027"
     assert "--resume" not in runs[str(q / "axes" / "depth28" / "seeds" / "seed1" / "soap")]
 
+def test_run_sh_every_mode_s_dry_run_prints_its_runs_and_decisions_and_writes_nothing(tmp_path):
+    """./run.sh MODE --dry-run, for every mode, into a directory that does not exist: each run's
+    full command line (quick: the start, the baselines' grids to 14 steps, GN's grid to the target,
+    then Figure 1's rows on past it), the decisions named (the target, each grid's extension, each
+    row's pick), nothing written; --help lists the modes and the variables with their defaults."""
+    out = tmp_path / "none"
+    plans = {}
+    for argv in (["smoke"], ["quick"], ["variants"], ["kfac"], ["seeds"], ["extras"], ["axes", "n"],
+                 ["axes", "tokens"], ["axes", "depth"], ["reject"], ["gpu-check"]):
+        rc, text, err = run_sh(*argv, str(out), "--dry-run")
+        assert rc == 0 and text.startswith(f"run.sh {' '.join(argv)}: the plan (nothing was run)"), (argv, err)
+        plans[argv[-1]] = text
+    assert not out.exists()
+    q = plans["quick"]
+    runs = re.findall(r"^\| fig1 \| `(\S+) (\S+) (.*) --out (\S+)` \| (.*) \|$", q, re.M)
+    assert {r[3] for r in runs} >= {f"{out}/start", f"{out}/sweep/soap_1e-2", f"{out}/sweep/gn_full_3e-2",
+                                    f"{out}/fig1/gn_full", f"{out}/fig1/soap"}
+    cmd = {r[3]: r[2] for r in runs}
+    assert "--steps 14" in cmd[f"{out}/sweep/soap_1e-2"] and "--target-loss TARGET" in cmd[f"{out}/sweep/gn_full_3e-2"]
+    assert "--target-loss" not in cmd[f"{out}/fig1/gn_full"] and "--steps 10" in cmd[f"{out}/fig1/gn_full"]
+    assert cmd[f"{out}/fig1/soap"].endswith("--steps 28 --target-loss FINAL_OF_gn_full")
+    assert {r[4] for r in runs} == {"to run", "after the picks it needs"}
+    for decision in (f"- {out}/target.txt: TARGET: the lowest validation loss of the baselines' grids at step 11",
+                     f"- {out}/sweep/gn_full_*: a best lr at the grid's edge (3e-3 1e-2 3e-2) extends it",
+                     f"- {out}/fig1/gn_full: a copy of its sweep's best run"):
+        assert decision in q, decision
+    assert "--lr LR_OF_kfac --damping DAMPING_OF_kfac" in plans["seeds"]
+    assert f"timeout 90 {sys.executable} -c" in plans["gpu-check"] and "150m 128 16" in plans["gpu-check"]
+    rc, text, _ = run_sh("--help")
+    assert rc == 0 and "./run.sh MODE ... --dry-run" in text and "PAPER_LRS" in text and "[bbc" in text
+    rc, _, err = run_sh("nonexistent-mode")
+    assert rc == 2 and "./run.sh quick" in err + _
+
+
 def test_run_sh_full_dry_run_costs_figure_1_and_2_at_150m():
     """./run.sh full --dry-run at 150m: every run of the plan with its tokens and estimated
     H100-hours, from Figure 1's settings (GN: 1831 x 128 x 1024 = 240M tokens per step and as
@@ -3745,7 +3784,7 @@ def test_run_sh_gpu_check_writes_its_report(tmp_path):
     """./run.sh gpu-check at tiny on CPU: every part runs under its timeout and the report holds
     each one's exit status and table (the blocks section of bench.py included)."""
     rc, log, err = subprocess_job(["bash", "run.sh", "gpu-check", str(tmp_path / "gpu")], {
-        **job_env(), "SIZE": "tiny", "FIG1_SIZE": "tiny", "FIG1_BATCH": "8", "FIG1_SPLIT": "2",
+        **job_env(), "SIZE": "tiny", "MEMORY": "tiny 8 2",
         "MATHS_K": "model_ce_hessian", "BENCH_EXTRA": "--batch-size 8 --repeats 1", "CHECK_WORK": str(tmp_path / "work"),
         "CHECK_EXTRA": "--start none"})                      # (the start's own training: the rehearsal's)
     assert rc == 0, err[-3000:]
