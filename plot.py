@@ -534,11 +534,11 @@ def kfac_line(results, hit, seeds, target):
     steps = lambda m: f"{hit[m]['interp'][0]:.2f}" if hit.get(m) else "not reached"
     bname = min((m for m in BASELINES if hit.get(m)), key=lambda m: hit[m]["interp"][0], default=None)
     ks = [x for x in seed_stats(seeds, target)[0].get("kfac", []) if x is not None]
-    out = (f"K-FAC (beyond the paper): {steps('kfac')} steps to the target"
+    out = (f"K-FAC (beyond the paper) reaches the target in {steps('kfac')} steps"
            + (f" ({min(ks):.2f}-{max(ks):.2f} over {len(ks)} seeds)" if len(ks) > 1 else "")
-           + (f", {NAMES[bname]} {steps(bname)}" if bname else "")
-           + (f", layerwise GN {steps('gn_layerwise')}" if "gn_layerwise" in hit else "")
-           + f", full GN {steps('gn_full')}")
+           + (f"; {NAMES[bname]}, the best baseline, in {steps(bname)}" if bname else "")
+           + (f", layerwise GN in {steps('gn_layerwise')}" if "gn_layerwise" in hit else "")
+           + f", full GN in {steps('gn_full')}.")
     path = os.path.join(results, "oracle", "oracle.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     f = lambda m: [r["dirs"][m]["f"] for r in rows if m in r["dirs"]]
@@ -546,13 +546,13 @@ def kfac_line(results, hit, seeds, target):
     if f("kfac"):
         others = [f"{NAMES[bname]}'s {rng(f(bname))}"] if bname and f(bname) else []
         others += [f"the layerwise oracle's {rng(f('layerwise'))}"] if f("layerwise") else []
-        out += (f"; of the damped GN model's best decrease its steps keep f = {rng(f('kfac'))}"
-                + (f" ({', '.join(others)})" if others else ""))
+        out += (f" Its steps keep f = {rng(f('kfac'))} of the damped GN model's best decrease"
+                + (f" ({', '.join(others)})" if others else "") + ".")
         fk = [x for r in rows if "f_k" in r["dirs"].get("kfac", {})
               for name, x in zip(r["blocks"], r["dirs"]["kfac"]["f_k"]) if name.startswith("h[")]
         if fk:
-            out += f", and per transformer block f_k = {rng(fk)} of the layerwise oracle's (1 by definition)"
-    return out + "."
+            out += f" Per transformer block they keep f_k = {rng(fk)} of the layerwise oracle's decrease."
+    return out
 
 
 def readme_headline(rs, hit, best, stat, kfac=""):
@@ -850,41 +850,46 @@ def rk_figure(results, rows_at):
 
 
 def rk_claims(results, rows_at):
-    """The r(k) sentences of 'What matches the paper': the best baseline's r(k) at each point of
-    the tokens axis, its trend along the axis at each k that every point logged (the rule of
-    apart), and each other row's r(k) at results' own point."""
+    """r(k) for 'What matches the paper': its definition, its trend along the tokens axis at each
+    k that every point logged (the rule of apart), each a sentence; and one table of the mean over
+    seeds per k, the best baseline at each point of the tokens axis and each other row against GN
+    at results' own point (ranges: results.md's r(k) section)."""
     pts = rk_points(results)
     per = lambda p, m, k: [v for _, v in sorted(rows_at[p["dir"]].get(m, {}).get(k, {}).items())]
-    out = [("**Baseline steps per GN step, r(k)** (GN's validation loss at its whole step k, exact; the "
-            "best baseline's steps to that loss, interpolated on its every-step curve, over k; the best "
-            "baseline: the fewest steps of the three): "
-            + "; ".join(f"{p['tokens_per_step']:,} tokens per step ({point_name(p)}): "
-                        + ", ".join(f"r({k}) {rk_cell(rows_at[p['dir']]['best'][k])}"
-                                    for k in sorted(rows_at[p["dir"]]["best"])) for p in pts) + ".")]
+    out = ["**Baseline steps per GN step, r(k)**: GN full's validation loss at its whole step k is "
+           "exact; a row's steps to that loss are interpolated on its every-step curve and divided by "
+           "k; the best baseline is the fewest steps of the three. The table below gives the mean over "
+           "seeds; (n of m): n of the m seeds whose GN logged step k reached its loss there."]
     common = sorted(set.intersection(*[set(rows_at[p["dir"]]["best"]) for p in pts])) if len(pts) > 1 else []
     if common:
-        said = []
+        said = {}
         for k in common:
             vals = [per(p, "best", k) for p in pts]
             means = [sum(x for x in v if x) / max(1, sum(1 for x in v if x)) for v in vals]
             if all(apart(a, b) for a, b in zip(vals, vals[1:])):
                 word = ("rises" if all(x < y for x, y in zip(means, means[1:])) else
                         "falls" if all(x > y for x, y in zip(means, means[1:])) else "moves, not monotonically,")
-                said.append(f"at k = {k} it {word} at every step of the axis")
+                said.setdefault(f"the best baseline's r(k) {word} at every step of the tokens axis "
+                                "(3 seeds at each point, ranges disjoint)", []).append(k)
             else:
-                said.append(f"at k = {k} neighbouring points are not all told apart")
-        axis = ", ".join(f"{p['tokens_per_step']:,}" for p in pts)
-        out.append(f"**r(k) along the tokens axis** ({axis} "
-                   "tokens per step; two points told apart when each has 3 seeds measured and their ranges "
-                   "are disjoint): " + "; ".join(said) + ".")
-    rows = rows_at[results]
-    others = [m for m in RK_ROWS[4:] if m in rows]
-    if others:
-        out.append(f"**Each row's steps per GN step** at {point_name(point_of(results))} (below 1: fewer steps "
-                   "than GN to GN's loss at k): " + "; ".join(
-                       f"{NAMES[m]} " + ", ".join(f"r({k}) {rk_cell(rows[m][k])}" for k in sorted(rows[m]))
-                       for m in others) + ".")
-    return out
+                said.setdefault("neighbouring points of the tokens axis are not all told apart", []).append(k)
+        ks = lambda x: f"k = {x[0]}" if len(x) == 1 else f"k = {', '.join(map(str, x[:-1]))} and {x[-1]}"
+        out.append("**r(k) along the tokens axis**: " + " ".join(
+            f"At {ks(x)}, {text}." for text, x in said.items()))
+    rows, own = rows_at[results], point_name(point_of(results))
+    table = [(f"best baseline, {p['tokens_per_step']:,} tokens per step ({point_name(p)})", rows_at[p["dir"]]["best"])
+             for p in pts] + [(f"{NAMES[m]} at {own}", rows[m]) for m in RK_ROWS[4:] if m in rows]
+    K = max(k for _, by_k in table for k in by_k)
+
+    def cell(by_seed):
+        got = [v for v in by_seed.values() if v is not None]
+        if not got:
+            return "not reached" if by_seed else ""
+        return f"{sum(got) / len(got):.2f}" + (f" ({len(got)} of {len(by_seed)})" if len(got) < len(by_seed) else "")
+    lines = ["| r(k), mean over seeds | " + " | ".join(f"k = {k}" for k in range(1, K + 1)) + " |",
+             "|" + "---|" * (K + 1)] + [f"| {name} | " + " | ".join(cell(by_k.get(k, {})) for k in range(1, K + 1))
+                                        + " |" for name, by_k in table]
+    return out, "\n".join(lines)
 
 
 def oracle_summary(results):
@@ -969,13 +974,15 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
     oracle, ora = os.path.join(results, "oracle", "oracle.md"), oracle_summary(results)
     said = claims(results, by, budget)
     rows_at = {p["dir"]: rk_rows(p["dir"]) for p in rk_points(results)} | {results: rk_rows(results)}
+    rk_tab = ""
     if rows_at[results].get("best"):
         rk_figure(results, rows_at)
-        said += rk_claims(results, rows_at)
+        rk_said, rk_tab = rk_claims(results, rows_at)
+        said += rk_said
     if said:
-        parts += ["## What matches the paper", "Each claim with the points and seeds it rests on; two "
-                  "points are told apart only when each has 3 seeds, all reaching the target, and their "
-                  "ranges do not overlap (plot.apart).", "\n".join(f"- {c}" for c in said)]
+        parts += ["## What matches the paper", "Each claim names the points and seeds it rests on. Two "
+                  "points count as different only when each has 3 seeds, all reaching the target, and "
+                  "their ranges do not overlap (plot.apart).", "\n".join(f"- {c}" for c in said), rk_tab]
     if rows_at[results].get("best"):
         pts = [point_of(results)] + [p for ps in axes_points(results).values() for p in ps if p["dir"] != results]
         parts += ["## r(k): each row's steps per GN full step", "r(k) = a row's steps to GN full's validation "
@@ -1005,8 +1012,10 @@ def write_results(results, target, rs, by, target3, budget, abl, sweep_by, seeds
         a, b = src.index(README_BEGIN) + len(README_BEGIN), src.index(README_END)
         block = readme_headline(rs, hit, best, stat, kfac) + "\n\n" + readme_table(rs, hit, seeds, target)
         if said:
-            block += ("\n\n**What matches the paper** (each claim's points and seeds; two points differ only "
-                      "where 3 seeds each leave their ranges disjoint):\n" + "\n".join(f"- {c}" for c in said))
+            block += ("\n\n**What matches the paper.** Each claim names the points and seeds it rests on. Two "
+                      "points count as different only when each has 3 seeds and their ranges do not overlap.\n"
+                      + "\n".join(f"- {c}" for c in said)
+                      + (f"\n\n{rk_tab}" if rk_tab else ""))
         open(readme, "w").write(src[:a] + "\n" + block + "\n" + src[b:])
     return text
 

@@ -3450,7 +3450,7 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert f"{r0:.2f}x fewer steps; over 2 seeds {(r0 + r1) / 2:.2f}x ({min(r0, r1):.2f}-{max(r0, r1):.2f})" in text
-    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 20   # (r(k): 2)
+    assert "in 1.25 steps, SOAP (the best baseline) in 2.67" in text and len(text.splitlines()) == 24   # (r(k): 2 and a table)
     table = ("| Figure 1's row | lr (its own sweep) | steps to the target, seed 0 | over the seeds |\n|---|---|---|---|\n"
              "| AdamW | 0.001 | not reached in 4 | seed 0 only |\n"              # the order of Figure 1's legend
              "| SOAP | 0.01 | 2.67 | 2.33 [2.00-2.67] (2 seeds) |\n"            # (2 + 2/3 + 2) / 2
@@ -3460,11 +3460,11 @@ def test_plot_writes_results_and_the_readme_block_from_the_logs(tmp_path):
     assert table in text
     assert "\n- **GN full needs fewer steps than every first-order baseline** (the paper's Figure 1): in 2 of 2 " \
            "runs (point, seed) at 1 point (r: 2 seeds).\n- **Baseline steps per GN step, r(k)**" in text
-    assert "\n- **Each row's steps per GN step** at r " in text.split(plot.README_END)[0]     # r(k): the last
-    kfac = ("K-FAC (beyond the paper): 2.67 steps to the target (2.00-2.67 over 2 seeds), SOAP 2.67, full GN "
-            "1.25; of the damped GN model's best decrease its steps keep f = 0.10-0.20 (SOAP's 0.05-0.05, the "
-            "layerwise oracle's 0.90-0.90), and per transformer block f_k = 0.40-0.60 of the layerwise "
-            "oracle's (1 by definition).")
+    assert "\n| K-FAC at r | " in text.split(plot.README_END)[0]                 # r(k)'s table: the last
+    kfac = ("K-FAC (beyond the paper) reaches the target in 2.67 steps (2.00-2.67 over 2 seeds); SOAP, the best "
+            "baseline, in 2.67, full GN in 1.25. Its steps keep f = 0.10-0.20 of the damped GN model's best "
+            "decrease (SOAP's 0.05-0.05, the layerwise oracle's 0.90-0.90). Per transformer block they keep "
+            "f_k = 0.40-0.60 of the layerwise oracle's decrease.")
     assert kfac in text and kfac in md
     assert "| gn_cg | not reached | 5.6000 (2) | 10 to 10, 0.62 to 1.25, -0.15 to 0.09 |" in md
     ora = ("keeps f = 0.30-0.70 of the damped model's best decrease (per step, mean over sets: lam 0.1: "
