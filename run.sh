@@ -13,7 +13,8 @@
 #                               inner solve's exactness (oracle.py)
 #   ./run.sh axes GROUP [OUT]   after quick, in its OUT: the ratio along one axis that separates it
 #                               from the paper's Figure 1 (GROUP n: GN's inner steps; tokens: per
-#                               step; depth: of the target), each point in OUT/axes/<point>;
+#                               step; depth: of the target; later: training four times as long at
+#                               16,384 tokens per step), each point in OUT/axes/<point>;
 #                               POINTS="p ..." only those, SEEDS="1 2" with seeds, VARIANTS=1 with
 #                               layerwise and prox-linear, KFAC=1 with K-FAC (Figure 1 at a point)
 #   ./run.sh full [OUT]         Figures 1 and 2 as the paper ran them, at 150m on GPUs/TPUs with C4
@@ -101,7 +102,8 @@ state() {  # state DIR SCRIPT ARGS...: what a dry run says of a planned run
 
 grow() {  # grow DIR SRC: DIR starts as a copy of the finished run SRC, which run then continues to
   local dir=$1 src=$2   # DIR's budget or target (GROW_FROM; exact only where the lr schedule is constant:
-  [ -z "$dry" ] && [ -n "${GROW_FROM:-}" ] && [ ! -e "$dir" ] && [ -f "$src/done" ] && [ -e "$src/ckpt" ] \
+  if [ -n "$dry" ]; then [ -z "${GROW_FROM:-}" ] || [ ! -e "$src/ckpt" ] || decide "$dir" "grown from $src"; return 0; fi
+  [ -n "${GROW_FROM:-}" ] && [ ! -e "$dir" ] && [ -f "$src/done" ] && [ -e "$src/ckpt" ] \
     && grep -q '"schedule": "constant"' "$src/config.json" || return 0   # a run's first steps then do
   mkdir -p "$(dirname "$dir")" && cp -r "$src" "$dir" && echo "$src" > "$dir/grown_from"   # not depend
   echo "== $dir: grown from $src"                                                          # on its budget)
@@ -381,17 +383,22 @@ axes() {  # axes GROUP: after quick, in its OUT, the ratio along the axes that s
         # line-search tokens held at quick's 4,096 where a micro-batch allows (N = 8: 8,192)
       point n8 BASE_FROM="$q" EXTRA="--batch-size 64" B_gn="--inner-steps 8 --ls-batches 1"
       point n128 BASE_FROM="$q" EXTRA="--batch-size 4" B_gn="--inner-steps 128 --ls-batches 8" ;;
-    tokens)  # tokens per step at quick's 32 micro-batches and 14-step budget: 16,384 and 32,768
-      # (quick: 65,536), every method swept at each
+    tokens)  # tokens per step at quick's 32 micro-batches and 14-step budget: 16,384, 32,768 and
+      # 131,072 (quick: 65,536; 131,072 reads the data about 1.5 times), every method swept at each
       point tok16k EXTRA="--batch-size 4"
-      point tok32k EXTRA="--batch-size 8" ;;
+      point tok32k EXTRA="--batch-size 8"
+      point tok131k EXTRA="--batch-size 32" ;;
+    later)  # later training at 16,384 tokens per step: a 60-step budget (about one pass of the
+      # data), GN to 24 steps, every method swept at it; each run grown from tok16k's at its lr
+      point tok16k_long EXTRA="--batch-size 4" CAP_adamw=60 CAP_muon=60 CAP_soap=60 CAP_gn_full=24 \
+            LONG=60 GROW_FROM="$q/axes/tok16k" ;;
     depth)  # a shallower target (an 8-step budget) and the deepest that 2 passes of the data allow
       # (a 28-step budget), every baseline swept to its budget
       # (r(k) needs no target: depth8's GN rows are quick's runs, so none runs past it there, LONG="")
       point depth8 CAP_adamw=8 CAP_muon=8 CAP_soap=8 CAP_gn_full=8 CAP_gn_layerwise=8 CAP_gn_proxlinear=8 CAP_kfac=8 LONG=
       # (a 28-step budget; each run grown from quick's run at its lr where one exists: the same first 14 steps)
       point depth28 CAP_adamw=28 CAP_muon=28 CAP_soap=28 CAP_gn_full=16 GROW_FROM="$q" ;;
-    *) echo "run.sh axes: GROUP must be n, tokens or depth (got '${1:-}')" >&2; exit 2 ;;
+    *) echo "run.sh axes: GROUP must be n, tokens, depth or later (got '${1:-}')" >&2; exit 2 ;;
   esac
   results "$q"
 }
@@ -473,7 +480,7 @@ print(" ".join(f"{n}={lr(m)!r}" for n, m in [("adamw", adamw), ("muon", muon), (
 }
 
 usage() {  # the modes (this file's header) and the variables that change a plan
-  sed -n '2,29p' "$0" | sed -e 's/^#//' -e 's/^ //'
+  sed -n '2,30p' "$0" | sed -e 's/^#//' -e 's/^ //'
   cat <<'EOF'
 
 Variables that change a plan (default in brackets):

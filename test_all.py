@@ -3678,7 +3678,7 @@ def test_run_sh_every_mode_s_dry_run_prints_its_runs_and_decisions_and_writes_no
     out = tmp_path / "none"
     plans = {}
     for argv in (["smoke"], ["quick"], ["variants"], ["kfac"], ["seeds"], ["extras"], ["axes", "n"],
-                 ["axes", "tokens"], ["axes", "depth"], ["reject"], ["gpu-check"]):
+                 ["axes", "tokens"], ["axes", "depth"], ["axes", "later"], ["reject"], ["gpu-check"]):
         rc, text, err = run_sh(*argv, str(out), "--dry-run")
         assert rc == 0 and text.startswith(f"run.sh {' '.join(argv)}: the plan (nothing was run)"), (argv, err)
         plans[argv[-1]] = text
@@ -3697,6 +3697,8 @@ def test_run_sh_every_mode_s_dry_run_prints_its_runs_and_decisions_and_writes_no
                      f"- {out}/fig1/gn_full: a copy of its sweep's best run"):
         assert decision in q, decision
     assert "--lr LR_OF_kfac --damping DAMPING_OF_kfac" in plans["seeds"]
+    assert f"--batch-size 32 --init-from {out}/start/ckpt --lr 3e-3 --out {out}/axes/tok131k/sweep/adamw_3e-3" in plans["tokens"]
+    assert "--steps 60" in plans["later"] and f"{out}/axes/tok16k_long/fig1/gn_full" in plans["later"]
     assert f"timeout 90 {sys.executable} -c" in plans["gpu-check"] and "150m 128 16" in plans["gpu-check"]
     rc, text, _ = run_sh("--help")
     assert rc == 0 and "./run.sh MODE ... --dry-run" in text and "PAPER_LRS" in text and "[bbc" in text
