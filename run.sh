@@ -67,7 +67,7 @@ fig=fig1
 run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; resume an interrupted
   local dir=$1; shift   # one, or a finished one at the same lr given a longer budget or lower target
   if [ -n "$dry" ]; then   # (a run listed once: a sweep's grid runs again when its best is picked)
-    grep -v "^decision" "$plan_file" | grep -q "	$dir	" || printf '%s\t%s\t%s\t%s\n' "$fig" "$dir" "$*" "$(state "$dir" "$@")" >> "$plan_file"
+    grep -v "^decision" "$plan_file" | grep -qF "	$dir	$*	" || printf '%s\t%s\t%s\t%s\n' "$fig" "$dir" "$*" "$(state "$dir" "$@")" >> "$plan_file"
     return
   fi
   if [ -f "$dir/done" ]; then
@@ -128,8 +128,8 @@ train() {  # train DIR SCRIPT ARGS...: one run, appending to DIR/stdout.log; sto
   fi
 }
 
-target_of() {  # target_of OUT: the plan's target (OUT/target.txt)
-  if [ -n "$dry" ]; then echo TARGET; else cat "$1/target.txt"; fi
+target_of() {  # target_of OUT: the plan's target (OUT/target.txt; a dry run's, named until made)
+  if [ -n "$dry" ] && [ ! -f "$1/target.txt" ]; then echo TARGET; else cat "$1/target.txt"; fi
 }
 
 pick() {  # pick WHAT ARGS...: plot.py's choices from the logs (best lr, next grid lr, target, ...)
