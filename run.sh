@@ -66,7 +66,7 @@ fig=fig1
 
 run() {  # run DIR SCRIPT ARGS...: skip a finished run that is what ARGS ask; resume an interrupted
   local dir=$1; shift   # one, or a finished one at the same lr given a longer budget or lower target
-  if [ -n "$dry" ]; then   # (a run listed once: a sweep's grid runs again when its best is picked)
+  if [ -n "$dry" ]; then   # (each command line listed once)
     grep -v "^decision" "$plan_file" | grep -qF "	$dir	$*	" || printf '%s\t%s\t%s\t%s\n' "$fig" "$dir" "$*" "$(state "$dir" "$@")" >> "$plan_file"
     return
   fi
