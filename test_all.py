@@ -3265,7 +3265,11 @@ def test_plot_r_of_k_is_each_rows_steps_to_gn_s_loss_at_its_whole_step_k_over_k(
     assert "| 2 | 2.25 | not reached | 2.25 | not reached |" in table
     (tmp_path / "r" / "target.txt").write_text("5.5\n")
     plot.main([R])
-    assert "## r(k)" in open(f"{R}/results.md").read() and os.path.exists(f"{R}/r_of_k.png")
+    md = open(f"{R}/results.md").read()
+    assert "## r(k)" in md and os.path.exists(f"{R}/r_of_k.png")
+    # 'What matches the paper''s table: the mean over the seeds that reached GN's loss; (n of m)
+    assert f"| best baseline, 4,000 tokens per step (r) | {(5 / 3 + 1.5) / 2:.2f} | 2.25 |" in md
+    assert "| GN layerwise at r | 0.83 | not reached |" in md
 
 
 def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
