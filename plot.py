@@ -53,14 +53,37 @@ README_BEGIN, README_END = "<!-- results:begin (plot.py --readme) -->", "<!-- re
 
 
 # ---------------------------------------------------------------- reading the logs
-def load(run_dir):
+def plan_budget(run_dir):
+    """A Figure-1 row's budget (fig1/NAME or seeds/seed*/NAME of a plan): the steps its plan's
+    sweep of NAME ran to; None for any other run. Its plan may have run it on past the budget
+    (run.sh's LONG, for r(k)); the one rule sees it only up to the budget."""
+    path = os.path.realpath(run_dir)
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if os.path.basename(parent) == "fig1":
+        root = os.path.dirname(parent)
+    elif os.path.basename(os.path.dirname(parent)) == "seeds":
+        root = os.path.dirname(os.path.dirname(parent))
+    else:
+        return None
+    sweep = os.path.join(root, "sweep", "kfac_lam*" if name == "kfac" else f"{name}_[0-9]*", "config.json")
+    steps = []
+    for c in map(lambda p: json.load(open(p)), glob.glob(sweep)):   # --steps, as last given (a resume's)
+        steps.append([c["args"]["steps"]] + [r["changed"]["steps"] for r in c.get("resumes", [])
+                                             if "steps" in r["changed"]])
+    return max(s[-1] for s in steps) if steps else None
+
+
+def load(run_dir, whole=False):
+    """A run's config and logs; "val" its evaluations (step, tokens, seconds, loss) up to its
+    plan's budget (plan_budget; every one if whole), "val_all" every one."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     conf = json.load(open(os.path.join(run_dir, "config.json")))
     a = conf["args"]
+    val = [(r["step"], r["tokens"], r.get("elapsed", 0.0), r["val_loss"]) for r in rows if "val_loss" in r]
+    budget = None if whole else plan_budget(run_dir)
     return {"name": os.path.basename(run_dir.rstrip("/")), "dir": run_dir, "conf": conf, "rows": rows,
             "lr": a.get("lr"), "K": a.get("grad_accum") or a.get("inner_steps") or a.get("outer_batches"),
-            "val": [(r["step"], r["tokens"], r.get("elapsed", 0.0), r["val_loss"])
-                    for r in rows if "val_loss" in r]}
+            "val": [p for p in val if budget is None or p[0] <= budget], "val_all": val}
 
 
 def runs(pattern):
@@ -140,14 +163,14 @@ def pick(what, args):
     if what in ("lr", "damping"):                       # lr DIR, damping DIR (K-FAC's lam)
         return repr(load(args[0])["conf"]["args"][what])
     if what == "final":                                 # final DIR: its last validation loss
-        return repr(final(load(args[0]))[3])
+        return repr(final(load(args[0], whole=True))[3])
     if what == "target":                                # target STEP DIR...: lowest val at STEP
         step = int(args[0])
         return repr(min(v for d in args[1:] for s, _, _, v in load(d)["val"] if s == step))
     if what == "made-with":                             # made-with DIR SCRIPT ARGS...: yes, longer, no
         if not os.path.exists(os.path.join(args[0], "metrics.jsonl")):    # (whether a finished run is
             return "yes"                                # what ARGS ask; oracle.py's tables: done)
-        r, argv = load(args[0]), args[2:]
+        r, argv = load(args[0], whole=True), args[2:]
         a = r["conf"]["args"]
         if any(flag(argv, f"--{k}") is not None and float(flag(argv, f"--{k}")) != a.get(k)
                for k in ("lr", "damping")):
@@ -174,7 +197,7 @@ def pick(what, args):
 # ---------------------------------------------------------------- figures
 def curve(ax, run, x, color=None, label=None, **kw):
     i = {"step": 0, "tokens": 1, "time": 2}[x]
-    ax.plot([p[i] for p in run["val"]], [p[3] for p in run["val"]], "-o", ms=3,
+    ax.plot([p[i] for p in run["val_all"]], [p[3] for p in run["val_all"]], "-o", ms=3,
             label=label or run["name"], color=color or COLORS.get(run["name"]), **kw)
 
 
@@ -765,8 +788,9 @@ def r_of_k(gn, other):
     loss at its step k, over k; None where other's logged curve never gets that low. GN's side is
     a whole step, exact; only other's crossing is interpolated, inside one of its own steps (every
     step of Figure 1's runs is evaluated)."""
-    return [(k, s / k if (s := steps_to(other, loss)) is not None else None)
-            for k, _, _, loss in gn["val"] if k >= 1]
+    whole = dict(other, val=other["val_all"])
+    return [(k, s / k if (s := steps_to(whole, loss)) is not None else None)
+            for k, _, _, loss in gn["val_all"] if k >= 1]
 
 
 def rk_rows(results):
@@ -777,7 +801,7 @@ def rk_rows(results):
     out = {}
     for i, gn in enumerate(seeds.pop("gn_full", [])):
         per = {m: dict(r_of_k(gn, rs[i])) for m, rs in seeds.items() if i < len(rs)}
-        for k in [k for k, *_ in gn["val"] if k >= 1]:
+        for k in [k for k, *_ in gn["val_all"] if k >= 1]:
             got = [per[m][k] for m in BASELINES if per.get(m, {}).get(k) is not None]
             for m, v in [("best", min(got) if got else None)] + [(m, per[m][k]) for m in per]:
                 out.setdefault(m, {}).setdefault(k, {})[i] = v

@@ -3272,6 +3272,24 @@ def test_plot_r_of_k_is_each_rows_steps_to_gn_s_loss_at_its_whole_step_k_over_k(
     assert "| GN layerwise at r | 0.83 | not reached |" in md
 
 
+def test_plot_a_row_run_past_its_budget_counts_to_the_budget_and_r_of_k_reads_it_all(tmp_path):
+    """A Figure-1 row that its plan ran on past the budget (run.sh's LONG): the one rule sees it up
+    to its sweep's budget (the steps its sweep ran to, a resume's last --steps), so a baseline
+    that reaches the target only later has not reached it; r(k) reads the whole curve."""
+    import plot
+    R = str(tmp_path / "r")
+    fake_run(f"{R}/sweep", "soap_1e-2", 1e-2, [6.0, 5.9, 5.8])                         # a 2-step budget
+    conf = json.load(open(f"{R}/sweep/soap_1e-2/config.json"))
+    json.dump({**conf, "resumes": [{"step": 2, "changed": {"steps": 3}}]}, open(f"{R}/sweep/soap_1e-2/config.json", "w"))
+    fake_run(f"{R}/fig1", "soap", 1e-2, [6.0, 5.9, 5.8, 5.7, 5.5, 5.3])               # 3 steps; on to 5
+    fake_run(f"{R}/fig1", "gn_full", 0.1, [6.0, 5.5, 5.3])
+    soap = plot.load(f"{R}/fig1/soap")
+    assert plot.plan_budget(f"{R}/fig1/soap") == 3 and [p[0] for p in soap["val"]] == [0, 1, 2, 3]
+    assert plot.to_target(soap, 5.5) is None and len(soap["val_all"]) == 6
+    assert plot.final(plot.load(f"{R}/fig1/soap", whole=True))[0] == 5          # (run.sh's picks: all of it)
+    assert plot.rk_rows(R)["soap"] == {1: {0: 4.0}, 2: {0: 2.5}}                 # 5.5 at step 4, 5.3 at 5
+
+
 def test_plot_seconds_compared_only_between_runs_made_alone(tmp_path):
     """Each step's row records the CPU seconds other processes took during it: a run is alone while
     they total at most a tenth of one core over its steps (a run without the record: unknown);
