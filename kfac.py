@@ -9,7 +9,7 @@ et al. 2023, arXiv 2311.00636, the choice for a loss that sums over positions, a
     g_n = d/ds_n sum_m CE(z_m, y^_m),   y^_m ~ softmax(z_m)          targets sampled from the model
 So E[Gam] is the GGN's (for softmax CE the Fisher is the GGN, H = diag(p) - p p^T), and the layer's
 GGN block F_W = 1/n_tok sum_n (a_n a_n^T) (x) E[g_n g_n^T] is approximated by A (x) Gam. Then, step t:
-    A_t = decay A_{t-1} + (1 - decay) A,  Gam_t likewise,  decay = min(1 - 1/t, --stat-decay)  [M&G's estimates]
+    A_t = decay A_{t-1} + (1 - decay) A,  Gam_t likewise,  decay = min(1 - 1/t, --stat-decay)   [M&G]
     every f = --precondition-frequency steps, factored Tikhonov damping [M&G §6.3]:
         pi = sqrt((tr A_t / in) / (tr Gam_t / out))
         A^-1 = (A_t + pi sqrt(lam) I)^-1,   Gam^-1 = (Gam_t + sqrt(lam) / pi I)^-1
@@ -182,7 +182,8 @@ def make_step(args, cfg):
         key = jax.random.fold_in(jax.random.key(args.seed), t)
         loss, g, (A, Gam) = factors_and_grad(params, batches, key, cfg, args.split, on_micro=tick)
         decay = jnp.minimum(1.0 - 1.0 / (t + 1), args.stat_decay)              # t + 1 = 1: the batch's own
-        A, Gam = jax.tree.map(lambda old, new: decay * old + (1 - decay) * new, (state["A"], state["Gam"]), (A, Gam))
+        A, Gam = jax.tree.map(lambda old, new: decay * old + (1 - decay) * new,
+                              (state["A"], state["Gam"]), (A, Gam))
         A_inv, Gam_inv = jax.lax.cond(t % args.precondition_frequency == 0,
                                     lambda: damped_inverses(A, Gam, args.damping),
                                     lambda: (state["A_inv"], state["Gam_inv"]))

@@ -128,9 +128,10 @@ def embed(theta, keys, u_k):
 def measure(theta, batch, lam, dirs, cfg, blocks, iters, tol, n_chunks=1):
     """f, e, f_k and cos_k of each direction in `dirs` (name -> pytree like theta), and of d_LW (as
     "layerwise"), at theta on the GN model of all K stacked micro-batches (K, B, T) of `batch`; d*
-    and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost). n_chunks > 1: each product re-linearises the micro-batches
-    chunk by chunk (gn_cg.gn_model), in the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*),
-    "residual", "iters", "dirs": {name: {"f", "e", "f_k", "cos_k"}}} and, with blocks, "block_residual"."""
+    and each block of d_LW are solved by CG. blocks = []: f and e only, no d_LW (1/7 of the cost).
+    n_chunks > 1: each product re-linearises the micro-batches chunk by chunk (gn_cg.gn_model), in
+    the memory of one chunk. Returns {"delta_star": Delta(d*), "q_star": q(d*), "residual", "iters",
+    "dirs": {name: {"f", "e", "f_k", "cos_k"}}} and, with blocks, "block_residual"."""
     _, g, Gv = gn_cg.gn_model(theta, batch, cfg, n_chunks)
     A = lambda v: axpy(lam, v, Gv(v))
     solve = lambda op, b: gn_cg.cg(op, jax.tree.map(jnp.negative, b), zeros(b), iters, tol, eps=0.0)

@@ -901,8 +901,8 @@ def rk_claims(results, rows_at):
         out.append("**r(k) along the tokens axis**: " + " ".join(
             f"At {ks(x)}, {text}." for text, x in said.items()))
     rows, own = rows_at[results], point_name(point_of(results))
-    table = [(f"best baseline, {p['tokens_per_step']:,} tokens per step ({point_name(p)})", rows_at[p["dir"]]["best"])
-             for p in pts] + [(f"{NAMES[m]} at {own}", rows[m]) for m in RK_ROWS[4:] if m in rows]
+    table = [(f"best baseline, {p['tokens_per_step']:,} tokens per step ({point_name(p)})",
+              rows_at[p["dir"]]["best"]) for p in pts] + [(f"{NAMES[m]} at {own}", rows[m]) for m in RK_ROWS[4:] if m in rows]
     K = max(k for _, by_k in table for k in by_k)
 
     def cell(by_seed):
