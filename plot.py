@@ -66,11 +66,9 @@ def plan_budget(run_dir):
     else:
         return None
     sweep = os.path.join(root, "sweep", "kfac_lam*" if name == "kfac" else f"{name}_[0-9]*", "config.json")
-    steps = []
-    for c in map(lambda p: json.load(open(p)), glob.glob(sweep)):   # --steps, as last given (a resume's)
-        steps.append([c["args"]["steps"]] + [r["changed"]["steps"] for r in c.get("resumes", [])
-                                             if "steps" in r["changed"]])
-    return max(s[-1] for s in steps) if steps else None
+    last = lambda c: ([c["args"]["steps"]] + [r["changed"]["steps"] for r in c.get("resumes", [])
+                                              if "steps" in r["changed"]])[-1]   # as last given (a resume's)
+    return max((last(json.load(open(p))) for p in glob.glob(sweep)), default=None)
 
 
 def load(run_dir, whole=False):
